@@ -1,0 +1,187 @@
+"""The `spinlm` command: the whole loop (`run`, `demo`) and each stage on its own.
+
+Exit codes: 0 success, 2 a mistake in the user's input (one message, no traceback),
+1 a bug in spinlm (with traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from . import config as config_mod
+from .errors import UserError
+
+log = logging.getLogger("spinlm")
+
+OVERRIDES_HELP = ("Any config key can be set as --section.key=value (for example --train.learning_rate=1e-6 "
+                  "or --spin.beta=[0.1,0.1,5.0]); precedence: defaults < CONFIG.yaml < flags. "
+                  "`spinlm config` lists every key.")
+
+
+def _epilog() -> str:
+    import textwrap
+
+    return textwrap.fill(OVERRIDES_HELP, 100) + "\n\nconfig keys:\n" + config_mod.reference()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spinlm", description="Self-Play Fine-Tuning (SPIN) for Hugging Face causal LMs.",
+                                epilog=OVERRIDES_HELP)
+    p.add_argument("--version", action="version", version=f"spinlm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str, config_positional: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, epilog=_epilog(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        if config_positional:
+            sp.add_argument("config", metavar="CONFIG.yaml", help="The run's YAML config.")
+        else:
+            sp.add_argument("--config", metavar="CONFIG.yaml", help="Optional YAML config for settings.")
+        return sp
+
+    sp = add("run", "Run (or resume) the SPIN loop: generate -> score -> train -> evaluate, T iterations.", True)
+    sp.add_argument("--force", action="store_true", help="Resume even if result-affecting settings changed.")
+    sp = sub.add_parser("demo", help="Build a tiny model and task locally, SFT it, run 3 SPIN iterations on CPU.",
+                        description="The embedded CPU demo (no network).", epilog=_epilog(),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("--out", default="runs/demo", help="Run directory (default runs/demo).")
+    sp.add_argument("--force", action="store_true", help="Resume even if result-affecting settings changed.")
+    sp = add("sft", "Supervised fine-tuning on (prompt, response) data; keeps the best held-out NLL model.")
+    sp.add_argument("--model", required=True, help="Model to fine-tune (directory or Hub id).")
+    sp.add_argument("--data", required=True, help="Training data file or Hub dataset id.")
+    sp.add_argument("--eval-data", help="Held-out data for the NLL check / early stopping.")
+    sp.add_argument("--out", required=True, help="Output model directory.")
+    sp = add("generate", "Sample one response per prompt with a model.")
+    sp.add_argument("--model", required=True, help="The generating model p_t.")
+    sp.add_argument("--data", required=True, help="Prompts with real responses (any supported format).")
+    sp.add_argument("--out", required=True, help="Output generations .jsonl.")
+    sp.add_argument("--iteration", type=int, default=0, help="Iteration number (part of each row's seed).")
+    sp = add("score", "Reference log-probs of real and generated responses under a model.")
+    sp.add_argument("--model", required=True, help="The reference model p_t.")
+    sp.add_argument("--generations", required=True, nargs="+", help="Generation files (the mix window).")
+    sp.add_argument("--out", required=True, help="Output scored pairs .jsonl.")
+    sp = add("train", "Train the next iterate on scored pairs (no reference model is loaded).")
+    sp.add_argument("--model", required=True, help="Model to start from (p_t).")
+    sp.add_argument("--pairs", required=True, help="Scored pairs .jsonl from `spinlm score`.")
+    sp.add_argument("--out", required=True, help="Output model directory.")
+    sp.add_argument("--iteration", type=int, default=0, help="Which entry of per-iteration lr/beta lists to use.")
+    sp = add("evaluate", "Held-out metrics of a model: NLL, task accuracy, rewards on scored pairs.")
+    sp.add_argument("--model", required=True, help="Model to evaluate.")
+    sp.add_argument("--data", required=True, help="Held-out data.")
+    sp.add_argument("--pairs", help="Scored held-out pairs (generated and scored by the reference model).")
+    sp.add_argument("--beta", type=float, help="beta for the reward metrics (default spin.beta).")
+    sp.add_argument("--out", required=True, help="Output metrics .json.")
+    sub.add_parser("config", help="Print every config key with its type, default and meaning.")
+    return p
+
+
+def _stage_config(args, overrides: list[str], model: str | None = None):
+    cfg = config_mod.build(args.config, overrides)
+    if model:
+        cfg.model.name_or_path = model
+    config_mod.validate(cfg, need=("model",))
+    return cfg
+
+
+def _atomic(out: str, fn) -> None:
+    """Run a stage writing to OUT.tmp, then rename: a crash never leaves OUT half-written."""
+    from .io import fresh_tmp, replace_dir
+
+    final = Path(out)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_tmp(final)
+    fn(tmp)
+    if tmp.is_dir():
+        replace_dir(tmp, final)
+    else:
+        os.replace(tmp, final)
+    print(f"wrote {final}")
+
+
+def _examples(cfg, source: str | None, split: str):
+    from .data import load_examples
+
+    if not source:
+        return []
+    return load_examples(source, split=split, format=cfg.data.format, turn=cfg.data.turn)
+
+
+def dispatch(args, overrides: list[str]) -> None:
+    if args.command == "config":
+        print(config_mod.reference())
+    elif args.command == "run":
+        from .loop import run
+
+        cfg = config_mod.build(args.config, overrides)
+        config_mod.validate(cfg)
+        run_dir = run(cfg, force=args.force)
+        print(f"run directory: {run_dir}")
+    elif args.command == "demo":
+        from .demo.run import demo
+
+        demo(args.out, overrides, force=args.force)
+    else:
+        dispatch_stage(args, overrides)
+
+
+def dispatch_stage(args, overrides: list[str]) -> None:
+    from .io import read_jsonl, write_json
+
+    cfg = _stage_config(args, overrides, args.model)
+    if args.command == "sft":
+        from .sft import sft
+
+        train = _examples(cfg, args.data, cfg.data.train_split)
+        held = _examples(cfg, args.eval_data, cfg.data.eval_split)
+        _atomic(args.out, lambda tmp: sft(args.model, train, held, tmp, cfg))
+    elif args.command == "generate":
+        from .generate import generate_file
+
+        examples = _examples(cfg, args.data, cfg.data.train_split)
+        _atomic(args.out, lambda tmp: generate_file(args.model, examples, tmp, cfg, args.iteration))
+    elif args.command == "score":
+        from .score import score_files
+
+        _atomic(args.out, lambda tmp: score_files(args.model, [Path(g) for g in args.generations], tmp, cfg))
+    elif args.command == "train":
+        from .train import train
+
+        _atomic(args.out, lambda tmp: train(args.model, Path(args.pairs), tmp, cfg, args.iteration))
+    elif args.command == "evaluate":
+        from .evaluate import evaluate
+
+        examples = _examples(cfg, args.data, cfg.data.eval_split)
+        pairs = read_jsonl(args.pairs) if args.pairs else None
+        _atomic(args.out, lambda tmp: write_json(tmp, evaluate(args.model, examples, cfg, pairs, args.beta)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = _parser().parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from .modeling import quiet_transformers
+
+        quiet_transformers()
+        dispatch(args, overrides)
+    except UserError as e:
+        print(f"spinlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spinlm: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("spinlm: internal error (a bug in spinlm): please report it with the traceback above", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Typed configuration: dataclasses whose `help` metadata is the documentation.
+
+Precedence: dataclass defaults < YAML file < command-line `--section.key=value` flags.
+An unknown key is an error naming the closest valid key; every value is type-checked and
+all cross-field problems are reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help text (mutable defaults through default_factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class RunConfig:
+    dir: str = _f("runs/spin", "Run directory: every output of the run lives here; re-running resumes it.")
+    seed: int = _f(42, "Seed for data order, initialisation and sampling.")
+    progress: bool = _f(True, "Show progress bars (they go to stderr).")
+    log_every: int = _f(10, "Log training metrics every N optimizer steps.")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("", "The SFT model to start from: a local directory or a Hub id.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
+    tokenizer: str | None = _f(None, "Tokenizer directory or Hub id, if not the model's own.")
+    chat_template: str | None = _f(
+        None, "Jinja chat template (text, or path to a .jinja file) used instead of the tokenizer's."
+    )
+    dtype: str = _f("auto", "Weights dtype for generation and scoring: auto, float32, bfloat16, float16. "
+                    "auto = bfloat16 on a GPU that supports it, else float32.")
+    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager, flash_attention_2, ...")
+    trust_remote_code: bool = _f(False, "Run code shipped with the model repo. Off unless you trust it.")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("", "Training data: a .jsonl/.json/.parquet file or a Hub dataset id.")
+    train_split: str = _f("train", "Split to use when `train` is a Hub dataset id.")
+    val: str | None = _f(None, "Validation data for SFT early stopping (default: the `eval` data).")
+    val_split: str = _f("validation", "Split to use when `val` is a Hub dataset id.")
+    eval: str | None = _f(None, "Held-out data for the reported metrics (same formats as `train`).")
+    eval_split: str = _f("test", "Split to use when `eval` is a Hub dataset id.")
+    format: str = _f("auto", "Input format: auto, spin, messages, trl, prompt_response, alpaca.")
+    turn: str = _f("first", "Which assistant turn is the real response: first (the paper) or last.")
+    max_train_rows: int | None = _f(None, "Use only the first N training rows (after dedupe).")
+    max_eval_rows: int | None = _f(200, "Use only the first N held-out rows.")
+    max_prompt_length: int = _f(512, "Longest prompt, in tokens.")
+    max_length: int = _f(1024, "Longest prompt + response, in tokens; longer responses are cut.")
+    prompt_overflow: str = _f("truncate", "Prompts over max_prompt_length: truncate (keep the end) or drop.")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = _f(256, "Most tokens generated per response.")
+    temperature: float = _f(1.0, "Sampling temperature (the paper: 1.0).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (the paper: 1.0).")
+    top_k: int = _f(0, "Sample from the k most likely tokens only; 0 = off.")
+    batch_size: int = _f(16, "Prompts per generation batch (batches are sorted by prompt length).")
+
+
+@dataclass
+class SPINConfig:
+    iterations: int = _f(3, "Number of self-play iterations T.")
+    mix_window: int = _f(2, "Iteration t trains on the pairs generated in the last N iterations (paper: 2).")
+    beta: float | list[float] = _f(0.1, "The paper's lambda: one value, or one per iteration.")
+    loss_type: str = _f("sigmoid", "sigmoid (the paper's logistic loss) or hinge.")
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float | list[float] = _f(5e-7, "Peak learning rate: one value, or one per iteration.")
+    optimizer: str = _f("rmsprop", "rmsprop (the paper's) or adamw.")
+    weight_decay: float = _f(0.0, "Weight decay.")
+    epochs: int = _f(2, "Epochs over the iteration's pairs.")
+    max_steps: int | None = _f(None, "Stop an iteration after this many optimizer steps.")
+    batch_size: int = _f(8, "Pairs per micro-batch (per process).")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    warmup_ratio: float = _f(0.1, "Share of the steps spent warming the learning rate up linearly.")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this; 0 = no clipping.")
+    mixed_precision: str = _f("auto", "auto (bf16 on a GPU that supports it), no, bf16, fp16.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = _f(False, "Run supervised fine-tuning on the training data before SPIN.")
+    learning_rate: float = _f(2e-5, "Peak learning rate (AdamW).")
+    epochs: int = _f(3, "Most epochs.")
+    batch_size: int = _f(16, "Examples per micro-batch.")
+    warmup_ratio: float = _f(0.05, "Warm-up share of the steps.")
+    weight_decay: float = _f(0.0, "Weight decay.")
+    patience: int = _f(0, "Stop after N evaluations without a better held-out NLL; 0 = never stop early.")
+    eval_every: int = _f(0, "Evaluate held-out NLL every N steps (and at each epoch end); 0 = epoch ends only.")
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = _f(True, "Evaluate the SFT model and each iteration on the held-out data.")
+    checker: str | None = _f(None, "Task checker 'module:function' taking (example, generated_text) -> bool.")
+    max_new_tokens: int | None = _f(None, "Greedy generation length for the task metric (default: generation's).")
+    batch_size: int = _f(32, "Batch size for held-out generation and scoring.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    spin: SPINConfig = field(default_factory=SPINConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def per_iteration(self, name: str, t: int) -> float:
+        """lr or beta for iteration t (a scalar, or the t-th entry of a list)."""
+        value = self.train.learning_rate if name == "learning_rate" else self.spin.beta
+        return float(value[t] if isinstance(value, list) else value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+CHOICES = {
+    ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
+    ("data", "format"): ("auto", "spin", "messages", "trl", "prompt_response", "alpaca"),
+    ("data", "turn"): ("first", "last"),
+    ("data", "prompt_overflow"): ("truncate", "drop"),
+    ("spin", "loss_type"): ("sigmoid", "hinge"),
+    ("train", "optimizer"): ("rmsprop", "adamw"),
+    ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
+}
+
+
+def _nearest(name: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.4)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid keys: {', '.join(prefix + o for o in options)}"
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check and convert one value against its type hint; UserError when it does not fit."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[-1] if len(options) == 2 and type(None) in options else
+                        f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-7" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(hint, str(hint))
+
+
+def merge(cfg: Config, data: dict[str, Any], origin: str) -> Config:
+    """Apply a nested {section: {key: value}} mapping onto cfg, checking names and types."""
+    if not isinstance(data, dict):
+        raise UserError(f"{origin}: expected a mapping of sections (run, model, data, ...), got {type(data).__name__}")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise UserError(f"{origin}: unknown section '{section}'{_nearest(str(section), list(SECTIONS))}")
+        if not isinstance(values, dict):
+            raise UserError(f"{origin}: section '{section}' must be a mapping of keys, got {values!r}")
+        target = getattr(cfg, section)
+        hints = typing.get_type_hints(type(target))
+        for key, value in values.items():
+            if key not in hints:
+                hint = _nearest(str(key), list(hints), section + ".")
+                raise UserError(f"{origin}: unknown key '{section}.{key}'{hint}")
+            setattr(target, key, _coerce(value, hints[key], f"{origin}: {section}.{key}"))
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--section.key=value` (or `--section.key value`) flags -> nested dict; values read as YAML."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise UserError(f"unrecognized argument '{arg}': overrides look like --section.key=value")
+        name, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise UserError(f"--{name} needs a value: --{name}=VALUE")
+            i += 1
+            raw = args[i]
+        section, _, key = name.partition(".")
+        if not key or "." in key:
+            raise UserError(f"unrecognized argument '{arg}': overrides look like --section.key=value")
+        out.setdefault(section, {})[key] = yaml.safe_load(raw) if raw != "" else None
+        i += 1
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file safely (yaml.safe_load only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    return data or {}
+
+
+def build(yaml_path: str | Path | None = None, overrides: list[str] | None = None,
+          base: dict[str, Any] | None = None) -> Config:
+    """defaults < base (e.g. the demo's) < YAML file < command-line overrides."""
+    cfg = Config()
+    if base:
+        merge(cfg, base, "built-in defaults")
+    if yaml_path is not None:
+        merge(cfg, load_yaml(yaml_path), str(yaml_path))
+    if overrides:
+        merge(cfg, parse_overrides(overrides), "command line")
+    return cfg
+
+
+def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
+    """Cross-field checks; every problem is reported at once."""
+    problems = []
+    for (section, key), choices in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            problems.append(f"{section}.{key} must be one of {', '.join(choices)}; got {value!r}")
+    if "model" in need and not cfg.model.name_or_path:
+        problems.append("model.name_or_path is required (a local model directory or a Hub id)")
+    if "data" in need and not cfg.data.train:
+        problems.append("data.train is required (a .jsonl/.json/.parquet file or a Hub dataset id)")
+    positive = {"spin.iterations": cfg.spin.iterations, "spin.mix_window": cfg.spin.mix_window,
+                "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+                "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+                "generation.max_new_tokens": cfg.generation.max_new_tokens,
+                "generation.batch_size": cfg.generation.batch_size, "data.max_length": cfg.data.max_length,
+                "data.max_prompt_length": cfg.data.max_prompt_length, "sft.epochs": cfg.sft.epochs,
+                "sft.batch_size": cfg.sft.batch_size, "sft.learning_rate": cfg.sft.learning_rate,
+                "generation.temperature": cfg.generation.temperature, "eval.batch_size": cfg.eval.batch_size,
+                "run.log_every": cfg.run.log_every}
+    problems += [f"{k} must be > 0; got {v}" for k, v in positive.items() if v <= 0]
+    for name, value in (("train.learning_rate", cfg.train.learning_rate), ("spin.beta", cfg.spin.beta)):
+        values = value if isinstance(value, list) else [value]
+        if any(v <= 0 for v in values):
+            problems.append(f"{name} must be > 0; got {value}")
+        if isinstance(value, list) and len(value) < cfg.spin.iterations:
+            problems.append(f"{name} lists {len(value)} values but spin.iterations is {cfg.spin.iterations}: "
+                            "give one value, or one per iteration")
+    if not 0 < cfg.generation.top_p <= 1:
+        problems.append(f"generation.top_p must be in (0, 1]; got {cfg.generation.top_p}")
+    for key in ("train.warmup_ratio", "sft.warmup_ratio"):
+        section, name = key.split(".")
+        if not 0 <= getattr(getattr(cfg, section), name) < 1:
+            problems.append(f"{key} must be in [0, 1)")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        problems.append("data.max_prompt_length must be smaller than data.max_length")
+    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
+        problems.append("train.max_steps must be > 0 when set")
+    if problems:
+        raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def reference() -> str:
+    """Every config key with its type, default and help: for --help and the README."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} ({_type_name(hints[f.name])}, default {default!r}): {f.metadata['help']}")
+    return "\n".join(lines)

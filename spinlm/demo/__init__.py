@@ -1,0 +1,1 @@
+"""Self-contained demo: a bundled verifiable task and a tiny locally built model."""

@@ -1,0 +1,96 @@
+"""Stage: held-out metrics of one model.
+
+    spinlm evaluate --model MODEL --data test.jsonl [--pairs eval-pairs.jsonl --beta 0.1] --out eval.json
+
+- nll_per_token: mean NLL of the real held-out responses (EOS included);
+- accuracy: greedy generation checked by a task checker ('module:function'), if given;
+- reward_accuracy / reward_margin: on held-out pairs whose generated side came from the
+  reference model p_t and whose reference log-probs are stored (the score stage's output),
+  the share of pairs where this model's implicit reward prefers the real response, and
+  the mean margin beta * (r_real - r_gen);
+- greedy length statistics and the share that hit max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import Config
+from .data import Example
+from .errors import UserError
+from .generate import generate
+from .io import write_jsonl
+from .logprobs import score_batches
+from .loss import spin_rewards
+from .modeling import load_model, load_tokenizer
+from .score import encode_pair, limits
+from .sft import encode_real, heldout_nll
+from .tokens import encode_prompt
+
+log = logging.getLogger("spinlm")
+
+
+def load_checker(spec: str | None) -> Callable | None:
+    """'package.module:function' -> the function (example, generated_text) -> bool."""
+    if not spec:
+        return None
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UserError(f"eval.checker: cannot import '{spec}' (expected 'module:function'): {e}") from None
+    if not callable(fn):
+        raise UserError(f"eval.checker: '{spec}' is not a function")
+    return fn
+
+
+@torch.no_grad()
+def reward_metrics(model, tokenizer, pairs: list[dict], cfg: Config, beta: float) -> dict:
+    items = [encode_pair(tokenizer, row, limits(cfg)) for row in pairs]
+    seqs = [(p, r) for p, r, _ in items] + [(p, g) for p, _, g in items]
+    sums, _ = score_batches(model, seqs, tokenizer.pad_token_id, cfg.eval.batch_size)
+    n = len(pairs)
+    rewards = spin_rewards(torch.tensor(sums[:n]), torch.tensor(sums[n:]),
+                           torch.tensor([r["ref_real_logp"] for r in pairs]),
+                           torch.tensor([r["ref_generated_logp"] for r in pairs]), beta)
+    return {"reward_accuracy": rewards["accuracy"].mean().item(), "reward_margin": rewards["margin"].mean().item(),
+            "rewards_real": rewards["real"].mean().item(), "rewards_generated": rewards["generated"].mean().item()}
+
+
+def greedy_metrics(model, tokenizer, examples: list[Example], cfg: Config, checker, outputs: Path | None) -> dict:
+    max_new = cfg.eval.max_new_tokens or cfg.generation.max_new_tokens
+    prompts = [encode_prompt(tokenizer, ex.prompt, cfg.data.max_prompt_length) for ex in examples]
+    results = generate(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.eval.batch_size,
+                       progress=cfg.run.progress, desc="evaluate")
+    correct = [bool(checker(ex, r["text"])) if checker else None for ex, r in zip(examples, results)]
+    if outputs is not None:
+        write_jsonl(outputs, [{"id": ex.id, "greedy": r["text"], "finish": r["finish"], "correct": c}
+                              for ex, r, c in zip(examples, results, correct)])
+    n = max(len(results), 1)
+    metrics = {"greedy_mean_tokens": sum(r["tokens"] for r in results) / n,
+               "greedy_hit_max_new_tokens": sum(r["finish"] == "length" for r in results) / n}
+    if checker:
+        metrics["accuracy"] = sum(correct) / n
+    return metrics
+
+
+def evaluate(model_path: str, examples: list[Example], cfg: Config, pairs: list[dict] | None = None,
+             beta: float | None = None, outputs: Path | None = None) -> dict:
+    """All held-out metrics of `model_path` as a flat dict."""
+    checker = load_checker(cfg.eval.checker)
+    tokenizer = load_tokenizer(model_path, cfg.model)
+    model = load_model(model_path, cfg.model).eval()
+    seqs = encode_real(tokenizer, examples, limits(cfg))
+    metrics = {"model": str(model_path), "examples": len(examples),
+               "nll_per_token": heldout_nll(model, seqs, tokenizer.pad_token_id, cfg.eval.batch_size)}
+    metrics.update(greedy_metrics(model, tokenizer, examples, cfg, checker, outputs))
+    if pairs:
+        metrics.update(reward_metrics(model, tokenizer, pairs, cfg, beta if beta is not None else cfg.per_iteration("beta", 0)))
+    log.info("evaluate %s: %s", model_path, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                      if isinstance(v, float)))
+    return metrics

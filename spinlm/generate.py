@@ -1,0 +1,141 @@
+"""Stage: the current model answers every prompt (in-process transformers `generate`).
+
+    spinlm generate --model MODEL --data DATA.jsonl --out generations.jsonl
+
+Batches are sorted by prompt length and left-padded; the KV cache is on. Sampling uses
+only the configured settings (never the checkpoint's generation defaults), and each row
+draws from its own seeded generator, so a row's sample does not depend on which other
+rows share its batch. Each row records whether it ended at EOS or hit max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig as HFGenerationConfig
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from .config import Config
+from .data import Example
+from .io import write_jsonl
+from .modeling import load_model, load_tokenizer
+from .tokens import encode_prompt
+
+log = logging.getLogger("spinlm")
+
+
+def row_seed(seed: int, iteration: int, example_id: str) -> int:
+    """A seed per (run seed, iteration, row): stable across processes and batchings."""
+    digest = hashlib.sha256(f"{seed}:{iteration}:{example_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class _PerRowSampler(LogitsProcessor):
+    """Samples each row with its own torch.Generator and forces that token.
+
+    Runs after the temperature/top-k/top-p warpers inside a greedy `generate`, so the
+    argmax picks exactly the sampled token.
+    """
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float(), dim=-1)  # (batch, vocab)
+        picks = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter_(1, picks, 0.0)
+
+
+def _processors(seeds, temperature, top_k, top_p, device) -> LogitsProcessorList:
+    steps = []
+    if temperature != 1.0:
+        steps.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        steps.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        steps.append(TopPLogitsWarper(top_p))
+    return LogitsProcessorList(steps + [_PerRowSampler(seeds, device)])
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and the checkpoint's eos ids."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted(set(ids) | {tokenizer.eos_token_id})
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+             seeds: list[int] | None = None, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             progress: bool = True, desc: str = "generate") -> list[dict]:
+    """Responses for token-id prompts, in input order; greedy when `seeds` is None.
+
+    Each result: {"text", "tokens" (count, EOS excluded), "finish": "eos" | "length"}.
+    """
+    dev = next(model.parameters()).device
+    eos = stop_ids(model, tokenizer)
+    gen_config = HFGenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                    pad_token_id=tokenizer.pad_token_id, num_beams=1)
+    model.generation_config = gen_config  # drop checkpoint defaults (top_k, repetition penalty, ...)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    results: list[dict] = [{}] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            attention_mask[row, width - len(prompts[i]):] = 1
+        processors = None if seeds is None else _processors([seeds[i] for i in idx], temperature, top_k, top_p, dev)
+        out = model.generate(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
+                             generation_config=gen_config, logits_processor=processors)
+        for row, i in enumerate(idx):
+            results[i] = _decode(tokenizer, out[row, width:].tolist(), eos)
+        bar.update(len(idx))
+    bar.close()
+    return results
+
+
+def _decode(tokenizer, ids: list[int], eos: list[int]) -> dict:
+    stop = next((k for k, t in enumerate(ids) if t in eos), None)
+    body = ids if stop is None else ids[:stop]
+    return {"text": tokenizer.decode(body, skip_special_tokens=True), "tokens": len(body),
+            "finish": "length" if stop is None else "eos"}
+
+
+def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Config, iteration: int,
+                  desc: str = "generate") -> dict:
+    """The stage: sample one response per example with `model_path`, write JSON lines to `out`."""
+    tokenizer = load_tokenizer(model_path, cfg.model)
+    model = load_model(model_path, cfg.model).eval()
+    prompts = [encode_prompt(tokenizer, ex.prompt, cfg.data.max_prompt_length) for ex in examples]
+    seeds = [row_seed(cfg.run.seed, iteration, ex.id) for ex in examples]
+    g = cfg.generation
+    results = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                       seeds=seeds, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                       progress=cfg.run.progress, desc=desc)
+    rows = [{"id": ex.id, "prompt": ex.prompt, "real": ex.real, "generated": r["text"], "finish": r["finish"],
+             "generated_tokens": r["tokens"], "iteration": iteration, "extra": ex.extra}
+            for ex, r in zip(examples, results)]
+    write_jsonl(out, rows)
+    stats = generation_stats(rows)
+    log.info("%s: %d responses, %.1f tokens on average, %d hit max_new_tokens, %d empty, %d equal to the real "
+             "response", desc, len(rows), stats["mean_tokens"], stats["hit_max_new_tokens"], stats["empty"],
+             stats["equal_to_real"])
+    return stats
+
+
+def generation_stats(rows: list[dict]) -> dict:
+    n = max(len(rows), 1)
+    return {"rows": len(rows), "mean_tokens": sum(r["generated_tokens"] for r in rows) / n,
+            "hit_max_new_tokens": sum(r["finish"] == "length" for r in rows),
+            "empty": sum(not r["generated"].strip() for r in rows),
+            "equal_to_real": sum(r["generated"].strip() == r["real"].strip() for r in rows)}

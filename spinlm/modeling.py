@@ -1,0 +1,86 @@
+"""Loading and saving models and tokenizers (safetensors only, remote code off by default)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import UserError
+from .tokens import set_chat_template
+
+log = logging.getLogger("spinlm")
+
+
+def quiet_transformers() -> None:
+    """transformers' own bars (weights loading/saving) only add noise to our stage logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def inference_dtype(name: str) -> torch.dtype:
+    """auto: bf16 where the GPU supports it, else fp32 (bf16 matmul is ~400x slower on CPU)."""
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _check_local(path: str) -> None:
+    p = Path(path)
+    looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not p.is_dir():
+        raise UserError(f"{path}: no such model directory")
+    if p.is_dir() and not any(p.glob("*.safetensors")):
+        raise UserError(f"{path}: no model weights (*.safetensors) in this directory; "
+                        "spinlm loads safetensors only")
+
+
+def load_tokenizer(path: str, cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or path
+    if cfg.trust_remote_code:
+        log.warning("trust_remote_code is on: code from %s will run on this machine", source)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{source}: could not load the tokenizer: {e}") from None
+    set_chat_template(tok, cfg.chat_template, source)
+    if tok.eos_token_id is None:
+        raise UserError(f"{source}: the tokenizer has no EOS token; responses must end with one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding positions are masked out everywhere
+    return tok
+
+
+def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None, dev: torch.device | None = None):
+    """A causal LM from a directory or Hub id, on `dev` (default: the GPU if there is one)."""
+    from transformers import AutoModelForCausalLM
+
+    _check_local(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.revision,
+            dtype=dtype or inference_dtype(cfg.dtype),
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: could not load the model: {e}") from None
+    return model.to(dev or device())
+
+
+def save(model, tokenizer, out_dir: Path) -> None:
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,178 @@
+"""The run directory: opening (config drift check), stages with markers, data, summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from . import __version__
+from .config import Config, to_yaml
+from .data import Example, load_examples
+from .errors import UserError
+from .io import fresh_tmp, is_done, mark_done, marker, read_json, replace_dir, write_json
+from .modeling import load_tokenizer
+from .tokens import encode_prompt, encode_response
+
+log = logging.getLogger("spinlm")
+# Keys that cannot change results: a resumed run may differ in these.
+HARMLESS = {"run.progress", "run.log_every", "eval.batch_size"}
+
+
+class Stage:
+    """Runs a stage once: output to a temporary path, rename, then a `.done` marker."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def __call__(self, name: str, out: Path, fn: Callable[[Path], Any]) -> None:
+        rel = out.relative_to(self.run_dir)
+        if is_done(out):
+            log.info("%s: done already (%s)", name, rel)
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = fresh_tmp(out)
+        log.info("%s -> %s", name, rel)
+        start = time.time()
+        info = fn(tmp)
+        if tmp.is_dir():
+            replace_dir(tmp, out)
+        else:
+            os.replace(tmp, out)
+        seconds = round(time.time() - start, 2)
+        mark_done(out, {"stage": name, "seconds": seconds, "info": info if isinstance(info, dict) else None})
+        log.info("%s finished in %.1f s", name, seconds)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_drift(old: dict, new: dict) -> list[str]:
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in HARMLESS and a.get(k) != b.get(k)]
+
+
+def open_run(cfg: Config, force: bool) -> Path:
+    """Create or resume RUN/: refuse a changed config unless forced; log to RUN/log.txt."""
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        drift = config_drift(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, cfg.to_dict())
+        if drift and not force:
+            raise UserError(f"{run_dir} was started with a different config; these settings changed:\n  "
+                            + "\n  ".join(drift) + "\nuse the old settings, another run.dir, or --force")
+        if drift:
+            log.warning("config changed on resume (--force): %s", "; ".join(drift))
+    tmp = saved.with_name("config.yaml.tmp")
+    tmp.write_text(to_yaml(cfg), encoding="utf-8")
+    os.replace(tmp, saved)
+    handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("spinlm").addHandler(handler)
+    write_json(run_dir / "run_info.json", run_info())
+    return run_dir
+
+
+def run_info() -> dict:
+    import accelerate
+    import torch
+    import transformers
+
+    return {"spinlm": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _load(source: str | None, split: str, cfg: Config, max_rows: int | None) -> list[Example]:
+    if not source:
+        return []
+    return load_examples(source, split=split, format=cfg.data.format, turn=cfg.data.turn, max_rows=max_rows)
+
+
+def apply_length_policy(examples: list[Example], tokenizer, cfg: Config, name: str) -> list[Example]:
+    """Count (and drop, if configured) prompts over max_prompt_length; count long responses."""
+    kept, long_prompts, long_responses = [], 0, 0
+    for ex in examples:
+        n_prompt = len(encode_prompt(tokenizer, ex.prompt))
+        if n_prompt > cfg.data.max_prompt_length:
+            long_prompts += 1
+            if cfg.data.prompt_overflow == "drop":
+                continue
+        room = cfg.data.max_length - min(n_prompt, cfg.data.max_prompt_length)
+        long_responses += len(encode_response(tokenizer, ex.real)) > room
+        kept.append(ex)
+    if long_prompts:
+        action = "dropped" if cfg.data.prompt_overflow == "drop" else "truncated from the left"
+        log.warning("%s: %d prompts longer than data.max_prompt_length=%d (%s)", name, long_prompts,
+                    cfg.data.max_prompt_length, action)
+    if long_responses:
+        log.warning("%s: %d real responses cut to fit data.max_length=%d", name, long_responses, cfg.data.max_length)
+    return kept
+
+
+def prepare_data(cfg: Config) -> tuple[list[Example], list[Example], list[Example]]:
+    """Train, validation and held-out examples, validated and length-checked."""
+    d = cfg.data
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model)
+    train = apply_length_policy(_load(d.train, d.train_split, cfg, d.max_train_rows), tokenizer, cfg, d.train)
+    if not train:
+        raise UserError(f"{d.train}: no training examples left after the length policy")
+    val = apply_length_policy(_load(d.val, d.val_split, cfg, d.max_eval_rows), tokenizer, cfg, str(d.val))
+    held = apply_length_policy(_load(d.eval, d.eval_split, cfg, d.max_eval_rows), tokenizer, cfg, str(d.eval))
+    log.info("data: %d train, %d validation, %d held-out examples", len(train), len(val), len(held))
+    return train, val, held
+
+
+def _seconds(path: Path) -> float:
+    return (read_json(marker(path), {}) or {}).get("seconds", 0.0) if is_done(path) else 0.0
+
+
+def summarize(run_dir: Path, cfg: Config) -> list[dict]:
+    """RUN/summary.json: one entry per evaluated model (SFT, then each iteration)."""
+    entries = []
+    names = ["sft"] + [f"iteration-{t}" for t in range(cfg.spin.iterations)]
+    for name in names:
+        d = run_dir / name
+        seconds = {"sft": _seconds(d / "model"), "generate": _seconds(d / "generations.jsonl")
+                   + _seconds(d / "eval-generations.jsonl"),
+                   "score": _seconds(d / "pairs.jsonl") + _seconds(d / "eval-pairs.jsonl"),
+                   "train": _seconds(d / "model") if name != "sft" else 0.0, "evaluate": _seconds(d / "eval.json")}
+        if name != "sft":
+            seconds.pop("sft")
+        entries.append({"name": name, "model": str(d / "model") if (d / "model").exists() else cfg.model.name_or_path,
+                        "metrics": read_json(d / "eval.json", {}), "seconds": seconds})
+    write_json(run_dir / "summary.json", entries)
+    print(format_table(entries))
+    return entries
+
+
+def format_table(entries: list[dict]) -> str:
+    """The per-model table (Markdown) the demo prints."""
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    head = ("| model | accuracy | NLL/token | reward acc | margin | generate s | score s | train s | eval s |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for e in entries:
+        m, s = e["metrics"], e["seconds"]
+        train_s = s.get("train", 0.0) or s.get("sft", 0.0)
+        rows.append(f"| {e['name']} | {f(m.get('accuracy'), '.3f')} | {f(m.get('nll_per_token'), '.4f')} | "
+                    f"{f(m.get('reward_accuracy'), '.3f')} | {f(m.get('reward_margin'), '.4f')} | "
+                    f"{s.get('generate', 0):.1f} | {s.get('score', 0):.1f} | {train_s:.1f} | {s.get('evaluate', 0):.1f} |")
+    return "\n".join([head] + rows)

@@ -1,0 +1,61 @@
+"""Stage: reference log-probs of every pair an iteration trains on, computed once.
+
+    spinlm score --model MODEL --generations it0.jsonl [it1.jsonl ...] --out pairs.jsonl
+
+Under the reference model p_t (the model that generated iteration t's responses) this sums
+the log-probs of the real and of the generated response of each pair and stores them with
+the pair. Training then needs no reference model in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .config import Config
+from .io import read_jsonl, write_jsonl
+from .logprobs import score_batches
+from .modeling import load_model, load_tokenizer
+from .tokens import Limits, encode_example
+
+log = logging.getLogger("spinlm")
+
+
+def encode_pair(tokenizer, row: dict, limits: Limits) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, real, generated) token ids of a generations row; the one encoding of a pair."""
+    prompt_ids, (real_ids, gen_ids) = encode_example(
+        tokenizer, row["prompt"], [(row["real"], True), (row["generated"], row["finish"] == "eos")], limits)
+    return prompt_ids, real_ids, gen_ids
+
+
+def limits(cfg: Config) -> Limits:
+    return Limits(cfg.data.max_prompt_length, cfg.data.max_length)
+
+
+def score_rows(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int, desc: str = "score") -> list[dict]:
+    """Rows with `ref_real_logp`, `ref_generated_logp` and token counts added."""
+    pairs = [encode_pair(tokenizer, row, limits(cfg)) for row in rows]
+    seqs = [(p, r) for p, r, _ in pairs] + [(p, g) for p, _, g in pairs]
+    bar = tqdm(total=len(seqs), desc=desc, disable=not cfg.run.progress, leave=False)
+    sums, counts = score_batches(model, seqs, tokenizer.pad_token_id, batch_size, bar)
+    bar.close()
+    n = len(rows)
+    return [{**row, "ref_real_logp": sums[i], "ref_generated_logp": sums[n + i],
+             "real_tokens": counts[i], "generated_tokens_scored": counts[n + i]} for i, row in enumerate(rows)]
+
+
+def score_files(model_path: str, generation_files: list[Path], out: Path, cfg: Config, desc: str = "score") -> dict:
+    """The stage: read pairs from generation files, score under `model_path`, write `out`."""
+    rows = [row for path in generation_files for row in read_jsonl(path)]
+    tokenizer = load_tokenizer(model_path, cfg.model)
+    model = load_model(model_path, cfg.model).eval()
+    scored = score_rows(model, tokenizer, rows, cfg, cfg.eval.batch_size, desc)
+    write_jsonl(out, scored)
+    n = max(len(scored), 1)
+    stats = {"pairs": len(scored), "from": [str(p) for p in generation_files],
+             "mean_ref_real_logp": sum(r["ref_real_logp"] for r in scored) / n,
+             "mean_ref_generated_logp": sum(r["ref_generated_logp"] for r in scored) / n}
+    log.info("%s: %d pairs from %d generation file(s)", desc, len(scored), len(generation_files))
+    return stats

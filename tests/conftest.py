@@ -1,0 +1,39 @@
+"""Shared fixtures: a real tiny Llama and tokenizer built locally, and small task data."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def task_data(tmp_path_factory) -> dict[str, Path]:
+    """train/val/test JSONL files of the demo task, small."""
+    from spinlm.demo.task import write_splits
+
+    return write_splits(tmp_path_factory.mktemp("data"), seed=0, n_train=48, n_val=16, n_test=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, task_data) -> Path:
+    """A 2-layer, width-32 Llama with a BPE tokenizer trained on the task text."""
+    import json
+
+    from spinlm.demo.build import build_tiny
+
+    texts = [v for line in task_data["train"].read_text().splitlines()
+             for k, v in json.loads(line).items() if k in ("prompt", "response")]
+    return build_tiny(tmp_path_factory.mktemp("tiny"), texts, hidden_size=32, num_layers=2, num_heads=2,
+                      max_position_embeddings=256)
