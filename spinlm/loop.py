@@ -18,7 +18,7 @@ from .config import Config
 from .data import Example
 from .evaluate import evaluate
 from .generate import generate_file
-from .io import is_done, read_json, read_jsonl, write_json
+from .io import read_json, read_jsonl, write_json
 from .rundir import Stage, prepare_data, open_run, summarize
 from .score import score_files
 from .sft import sft
@@ -57,6 +57,10 @@ def run(cfg: Config, force: bool = False) -> Path:
 
 def evaluate_stage(stage: Stage, model: str, where: Path, examples: list[Example], cfg: Config,
                    pairs: list[dict] | None, beta: float | None) -> None:
-    if examples and cfg.eval.enabled:
-        stage("evaluate", where / "eval.json", lambda out: write_json(
-            out, evaluate(model, examples, cfg, pairs, beta, outputs=where / "eval-outputs.jsonl")))
+    """where/metrics.json: held-out metrics of `model`, plus its training log if it has one."""
+    if not (examples and cfg.eval.enabled):
+        return
+    training = read_json(Path(model) / "spinlm_train.json") or read_json(Path(model) / "spinlm_sft.json")
+    stage("evaluate", where / "metrics.json", lambda out: write_json(out, {
+        "eval": evaluate(model, examples, cfg, pairs, beta, outputs=where / "eval-outputs.jsonl"),
+        "train": training}))

@@ -151,11 +151,11 @@ def summarize(run_dir: Path, cfg: Config) -> list[dict]:
         seconds = {"sft": _seconds(d / "model"), "generate": _seconds(d / "generations.jsonl")
                    + _seconds(d / "eval-generations.jsonl"),
                    "score": _seconds(d / "pairs.jsonl") + _seconds(d / "eval-pairs.jsonl"),
-                   "train": _seconds(d / "model") if name != "sft" else 0.0, "evaluate": _seconds(d / "eval.json")}
+                   "train": _seconds(d / "model") if name != "sft" else 0.0, "evaluate": _seconds(d / "metrics.json")}
         if name != "sft":
             seconds.pop("sft")
         entries.append({"name": name, "model": str(d / "model") if (d / "model").exists() else cfg.model.name_or_path,
-                        "metrics": read_json(d / "eval.json", {}), "seconds": seconds})
+                        "metrics": read_json(d / "metrics.json", {}).get("eval", {}), "seconds": seconds})
     write_json(run_dir / "summary.json", entries)
     print(format_table(entries))
     return entries
