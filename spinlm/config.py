@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -158,8 +159,29 @@ def _nearest(name: str, options: list[str], prefix: str = "") -> str:
     return f"; valid keys: {', '.join(prefix + o for o in options)}"
 
 
+class Raw(str):
+    """A command-line value as typed: text fields take it verbatim, others parse it as YAML."""
+
+
+def _accepts_str(hint: Any) -> bool:
+    return hint is str or str in typing.get_args(hint)
+
+
+def _from_flag(value: Raw, hint: Any, key: str) -> Any:
+    if value == "" and type(None) in typing.get_args(hint):
+        return None
+    if _accepts_str(hint) and not (value.startswith("[") or value.lower() in ("null", "~", "none")):
+        return str(value)
+    try:
+        return yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        raise UserError(f"{key}: cannot read {str(value)!r} as {_type_name(hint)}") from None
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check and convert one value against its type hint; UserError when it does not fit."""
+    if isinstance(value, Raw):
+        value = _from_flag(value, hint, key)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -171,7 +193,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except UserError as e:
                 errors.append(str(e))
-        raise UserError(errors[-1] if len(options) == 2 and type(None) in options else
+        finite = [e for e in errors if "finite" in e]
+        raise UserError(finite[0] if finite else errors[-1] if len(options) == 2 and type(None) in options else
                         f"{key}: expected {_type_name(hint)}, got {value!r}")
     if origin is list:
         if not isinstance(value, list):
@@ -185,16 +208,25 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-7" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "5e-7" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise UserError(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted `no` / `yes` as a boolean
+            return "yes" if value else "no"
+        if isinstance(value, (int, float)):  # e.g. a revision written as 20240101
+            return str(value)
     raise UserError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
 
 
@@ -236,16 +268,26 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raise UserError(f"unrecognized argument '{arg}': overrides look like --section.key=value")
         name, eq, raw = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(args):
+            if i + 1 >= len(args) or (args[i + 1].startswith("--") and not _is_number(args[i + 1])):
                 raise UserError(f"--{name} needs a value: --{name}=VALUE")
             i += 1
             raw = args[i]
         section, _, key = name.partition(".")
         if not key or "." in key:
             raise UserError(f"unrecognized argument '{arg}': overrides look like --section.key=value")
-        out.setdefault(section, {})[key] = yaml.safe_load(raw) if raw != "" else None
+        if not section:
+            raise UserError(f"unrecognized argument '{arg}': overrides look like --section.key=value")
+        out.setdefault(section, {})[key] = Raw(raw)
         i += 1
     return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def spin_loss(
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if beta <= 0:
+    if not beta > 0:  # also rejects NaN
         raise ValueError(f"beta must be > 0, got {beta}")
     r_real = policy_real_logps - ref_real_logps
     r_gen = policy_generated_logps - ref_generated_logps

@@ -132,3 +132,19 @@ def test_stage_subcommands_chain(tiny_model, task_data, tmp_path):
     assert len(read_jsonl(p)) == 16 and {"ref_real_logp", "ref_generated_logp"} <= set(read_jsonl(p)[0])
     assert metrics["examples"] == 16 and "reward_margin" in metrics and "accuracy" in metrics
     assert (m / "model.safetensors").exists() and not (tmp_path / "m.tmp").exists()
+
+
+def test_shipped_recipes_are_valid_configs():
+    from spinlm import config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    recipes = sorted(root.glob("*.yaml"))
+    assert len(recipes) >= 2
+    for path in recipes:
+        cfg = config.build(path)
+        config.validate(cfg)
+        assert cfg.model.name_or_path and cfg.data.train, path
+    zephyr = config.build(root / "zephyr-7b-ultrachat.yaml")
+    assert [zephyr.per_iteration("learning_rate", t) for t in range(4)] == [5e-7, 5e-7, 1e-7, 1e-7]
+    assert [zephyr.per_iteration("beta", t) for t in range(4)] == [0.1, 0.1, 0.1, 5.0]
+    assert zephyr.train.optimizer == "rmsprop" and zephyr.spin.mix_window == 2
