@@ -100,6 +100,13 @@ class TrainConfig:
 
 
 @dataclass
+class PackingConfig:
+    enabled: bool = _f(True, "Score and train on packed rows: [prompt | real | generated] with the prompt once and "
+                       "no padding (checked against the plain computation once per model; falls back if unequal).")
+    max_tokens: int = _f(2048, "Token budget of one packed row.")
+
+
+@dataclass
 class SFTConfig:
     enabled: bool = _f(False, "Run supervised fine-tuning on the training data before SPIN.")
     learning_rate: float = _f(2e-5, "Peak learning rate (AdamW).")
@@ -127,6 +134,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     spin: SPINConfig = field(default_factory=SPINConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -334,7 +342,7 @@ def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
                 "data.max_prompt_length": cfg.data.max_prompt_length, "sft.epochs": cfg.sft.epochs,
                 "sft.batch_size": cfg.sft.batch_size, "sft.learning_rate": cfg.sft.learning_rate,
                 "generation.temperature": cfg.generation.temperature, "eval.batch_size": cfg.eval.batch_size,
-                "run.log_every": cfg.run.log_every}
+                "run.log_every": cfg.run.log_every, "packing.max_tokens": cfg.packing.max_tokens}
     problems += [f"{k} must be > 0; got {v}" for k, v in positive.items() if v <= 0]
     for name, value in (("train.learning_rate", cfg.train.learning_rate), ("spin.beta", cfg.spin.beta)):
         values = value if isinstance(value, list) else [value]

@@ -25,10 +25,10 @@ from .data import Example
 from .errors import UserError
 from .generate import generate
 from .io import write_jsonl
-from .logprobs import score_batches
+from .packing import prepare, score_groups
 from .loss import spin_rewards
 from .modeling import load_model, load_tokenizer
-from .score import encode_pair, limits
+from .score import limits, pair_groups
 from .sft import encode_real, heldout_nll
 from .tokens import encode_prompt
 
@@ -51,11 +51,11 @@ def load_checker(spec: str | None) -> Callable | None:
 
 @torch.no_grad()
 def reward_metrics(model, tokenizer, pairs: list[dict], cfg: Config, beta: float) -> dict:
-    items = [encode_pair(tokenizer, row, limits(cfg)) for row in pairs]
-    seqs = [(p, r) for p, r, _ in items] + [(p, g) for p, _, g in items]
-    sums, _ = score_batches(model, seqs, tokenizer.pad_token_id, cfg.eval.batch_size)
-    n = len(pairs)
-    rewards = spin_rewards(torch.tensor(sums[:n]), torch.tensor(sums[n:]),
+    groups = pair_groups(tokenizer, pairs, cfg)
+    scores = score_groups(model, groups, tokenizer.pad_token_id, prepare(model, groups, tokenizer.pad_token_id,
+                                                                            cfg.packing), cfg.eval.batch_size)
+    rewards = spin_rewards(torch.tensor([real for (real, _), _ in scores]),
+                           torch.tensor([gen for _, (gen, _) in scores]),
                            torch.tensor([r["ref_real_logp"] for r in pairs]),
                            torch.tensor([r["ref_generated_logp"] for r in pairs]), beta)
     return {"reward_accuracy": rewards["accuracy"].mean().item(), "reward_margin": rewards["margin"].mean().item(),
@@ -85,9 +85,10 @@ def evaluate(model_path: str, examples: list[Example], cfg: Config, pairs: list[
     checker = load_checker(cfg.eval.checker)
     tokenizer = load_tokenizer(model_path, cfg.model)
     model = load_model(model_path, cfg.model).eval()
-    seqs = encode_real(tokenizer, examples, limits(cfg))
+    groups = encode_real(tokenizer, examples, limits(cfg))
+    budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
     metrics = {"model": str(model_path), "examples": len(examples),
-               "nll_per_token": heldout_nll(model, seqs, tokenizer.pad_token_id, cfg.eval.batch_size)}
+               "nll_per_token": heldout_nll(model, groups, tokenizer.pad_token_id, budget, cfg.eval.batch_size)}
     metrics.update(greedy_metrics(model, tokenizer, examples, cfg, checker, outputs))
     if pairs:
         metrics.update(reward_metrics(model, tokenizer, pairs, cfg, beta if beta is not None else cfg.per_iteration("beta", 0)))

@@ -46,19 +46,3 @@ def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], pad_id: int):
     row = torch.repeat_interleave(torch.arange(len(seqs), device=dev), counts)
     sums = torch.zeros(len(seqs), device=dev, dtype=per_token.dtype).index_add(0, row, per_token)
     return sums, counts
-
-
-@torch.no_grad()
-def score_batches(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
-                  progress=None) -> tuple[list[float], list[int]]:
-    """Summed log-probs of many sequences, in their given order, batched by similar length."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]), reverse=True)
-    sums, counts = [0.0] * len(seqs), [0] * len(seqs)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        s, c = sequence_logps(model, [seqs[i] for i in idx], pad_id)
-        for i, si, ci in zip(idx, s.tolist(), c.tolist()):
-            sums[i], counts[i] = si, ci
-        if progress is not None:
-            progress.update(len(idx))
-    return sums, counts

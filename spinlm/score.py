@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .io import read_jsonl, write_jsonl
-from .logprobs import score_batches
+from .packing import prepare, score_groups
 from .modeling import load_model, load_tokenizer
 from .tokens import Limits, encode_example
 
@@ -36,14 +36,22 @@ def limits(cfg: Config) -> Limits:
 
 def score_rows(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int, desc: str = "score") -> list[dict]:
     """Rows with `ref_real_logp`, `ref_generated_logp` and token counts added."""
-    pairs = [encode_pair(tokenizer, row, limits(cfg)) for row in rows]
-    seqs = [(p, r) for p, r, _ in pairs] + [(p, g) for p, _, g in pairs]
-    bar = tqdm(total=len(seqs), desc=desc, disable=not cfg.run.progress, leave=False)
-    sums, counts = score_batches(model, seqs, tokenizer.pad_token_id, batch_size, bar)
+    groups = pair_groups(tokenizer, rows, cfg)
+    budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
+    bar = tqdm(total=len(groups), desc=desc, disable=not cfg.run.progress, leave=False)
+    scores = score_groups(model, groups, tokenizer.pad_token_id, budget, batch_size, bar)
     bar.close()
-    n = len(rows)
-    return [{**row, "ref_real_logp": sums[i], "ref_generated_logp": sums[n + i],
-             "real_tokens": counts[i], "generated_tokens_scored": counts[n + i]} for i, row in enumerate(rows)]
+    return [{**row, "ref_real_logp": real[0], "ref_generated_logp": gen[0], "real_tokens": real[1],
+             "generated_tokens_scored": gen[1]} for row, (real, gen) in zip(rows, scores)]
+
+
+def pair_groups(tokenizer, rows: list[dict], cfg: Config) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt, [real, generated]) token-id groups of generation rows."""
+    groups = []
+    for row in rows:
+        prompt, real, generated = encode_pair(tokenizer, row, limits(cfg))
+        groups.append((prompt, [real, generated]))
+    return groups
 
 
 def score_files(model_path: str, generation_files: list[Path], out: Path, cfg: Config, desc: str = "score") -> dict:

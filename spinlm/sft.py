@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from .config import Config
 from .data import Example
 from .io import write_json
-from .logprobs import score_batches, sequence_logps
+from .packing import Group, prepare, response_logps, score_groups
 from .modeling import load_tokenizer, save
 from .tokens import Limits, encode_example
 from .training import linear_schedule, load_trainable, loader, make_accelerator, make_optimizer, optimizer_steps
@@ -28,22 +28,23 @@ from .training import linear_schedule, load_trainable, loader, make_accelerator,
 log = logging.getLogger("spinlm")
 
 
-def encode_real(tokenizer, examples: list[Example], lim: Limits) -> list[tuple[list[int], list[int]]]:
+def encode_real(tokenizer, examples: list[Example], lim: Limits) -> list[Group]:
+    """(prompt, [real]) token-id groups."""
     out = []
     for ex in examples:
         prompt, (real,) = encode_example(tokenizer, ex.prompt, [(ex.real, True)], lim)
-        out.append((prompt, real))
+        out.append((prompt, [real]))
     return out
 
 
 @torch.no_grad()
-def heldout_nll(model, seqs, pad_id: int, batch_size: int) -> float:
+def heldout_nll(model, groups: list[Group], pad_id: int, budget: int | None, batch_size: int) -> float:
     """Per-token NLL of the real responses: sum of -log p over all tokens / token count."""
     was_training = model.training
     model.eval()
-    sums, counts = score_batches(model, seqs, pad_id, batch_size)
+    scores = [s for per_group in score_groups(model, groups, pad_id, budget, batch_size) for s in per_group]
     model.train(was_training)
-    return -sum(sums) / max(sum(counts), 1)
+    return -sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
 
 
 def sft(model_path: str, train_examples: list[Example], eval_examples: list[Example], out: Path,
@@ -61,6 +62,7 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     steps = optimizer_steps(len(batches), sc.epochs, 1, None)
     scheduler = accelerator.prepare(linear_schedule(optimizer, accelerator, steps, sc.warmup_ratio))
     pad = tokenizer.pad_token_id
+    budget = prepare(model, train_seqs, pad, cfg.packing)
     best, stale, history, step, start = float("inf"), 0, [], 0, time.time()
     log.info("sft: %d examples, up to %d steps, lr %g", len(train_seqs), steps, sc.learning_rate)
 
@@ -69,7 +71,7 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
         nonlocal best, stale
         if not eval_seqs or (history and history[-1]["step"] == step):
             return sc.patience > 0 and stale >= sc.patience
-        nll = heldout_nll(model, eval_seqs, pad, cfg.eval.batch_size)
+        nll = heldout_nll(model, eval_seqs, pad, budget, cfg.eval.batch_size)
         history.append({"step": step, "heldout_nll": nll, "elapsed_s": round(time.time() - start, 2)})
         log.info("sft step %d/%d: held-out NLL per token %.4f", step, steps, nll)
         if nll < best - 1e-4:
@@ -82,8 +84,8 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     stop = False
     for _epoch in range(sc.epochs):
         for batch in batches:
-            logps, counts = sequence_logps(model, batch, pad)
-            loss = -logps.sum() / counts.sum()
+            scores = [s for per_group in response_logps(model, batch, pad, budget) for s in per_group]
+            loss = -torch.stack([s for s, _ in scores]).sum() / sum(n for _, n in scores)
             accelerator.backward(loss)
             if cfg.train.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)

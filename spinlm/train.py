@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 
 from .config import Config
 from .io import read_jsonl, write_json
-from .logprobs import sequence_logps
+from .packing import prepare, response_logps
 from .loss import spin_loss, spin_rewards
 from .modeling import load_tokenizer
 from .score import encode_pair, limits
@@ -38,13 +38,14 @@ def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
     return items
 
 
-def batch_losses(model, batch: list[dict], pad_id: int, beta: float, loss_type: str):
-    """Per-pair losses (batch,) and detached metrics, from one forward over 2 x batch rows."""
-    seqs = [(b["prompt"], b["real"]) for b in batch] + [(b["prompt"], b["generated"]) for b in batch]
-    logps, _ = sequence_logps(model, seqs, pad_id)
-    policy_real, policy_generated = logps.split(len(batch))
-    ref_real = torch.tensor([b["ref_real"] for b in batch], device=logps.device)
-    ref_generated = torch.tensor([b["ref_generated"] for b in batch], device=logps.device)
+def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, beta: float, loss_type: str):
+    """Per-pair losses (batch,) and detached metrics, from one forward over the micro-batch
+    (packed [prompt | real | generated] rows, or padded sequences when packing is off)."""
+    scores = response_logps(model, [(b["prompt"], [b["real"], b["generated"]]) for b in batch], pad_id, budget)
+    policy_real = torch.stack([real for (real, _), _ in scores])
+    policy_generated = torch.stack([gen for _, (gen, _) in scores])
+    ref_real = torch.tensor([b["ref_real"] for b in batch], device=policy_real.device)
+    ref_generated = torch.tensor([b["ref_generated"] for b in batch], device=policy_real.device)
     losses = spin_loss(policy_real, policy_generated, ref_real, ref_generated, beta, loss_type)
     rewards = spin_rewards(policy_real.detach(), policy_generated.detach(), ref_real, ref_generated, beta)
     metrics = {"loss": losses.detach(), "logps/real": policy_real.detach(),
@@ -60,6 +61,8 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     tokenizer = load_tokenizer(model_path, cfg.model)
     model = load_trainable(model_path, cfg.model, accelerator, tc.gradient_checkpointing)
     items = pair_items(tokenizer, read_jsonl(pairs_path), cfg)
+    budget = prepare(model, [(i["prompt"], [i["real"], i["generated"]]) for i in items[:4]], tokenizer.pad_token_id,
+                     cfg.packing)
     optimizer = make_optimizer(tc.optimizer, model, lr, tc.weight_decay)
     model, optimizer, batches = accelerator.prepare(model, optimizer, loader(items, tc.batch_size, cfg.run.seed + iteration))
     steps = optimizer_steps(len(batches), tc.epochs, tc.gradient_accumulation_steps, tc.max_steps)
@@ -70,7 +73,8 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     while step < steps:
         for batch in batches:
             with accelerator.accumulate(model):
-                losses, metrics = batch_losses(model, batch, tokenizer.pad_token_id, beta, cfg.spin.loss_type)
+                losses, metrics = batch_losses(model, batch, tokenizer.pad_token_id, budget, beta,
+                                               cfg.spin.loss_type)
                 accelerator.backward(losses.mean())
                 if accelerator.sync_gradients and tc.max_grad_norm > 0:
                     metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm))

@@ -69,6 +69,12 @@ _PHRASINGS: dict[str, list[str]] = {
         "How many items does the list {spaced} have?",
         "Count the items in {spaced}.",
     ],
+    "double": [
+        "What is twice {a}?",
+        "Double the number {a}.",
+        "What is {a} times 2?",
+        "Multiply {a} by two.",
+    ],
     "bigger": [
         "Which is larger, {a} or {b}?",
         "Which number is bigger: {a} or {b}?",
@@ -138,8 +144,13 @@ def _count(rng):
 
 
 def _next(rng):
-    a = rng.randint(0, 999)
+    a = rng.randint(0, 9999)
     return (a,), {"a": str(a)}, str(a + 1)
+
+
+def _double(rng):
+    a = rng.randint(10, 999)
+    return (a,), {"a": str(a)}, str(2 * a)
 
 
 def _bigger(rng):
@@ -152,7 +163,7 @@ _MAKERS: dict[str, Callable[[random.Random], tuple[tuple, dict[str, str], str]]]
     "reverse": _reverse,
     "sort": _sort,
     "max": _max,
-    "add2": _add2, "revlist": _revlist, "count": _count, "next": _next, "bigger": _bigger,
+    "add2": _add2, "revlist": _revlist, "count": _count, "next": _next, "bigger": _bigger, "double": _double,
 }
 
 

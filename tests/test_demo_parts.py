@@ -1,0 +1,181 @@
+"""Tests of the demo's bundled task and of the offline tokenizer/model builder."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # everything here must work with no Hub access
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from spinlm.demo.build import build_model, build_tiny, build_tokenizer
+from spinlm.demo.task import KINDS, check, check_example, extract_answer, make_splits, write_splits
+from spinlm.errors import UserError
+
+SMALL = dict(n_train=300, n_val=40, n_test=40)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return make_splits(seed=0, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def texts(splits):
+    return [r["prompt"] + "\n" + r["response"] for r in splits["train"]]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, texts):
+    out = tmp_path_factory.mktemp("tiny")
+    return build_tiny(out, texts, hidden_size=32, num_layers=2, num_heads=2)
+
+
+# ---------------------------------------------------------------- task
+
+
+def test_make_splits_sizes_and_fields(splits):
+    assert {k: len(v) for k, v in splits.items()} == {"train": 300, "val": 40, "test": 40}
+    for rows in splits.values():
+        for r in rows:
+            assert set(r) == {"prompt", "response", "answer", "kind"}
+            assert r["kind"] in KINDS
+    assert {r["kind"] for r in splits["train"]} == set(KINDS)
+
+
+def test_make_splits_deterministic_per_seed(splits):
+    assert make_splits(seed=0, **SMALL) == splits
+    assert make_splits(seed=1, **SMALL) != splits
+
+
+def test_make_splits_leaves_global_random_alone():
+    import random
+
+    state = random.getstate()
+    make_splits(seed=3, **SMALL)
+    assert random.getstate() == state
+
+
+def test_eval_splits_do_not_depend_on_train_size(splits):
+    # Test and val are drawn first, so a bigger train set keeps the same held-out rows.
+    bigger = make_splits(seed=0, n_train=600, n_val=40, n_test=40)
+    assert bigger["test"] == splits["test"] and bigger["val"] == splits["val"]
+
+
+def test_no_prompt_in_two_splits(splits):
+    seen: dict[str, str] = {}
+    for name, rows in splits.items():
+        for r in rows:
+            assert seen.setdefault(r["prompt"], name) == name, r["prompt"]
+
+
+def test_every_response_passes_its_check(splits):
+    for rows in splits.values():
+        for r in rows:
+            assert check(r["answer"], r["response"]), r
+
+
+def test_check_rejects_wrong_or_decorated_answers():
+    assert check("936", "The answer is 936.")
+    assert check("936", "  The answer is 936.\n")  # surrounding whitespace only
+    assert not check("936", "The answer is 935.")
+    assert not check("936", "The answer is 9 36.")
+    assert not check("936", "The answer is 936")  # no final period
+    assert not check("936", "The answer is 936. Or 935.")
+    assert not check("936", "936")
+    assert extract_answer("The answer is 1 5 9.") == "1 5 9"
+
+
+def test_check_example_reads_extra():
+    ex = SimpleNamespace(extra={"answer": "42"})
+    assert check_example(ex, "The answer is 42.")
+    assert not check_example(ex, "The answer is 24.")
+    with pytest.raises(UserError):
+        check_example(SimpleNamespace(extra={}), "The answer is 42.")
+
+
+def test_write_splits_jsonl(tmp_path):
+    paths = write_splits(tmp_path, seed=0, **SMALL)
+    assert set(paths) == {"train", "val", "test"}
+    rows = [json.loads(line) for line in paths["val"].read_text(encoding="utf-8").splitlines()]
+    assert rows == make_splits(seed=0, **SMALL)["val"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.jsonl", "train.jsonl", "val.jsonl"]
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _chat_ids(tok, messages, **kw):
+    return tok.apply_chat_template(messages, tokenize=True, **kw)["input_ids"]
+
+
+def test_tokenizer_reloads_and_chat_template_is_consistent(tmp_path, texts, splits):
+    build_tokenizer(texts, tmp_path, vocab_size=400)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok) == 400
+    assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<|pad|>", "<|bos|>", "<|eos|>")
+    for r in splits["test"][:20]:
+        user = [{"role": "user", "content": r["prompt"]}]
+        prompt = _chat_ids(tok, user, add_generation_prompt=True)
+        response = tok(r["response"], add_special_tokens=False)["input_ids"]
+        full = _chat_ids(tok, user + [{"role": "assistant", "content": r["response"]}])
+        assert prompt + response + [tok.eos_token_id] == full
+        assert tok.decode(response) == r["response"]
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|user|>hi<|end|><|assistant|>"
+
+
+def test_digits_are_single_tokens(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    for text in ("12345", "The answer is 9870.", " 100 200"):
+        pieces = [tok.decode([i]) for i in tok(text, add_special_tokens=False)["input_ids"]]
+        digit_pieces = [p for p in pieces if any(c.isdigit() for c in p)]
+        assert all(len(p.strip()) == 1 for p in digit_pieces), pieces
+        assert "".join(pieces) == text
+
+
+def test_system_turn_and_bad_role(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(msgs, tokenize=False) == "<|system|>Be brief.<|end|><|user|>Hi<|end|>"
+    with pytest.raises(Exception):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+# ---------------------------------------------------------------- model
+
+
+def test_build_tiny_model_dir_loads_and_runs(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert model.config.vocab_size == len(tok)
+    assert model.config.tie_word_embeddings
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+    ids = torch.tensor([_chat_ids(tok, [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tok))
+    assert torch.isfinite(logits).all()
+
+
+def test_build_model_seeded_and_leaves_global_rng(tmp_path, tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    state = torch.random.get_rng_state()
+    kw = dict(hidden_size=32, num_layers=1, num_heads=2, seed=7)
+    a = AutoModelForCausalLM.from_pretrained(build_model(tok, tmp_path / "a", **kw))
+    b = AutoModelForCausalLM.from_pretrained(build_model(tok, tmp_path / "b", **kw))
+    c = AutoModelForCausalLM.from_pretrained(build_model(tok, tmp_path / "c", **{**kw, "seed": 8}))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    wa, wb, wc = (m.get_input_embeddings().weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_build_model_rejects_bad_heads(tmp_path, tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    with pytest.raises(UserError):
+        build_model(tok, tmp_path, hidden_size=30, num_heads=4)

@@ -1,0 +1,95 @@
+"""Packed, prefix-shared log-probs equal the plain per-sequence computation."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig,
+                          Qwen2Config)
+
+from spinlm.packing import attention_bias, build, enable_packing, pack, packed_logps, plain_logps
+
+COMMON = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+ARCHS = {"llama": lambda: LlamaConfig(**COMMON), "qwen2": lambda: Qwen2Config(**COMMON),
+         "mistral": lambda: MistralConfig(**COMMON), "gemma": lambda: GemmaConfig(head_dim=8, **COMMON)}
+
+
+def _groups(seed=0, shapes=((3, 5, 7), (10, 1, 4), (1, 2, 2), (20, 9, 3), (6, 6, 6), (30, 30, 30))):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(n):
+        return torch.randint(5, 250, (n,), generator=g).tolist()
+
+    return [(r(p), [r(a), r(b)]) for p, a, b in shapes]
+
+
+def _unpacked_reference(model, prompt, response) -> float:
+    """Independent computation: one unpadded sequence, full log-softmax, sum over the response."""
+    logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
+    logps = torch.log_softmax(logits, -1)
+    return sum(logps[len(prompt) - 1 + k, t].item() for k, t in enumerate(response))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_packed_equals_unpacked_reference(arch, attn):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ARCHS[arch](), attn_implementation=attn).eval()
+    groups = _groups()
+    with torch.no_grad():
+        packed = packed_logps(model, groups, budget=40, pad_id=0)  # several rows, several groups per row
+        for (prompt, responses), got in zip(groups, packed):
+            for response, (value, count) in zip(responses, got):
+                assert count == len(response)
+                assert value.item() == pytest.approx(_unpacked_reference(model, prompt, response), abs=1e-4)
+
+
+def test_packing_gradients_equal_plain():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ARCHS["llama"]())
+    groups = _groups(1)
+    grads = []
+    for fn in (lambda: packed_logps(model, groups, 64, 0), lambda: plain_logps(model, groups, 0)):
+        model.zero_grad()
+        total = sum(v * (k + 1) for per in fn() for k, (v, _) in enumerate(per))
+        total.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
+def test_layout_positions_and_mask():
+    groups = [([11, 12], [[21, 22, 23], [31]]), ([41], [[51, 52]])]
+    batch = build(groups, budget=100, pad_id=0)
+    assert batch.input_ids.tolist() == [[11, 12, 21, 22, 23, 31, 41, 51, 52]]
+    # responses restart at the end of their prompt; the second group restarts at 0
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 0, 1, 2]]
+    allowed = attention_bias(batch, torch.float32)[0, 0] == 0
+    assert allowed[5, :2].all() and not allowed[5, 2:5].any()  # generated sees prompt, not real
+    assert allowed[4, :5].all() and not allowed[4, 5:].any()  # real sees prompt and itself, causally
+    assert not allowed[6, :6].any() and allowed[8, 6:9].all()  # second group sees nothing of the first
+    # kept logits: last prompt position predicts both responses' first tokens
+    assert batch.keep.tolist() == [[False, True, True, True, False, False, True, True, False]]
+
+
+def test_pack_respects_budget_and_keeps_every_group():
+    lengths = [50, 10, 30, 45, 5, 5, 70, 100]
+    groups = [([1] * (n - 1), [[2]]) for n in lengths]
+    rows = pack(groups, budget=60)
+    assert sorted(i for row in rows for i in row) == list(range(len(groups)))
+    for row in rows:
+        total = sum(lengths[i] for i in row)
+        assert total <= 60 or len(row) == 1
+
+
+def test_sliding_window_model_falls_back_to_plain(caplog):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma2Config(head_dim=8, sliding_window=16, **COMMON),
+                                             attn_implementation="eager").eval()
+    with caplog.at_level(logging.WARNING, logger="spinlm"):
+        assert enable_packing(model, _groups(), pad_id=0, budget=64) is False
+    assert "using the plain padded path" in caplog.text
+    llama = AutoModelForCausalLM.from_config(ARCHS["llama"]()).eval()
+    assert enable_packing(llama, _groups(), pad_id=0, budget=64) is True
