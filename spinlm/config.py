@@ -73,7 +73,8 @@ class GenerationConfig:
     temperature: float = _f(1.0, "Sampling temperature (the paper: 1.0).")
     top_p: float = _f(1.0, "Nucleus sampling threshold (the paper: 1.0).")
     top_k: int = _f(0, "Sample from the k most likely tokens only; 0 = off.")
-    batch_size: int = _f(16, "Prompts per generation batch (batches are sorted by prompt length).")
+    batch_size: int = _f(64, "Most prompts per generation batch (batches are sorted by prompt length).")
+    batch_tokens: int = _f(16384, "Token budget of a generation batch: rows x (longest prompt + max_new_tokens).")
 
 
 @dataclass
@@ -103,7 +104,7 @@ class TrainConfig:
 class PackingConfig:
     enabled: bool = _f(True, "Score and train on packed rows: [prompt | real | generated] with the prompt once and "
                        "no padding (checked against the plain computation once per model; falls back if unequal).")
-    max_tokens: int = _f(2048, "Token budget of one packed row.")
+    max_tokens: int = _f(1024, "Token budget of one packed row (rows of a micro-batch are padded to the longest).")
 
 
 @dataclass
@@ -338,7 +339,8 @@ def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
                 "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
                 "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
                 "generation.max_new_tokens": cfg.generation.max_new_tokens,
-                "generation.batch_size": cfg.generation.batch_size, "data.max_length": cfg.data.max_length,
+                "generation.batch_size": cfg.generation.batch_size,
+                "generation.batch_tokens": cfg.generation.batch_tokens, "data.max_length": cfg.data.max_length,
                 "data.max_prompt_length": cfg.data.max_prompt_length, "sft.epochs": cfg.sft.epochs,
                 "sft.batch_size": cfg.sft.batch_size, "sft.learning_rate": cfg.sft.learning_rate,
                 "generation.temperature": cfg.generation.temperature, "eval.batch_size": cfg.eval.batch_size,

@@ -66,7 +66,7 @@ def greedy_metrics(model, tokenizer, examples: list[Example], cfg: Config, check
     max_new = cfg.eval.max_new_tokens or cfg.generation.max_new_tokens
     prompts = [encode_prompt(tokenizer, ex.prompt, cfg.data.max_prompt_length) for ex in examples]
     results = generate(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.eval.batch_size,
-                       progress=cfg.run.progress, desc="evaluate")
+                       batch_tokens=cfg.generation.batch_tokens, progress=cfg.run.progress, desc="evaluate")
     correct = [bool(checker(ex, r["text"])) if checker else None for ex, r in zip(examples, results)]
     if outputs is not None:
         write_jsonl(outputs, [{"id": ex.id, "greedy": r["text"], "finish": r["finish"], "correct": c}

@@ -70,10 +70,26 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids) | {tokenizer.eos_token_id})
 
 
+def length_batches(lengths: list[int], max_new_tokens: int, batch_size: int, batch_tokens: int) -> list[list[int]]:
+    """Indices, longest prompts first, in batches of at most `batch_size` rows whose padded
+    size rows x (longest prompt + max_new_tokens) stays within `batch_tokens`."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            rows = len(batches[-1]) + 1
+            width = lengths[batches[-1][0]] + max_new_tokens  # the first row is the batch's longest
+            if rows <= batch_size and rows * width <= batch_tokens:
+                batches[-1].append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
-             seeds: list[int] | None = None, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             progress: bool = True, desc: str = "generate") -> list[dict]:
+             batch_tokens: int | None = None, seeds: list[int] | None = None, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, progress: bool = True, desc: str = "generate") -> list[dict]:
     """Responses for token-id prompts, in input order; greedy when `seeds` is None.
 
     Each result: {"text", "tokens" (count, EOS excluded), "finish": "eos" | "length"}.
@@ -83,11 +99,10 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     gen_config = HFGenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                     pad_token_id=tokenizer.pad_token_id, num_beams=1)
     model.generation_config = gen_config  # drop checkpoint defaults (top_k, repetition penalty, ...)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    batches = length_batches([len(p) for p in prompts], max_new_tokens, batch_size, batch_tokens or 1 << 62)
     results: list[dict] = [{}] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in batches:
         width = max(len(prompts[i]) for i in idx)
         input_ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -120,7 +135,7 @@ def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Conf
     seeds = [row_seed(cfg.run.seed, iteration, ex.id) for ex in examples]
     g = cfg.generation
     results = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
-                       seeds=seeds, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                       batch_tokens=g.batch_tokens, seeds=seeds, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                        progress=cfg.run.progress, desc=desc)
     rows = [{"id": ex.id, "prompt": ex.prompt, "real": ex.real, "generated": r["text"], "finish": r["finish"],
              "generated_tokens": r["tokens"], "iteration": iteration, "extra": ex.extra}

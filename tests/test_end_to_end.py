@@ -148,3 +148,10 @@ def test_shipped_recipes_are_valid_configs():
     assert [zephyr.per_iteration("learning_rate", t) for t in range(4)] == [5e-7, 5e-7, 1e-7, 1e-7]
     assert [zephyr.per_iteration("beta", t) for t in range(4)] == [0.1, 0.1, 0.1, 5.0]
     assert zephyr.train.optimizer == "rmsprop" and zephyr.spin.mix_window == 2
+
+
+def test_readme_config_reference_is_current():
+    from spinlm.config import reference
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert reference() in readme, "README's config reference is stale: paste the output of `spinlm config`"

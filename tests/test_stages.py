@@ -124,3 +124,17 @@ def test_generate_records_finish_and_ignores_checkpoint_sampling_defaults(tiny_m
     assert {r["finish"] for r in a} <= {"eos", "length"}
     assert all(set(r) >= {"id", "prompt", "real", "generated", "finish", "generated_tokens", "iteration"} for r in a)
     assert json.dumps(a[0]["prompt"]) == json.dumps(examples[0].prompt)
+
+
+def test_length_batches_respect_row_and_token_budgets():
+    from spinlm.generate import length_batches
+
+    lengths = [5, 40, 12, 12, 33, 7, 80, 1, 19, 25]
+    batches = length_batches(lengths, max_new_tokens=20, batch_size=4, batch_tokens=150)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths, reverse=True)  # longest first, order kept
+    for b in batches:
+        assert len(b) <= 4
+        assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 20) <= 150
+    assert len(batches[0]) == 1 and len(batches[-1]) == 4  # long prompts get small batches

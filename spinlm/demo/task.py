@@ -149,7 +149,7 @@ def _next(rng):
 
 
 def _double(rng):
-    a = rng.randint(10, 999)
+    a = rng.randint(10, 9999)
     return (a,), {"a": str(a)}, str(2 * a)
 
 
@@ -190,11 +190,15 @@ def make_splits(seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test: in
     # Test first and val second, so their content does not depend on n_train.
     for name in ("test", "val", "train"):
         rows: list[dict] = []
+        misses = 0
         while len(rows) < sizes[name]:
             key, row = make_example(rng, kinds[len(rows) % len(kinds)])
             if key not in seen:
                 seen.add(key)
                 rows.append(row)
+                misses = 0
+            elif (misses := misses + 1) > 10_000:
+                raise UserError(f"the demo task has too few distinct problems for {sum(sizes.values())} rows")
         splits[name] = rows
     return {name: splits[name] for name in ("train", "val", "test")}
 

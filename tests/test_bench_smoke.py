@@ -1,0 +1,28 @@
+"""`make bench` in miniature: the harness runs every peer and writes every ratio key.
+Times are not asserted (benchmarks are not unit tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+KEYS = ("train_speedup_vs_trl_live", "train_speedup_vs_trl_precompute", "score_train_speedup_vs_trl_precompute",
+        "train_peak_mem_ratio_vs_trl_live", "generate_speedup_vs_naive", "train_useful_flop_utilization")
+
+
+@pytest.mark.slow
+def test_bench_smoke_writes_all_ratios(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "latest.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--threads", "1", "--work",
+                           str(tmp_path / "work"), "--out", str(out)], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in KEYS:
+        assert isinstance(res[key], float) and res[key] > 0, key
+    assert res["tokens"]["pairs"] == 16 and res["runs"]["spinlm"][0]["steps"] == res["runs"]["trl_live"][0]["steps"]
+    assert "| train: spinlm vs TRL, live reference |" in proc.stdout
