@@ -19,7 +19,7 @@ from .data import Example
 from .evaluate import evaluate
 from .generate import generate_file
 from .io import read_json, read_jsonl, write_json
-from .rundir import Stage, prepare_data, open_run, summarize
+from .rundir import Stage, open_run, prepare_data, release_lock, summarize
 from .score import score_files
 from .sft import sft
 from .train import train
@@ -52,6 +52,7 @@ def run(cfg: Config, force: bool = False) -> Path:
         pairs = read_jsonl(it / "eval-pairs.jsonl") if (it / "eval-pairs.jsonl").exists() else None
         evaluate_stage(stage, model, it, eval_ex, cfg, pairs, cfg.per_iteration("beta", t))
     summarize(run_dir, cfg)
+    release_lock(run_dir / ".lock")
     return run_dir
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import os
+import socket
 import platform
 import sys
 import time
@@ -66,10 +69,56 @@ def config_drift(old: dict, new: dict) -> list[str]:
             if k not in HARMLESS and a.get(k) != b.get(k)]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(run_dir: Path) -> Path:
+    """RUN/.lock holds the owner's host and pid: one process per run directory. A lock left by
+    a dead process on this host is cleared with a message."""
+    lock = run_dir / ".lock"
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                log.warning("%s: clearing a stale lock left by process %s, which is no longer running",
+                            run_dir, owner.get("pid"))
+                lock.unlink(missing_ok=True)
+                continue
+            raise UserError(f"{run_dir} is in use by process {owner.get('pid', '?')} on {owner.get('host', '?')} "
+                            f"(lock file {lock}); wait for it to finish, or delete the lock if that process is gone")
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(release_lock, lock)
+        return lock
+    raise UserError(f"{lock}: could not take the run lock")
+
+
+def release_lock(lock: Path) -> None:
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def open_run(cfg: Config, force: bool) -> Path:
-    """Create or resume RUN/: refuse a changed config unless forced; log to RUN/log.txt."""
+    """Create or resume RUN/: take its lock, refuse a changed config unless forced, log to RUN/log.txt."""
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    acquire_lock(run_dir)
     saved = run_dir / "config.yaml"
     if saved.exists():
         drift = config_drift(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, cfg.to_dict())

@@ -155,3 +155,47 @@ def test_readme_config_reference_is_current():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert reference() in readme, "README's config reference is stale: paste the output of `spinlm config`"
+
+
+@pytest.mark.slow
+def test_demo_command_small(tmp_path, capsys):
+    """`spinlm demo` with overrides for size: builds its own data and model, prints the table."""
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--data.max_train_rows=32", "--data.max_eval_rows=8", "--sft.epochs=1",
+            "--spin.iterations=1", "--train.epochs=1", "--generation.max_new_tokens=8", "--run.progress=false"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "| model | accuracy | NLL/token | reward acc | margin |" in text and "| iteration-0 |" in text
+    assert f"run directory: {out / 'run'}" in text
+    assert (out / "data" / "train.jsonl").exists() and (out / "base" / "model.safetensors").exists()
+    summary = read_json(out / "run" / "summary.json")
+    assert [e["name"] for e in summary] == ["sft", "iteration-0"]
+    assert all(0 <= e["metrics"]["accuracy"] <= 1 for e in summary)
+
+
+def test_run_lock_refuses_a_live_owner_and_clears_a_dead_one(tmp_path, caplog):
+    import logging
+    import os
+    import socket
+
+    from spinlm.errors import UserError
+    from spinlm.rundir import acquire_lock, release_lock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / ".lock"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid}))
+        with pytest.raises(UserError, match=f"in use by process {live.pid}"):
+            acquire_lock(run_dir)
+    finally:
+        live.kill()
+        live.wait()
+    # the owner is gone now: its lock is stale
+    with caplog.at_level(logging.WARNING, logger="spinlm"):
+        assert acquire_lock(run_dir) == lock
+    assert "stale lock" in caplog.text
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    release_lock(lock)
+    assert not lock.exists()
