@@ -58,7 +58,11 @@ def reward_metrics(model, tokenizer, pairs: list[dict], cfg: Config, beta: float
                            torch.tensor([gen for _, (gen, _) in scores]),
                            torch.tensor([r["ref_real_logp"] for r in pairs]),
                            torch.tensor([r["ref_generated_logp"] for r in pairs]), beta)
-    return {"reward_accuracy": rewards["accuracy"].mean().item(), "reward_margin": rewards["margin"].mean().item(),
+    # A pair whose generated response equals the real one has margin 0 whatever the model: it
+    # is counted apart, and reward accuracy is measured on the other ("live") pairs.
+    live = torch.tensor([r["generated"].strip() != r["real"].strip() for r in pairs])
+    return {"reward_accuracy": rewards["accuracy"][live].mean().item() if live.any() else None,
+            "reward_margin": rewards["margin"].mean().item(), "dead_pair_share": 1 - live.float().mean().item(),
             "rewards_real": rewards["real"].mean().item(), "rewards_generated": rewards["generated"].mean().item()}
 
 

@@ -215,13 +215,14 @@ def format_table(entries: list[dict]) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    head = ("| model | accuracy | NLL/token | reward acc | margin | generate s | score s | train s | eval s |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    head = ("| model | accuracy | NLL/token | reward acc | margin | dead pairs | generate s | score s | train s | eval s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for e in entries:
         m, s = e["metrics"], e["seconds"]
         train_s = s.get("train", 0.0) or s.get("sft", 0.0)
         rows.append(f"| {e['name']} | {f(m.get('accuracy'), '.3f')} | {f(m.get('nll_per_token'), '.4f')} | "
                     f"{f(m.get('reward_accuracy'), '.3f')} | {f(m.get('reward_margin'), '.4f')} | "
+                    f"{f(m.get('dead_pair_share'), '.2f')} | "
                     f"{s.get('generate', 0):.1f} | {s.get('score', 0):.1f} | {train_s:.1f} | {s.get('evaluate', 0):.1f} |")
     return "\n".join([head] + rows)

@@ -26,14 +26,14 @@ from .training import linear_schedule, load_trainable, loader, make_accelerator,
 
 log = logging.getLogger("spinlm")
 METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margin", "rewards/accuracy",
-           "logps/real", "logps/generated")
+           "logps/real", "logps/generated", "dead_pairs")
 
 
 def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
     items = []
     for row in rows:
         prompt, real, generated = encode_pair(tokenizer, row, limits(cfg))
-        items.append({"prompt": prompt, "real": real, "generated": generated,
+        items.append({"prompt": prompt, "real": real, "generated": generated, "dead": real == generated,
                       "ref_real": row["ref_real_logp"], "ref_generated": row["ref_generated_logp"]})
     return items
 
@@ -48,7 +48,8 @@ def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, beta
     ref_generated = torch.tensor([b["ref_generated"] for b in batch], device=policy_real.device)
     losses = spin_loss(policy_real, policy_generated, ref_real, ref_generated, beta, loss_type)
     rewards = spin_rewards(policy_real.detach(), policy_generated.detach(), ref_real, ref_generated, beta)
-    metrics = {"loss": losses.detach(), "logps/real": policy_real.detach(),
+    metrics = {"loss": losses.detach(), "dead_pairs": torch.tensor([float(b["dead"]) for b in batch]),
+               "logps/real": policy_real.detach(),
                "logps/generated": policy_generated.detach(), **{f"rewards/{k}": v for k, v in rewards.items()}}
     return losses, {k: v.float().mean().item() for k, v in metrics.items()}
 

@@ -122,6 +122,8 @@ def build_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    # The saved tokenizer should know the context limit, so truncation elsewhere is sane.
+    tokenizer.model_max_length = max_position_embeddings
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

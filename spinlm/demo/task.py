@@ -4,9 +4,12 @@ Every row is `{"prompt", "response", "answer", "kind"}`. The response is always
 "The answer is <answer>." so one fixed pattern extracts the answer from any
 generation, whatever the kind, and `check` compares it exactly.
 
-The kinds are chosen so a ~1-3M parameter model trained for a couple of CPU minutes
-learns them partly (max and sort well, addition and reversal less well): a SPIN
-demo needs a start that is decent but clearly imperfect.
+The kinds were chosen by measurement (see the demo's notes): a 1.4M-parameter Llama
+trained for about 100 s on this 2-core CPU reaches roughly 80% greedy accuracy,
+with "next" and "double" nearly solved, "bigger" and "max" mostly solved and "add"
+(two 2-digit numbers) mostly wrong - a decent but imperfect start for SPIN.
+Reversing words, sorting lists and 3-digit addition stayed near 0% in that budget,
+so they are not included.
 """
 
 from __future__ import annotations
@@ -15,16 +18,18 @@ import json
 import os
 import random
 import re
-import string
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from spinlm.errors import UserError
 
 ANSWER_PREFIX = "The answer is "
-# Fullmatch: only surrounding whitespace is tolerated, any other extra text fails.
+# Used with fullmatch: only surrounding whitespace is tolerated, any other text fails.
 _ANSWER_RE = re.compile(r"\s*The answer is (.+?)\.\s*", re.DOTALL)
+
+# Problem = (operands key, template fields, answer).
+Problem = tuple[tuple, dict[str, str], str]
 
 _PHRASINGS: dict[str, list[str]] = {
     "add": [
@@ -33,47 +38,17 @@ _PHRASINGS: dict[str, list[str]] = {
         "Compute the sum of {a} and {b}.",
         "Please calculate {a} plus {b}.",
     ],
-    "reverse": [
-        "Reverse the word {w}.",
-        "Write {w} backwards.",
-        "Spell {w} in reverse order.",
-        "What is {w} reversed?",
-    ],
-    "sort": [
-        "Sort these numbers in ascending order: {spaced}.",
-        "Put {commas} in order from smallest to largest.",
-        "Arrange from low to high: {spaced}",
-        "Order the numbers {commas} ascending.",
-    ],
-    "add2": [
-        "What is {a} + {b}?",
-        "Add {a} and {b}.",
-        "Compute the sum of {a} and {b}.",
-        "Please calculate {a} plus {b}.",
-    ],
-    "revlist": [
-        "Reverse the letters {spaced}.",
-        "Write the letters {spaced} in reverse order.",
-        "Reverse this list: {spaced}",
-        "What is {spaced} backwards?",
+    "double": [
+        "What is twice {a}?",
+        "Double the number {a}.",
+        "What is {a} times 2?",
+        "Multiply {a} by two.",
     ],
     "next": [
         "What number comes after {a}?",
         "What is one more than {a}?",
         "Add one to {a}.",
         "Which number follows {a}?",
-    ],
-    "count": [
-        "How many letters are in {spaced}?",
-        "Count the letters: {spaced}",
-        "How many items does the list {spaced} have?",
-        "Count the items in {spaced}.",
-    ],
-    "double": [
-        "What is twice {a}?",
-        "Double the number {a}.",
-        "What is {a} times 2?",
-        "Multiply {a} by two.",
     ],
     "bigger": [
         "Which is larger, {a} or {b}?",
@@ -88,86 +63,50 @@ _PHRASINGS: dict[str, list[str]] = {
         "Give the largest number among {spaced}.",
     ],
 }
-KINDS = ("add", "reverse", "sort", "max")
 
 
-def _add(rng: random.Random) -> tuple[tuple, dict[str, str], str]:
-    """Two numbers of 2-3 digits; the carry chain is what the model has to learn."""
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
-    return (a, b), {"a": str(a), "b": str(b)}, str(a + b)
-
-
-def _reverse(rng: random.Random) -> tuple[tuple, dict[str, str], str]:
-    """A random 3-5 letter lowercase string (not a dictionary word: enough unique ones)."""
-    w = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5)))
-    return (w,), {"w": w}, w[::-1]
-
-
-def _numbers(rng: random.Random) -> tuple[list[int], dict[str, str]]:
-    """3-5 distinct numbers in 0-99, formatted both space- and comma-separated."""
-    xs = rng.sample(range(100), rng.randint(3, 5))
-    spaced = " ".join(map(str, xs))
-    commas = ", ".join(map(str, xs[:-1])) + " and " + str(xs[-1])
-    return xs, {"spaced": spaced, "commas": commas}
-
-
-def _sort(rng: random.Random) -> tuple[tuple, dict[str, str], str]:
-    """Sort ascending; the answer is space-separated."""
-    xs, fields = _numbers(rng)
-    return tuple(xs), fields, " ".join(map(str, sorted(xs)))
-
-
-def _max(rng: random.Random) -> tuple[tuple, dict[str, str], str]:
-    """The largest of the list."""
-    xs, fields = _numbers(rng)
-    return tuple(xs), fields, str(max(xs))
-
-
-def _add2(rng):
+def _add(rng: random.Random) -> Problem:
+    """Two 2-digit numbers: the carry into the leading digit is the hard part."""
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     return (a, b), {"a": str(a), "b": str(b)}, str(a + b)
 
 
-def _letters(rng, lo=3, hi=6):
-    xs = [rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi))]
-    return xs, {"spaced": " ".join(xs)}
-
-
-def _revlist(rng):
-    xs, f = _letters(rng)
-    return tuple(xs), f, " ".join(reversed(xs))
-
-
-def _count(rng):
-    xs, f = _letters(rng, 2, 9)
-    return tuple(xs), f, str(len(xs))
-
-
-def _next(rng):
-    a = rng.randint(0, 9999)
-    return (a,), {"a": str(a)}, str(a + 1)
-
-
-def _double(rng):
+def _double(rng: random.Random) -> Problem:
+    """Twice a 2-4 digit number: each output digit depends on two input digits only."""
     a = rng.randint(10, 9999)
     return (a,), {"a": str(a)}, str(2 * a)
 
 
-def _bigger(rng):
+def _next(rng: random.Random) -> Problem:
+    """a + 1: easy except for runs of trailing nines."""
+    a = rng.randint(0, 9999)
+    return (a,), {"a": str(a)}, str(a + 1)
+
+
+def _bigger(rng: random.Random) -> Problem:
+    """The larger of two distinct numbers below 1000 (lengths may differ)."""
     a, b = rng.sample(range(1000), 2)
     return (a, b), {"a": str(a), "b": str(b)}, str(max(a, b))
 
 
-_MAKERS: dict[str, Callable[[random.Random], tuple[tuple, dict[str, str], str]]] = {
+def _max(rng: random.Random) -> Problem:
+    """The largest of 3-5 distinct numbers below 100, listed with spaces or commas."""
+    xs = rng.sample(range(100), rng.randint(3, 5))
+    fields = {"spaced": " ".join(map(str, xs)), "commas": ", ".join(map(str, xs[:-1])) + f" and {xs[-1]}"}
+    return tuple(xs), fields, str(max(xs))
+
+
+_MAKERS: dict[str, Callable[[random.Random], Problem]] = {
     "add": _add,
-    "reverse": _reverse,
-    "sort": _sort,
+    "double": _double,
+    "next": _next,
+    "bigger": _bigger,
     "max": _max,
-    "add2": _add2, "revlist": _revlist, "count": _count, "next": _next, "bigger": _bigger, "double": _double,
 }
+KINDS: tuple[str, ...] = tuple(_MAKERS)
 
 
-def make_example(rng: random.Random, kind: str) -> tuple[tuple, dict[str, str]]:
+def make_example(rng: random.Random, kind: str) -> tuple[tuple, dict]:
     """One row of `kind`, plus its problem key (kind + operands, phrasing excluded)."""
     operands, fields, answer = _MAKERS[kind](rng)
     prompt = rng.choice(_PHRASINGS[kind]).format(**fields)
@@ -175,36 +114,48 @@ def make_example(rng: random.Random, kind: str) -> tuple[tuple, dict[str, str]]:
     return (kind, *operands), row
 
 
-def make_splits(seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test: int = 200, kinds=KINDS) -> dict[str, list[dict]]:
-    """Deterministic train/val/test splits with kinds in round-robin order.
+def make_splits(
+    seed: int = 0,
+    n_train: int = 2000,
+    n_val: int = 200,
+    n_test: int = 200,
+    kinds: Sequence[str] = KINDS,
+) -> dict[str, list[dict]]:
+    """Deterministic train/val/test splits, kinds in round-robin order.
 
     Splits are disjoint by *problem* (kind + operands), which is stricter than
     disjoint prompts: the same sum phrased differently never leaks into test.
+    Test and val are drawn first, so they do not change when n_train does.
     """
-    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    sizes = {"test": n_test, "val": n_val, "train": n_train}
     if any(n < 0 for n in sizes.values()):
         raise UserError(f"split sizes must be >= 0, got {sizes}")
-    rng = random.Random(seed)
+    unknown = [k for k in kinds if k not in _MAKERS]
+    if unknown or not kinds:
+        raise UserError(f"unknown or no task kinds {unknown}; choose from {list(KINDS)}")
+    rng = random.Random(seed)  # a private stream: the global `random` state is untouched
     seen: set[tuple] = set()
-    splits: dict[str, list[dict]] = {}
-    # Test first and val second, so their content does not depend on n_train.
-    for name in ("test", "val", "train"):
-        rows: list[dict] = []
-        misses = 0
-        while len(rows) < sizes[name]:
-            key, row = make_example(rng, kinds[len(rows) % len(kinds)])
-            if key not in seen:
-                seen.add(key)
-                rows.append(row)
-                misses = 0
-            elif (misses := misses + 1) > 10_000:
-                raise UserError(f"the demo task has too few distinct problems for {sum(sizes.values())} rows")
-        splits[name] = rows
+    splits = {name: _draw(rng, n, kinds, seen) for name, n in sizes.items()}
     return {name: splits[name] for name in ("train", "val", "test")}
 
 
+def _draw(rng: random.Random, n: int, kinds: Sequence[str], seen: set[tuple]) -> list[dict]:
+    """Draw n rows whose problems are not in `seen` (and add them to it)."""
+    rows: list[dict] = []
+    misses = 0
+    while len(rows) < n:
+        key, row = make_example(rng, kinds[len(rows) % len(kinds)])
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+            misses = 0
+        elif (misses := misses + 1) > 10_000:  # a kind ran out of distinct problems
+            raise UserError(f"the demo task has too few distinct '{row['kind']}' problems for these split sizes")
+    return rows
+
+
 def extract_answer(generated: str) -> str | None:
-    """The answer in "The answer is X." (surrounding whitespace allowed), else None."""
+    """The X in "The answer is X." (surrounding whitespace allowed), else None."""
     m = _ANSWER_RE.fullmatch(generated)
     return m.group(1) if m else None
 
