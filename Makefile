@@ -1,4 +1,4 @@
-# spinlm: `make demo` runs the CPU demo, `make test` the test suite.
+# spinlm: `make demo` runs the CPU demo, `make test` the test suite, `make bench` the benchmarks.
 # The venv gets the local CPU build of torch by default; set TORCH= to choose another, e.g.
 #   make test TORCH='torch==2.14.1'      (an existing torch in the venv is always kept)
 PYTHON ?= python3
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.spinlm-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
