@@ -69,7 +69,7 @@ def is_done(out: Path) -> bool:
 
 
 def mark_done(out: Path, info: dict) -> None:
-    write_json(marker(out), {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
+    write_json(marker(out), {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished_unix": time.time(), **info})
 
 
 def fresh_tmp(out: Path) -> Path:

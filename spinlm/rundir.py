@@ -130,9 +130,13 @@ def open_run(cfg: Config, force: bool) -> Path:
     tmp = saved.with_name("config.yaml.tmp")
     tmp.write_text(to_yaml(cfg), encoding="utf-8")
     os.replace(tmp, saved)
+    logger = logging.getLogger("spinlm")
+    for old in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:  # an earlier run in this process
+        logger.removeHandler(old)
+        old.close()
     handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("spinlm").addHandler(handler)
+    logger.addHandler(handler)
     write_json(run_dir / "run_info.json", run_info())
     return run_dir
 
