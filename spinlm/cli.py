@@ -91,17 +91,10 @@ def _stage_config(args, overrides: list[str], model: str | None = None):
 
 def _atomic(out: str, fn) -> None:
     """Run a stage writing to OUT.tmp, then rename: a crash never leaves OUT half-written."""
-    from .io import fresh_tmp, replace_dir
+    from .io import produce
 
-    final = Path(out)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_tmp(final)
-    fn(tmp)
-    if tmp.is_dir():
-        replace_dir(tmp, final)
-    else:
-        os.replace(tmp, final)
-    print(f"wrote {final}")
+    produce(Path(out), fn)
+    print(f"wrote {out}")
 
 
 def _examples(cfg, source: str | None, split: str):

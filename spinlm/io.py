@@ -52,11 +52,16 @@ def read_json(path: str | Path, default: Any = None) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temporary directory into place, replacing any stale one."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+def produce(out: Path, fn) -> Any:
+    """Run `fn(tmp)` to write a file or directory at a fresh temporary path, then move it to
+    `out` (replacing a stale one): a crash never leaves a half-written `out`. Returns fn's result."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_tmp(out)
+    result = fn(tmp)
+    if out.is_dir():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return result
 
 
 def marker(out: Path) -> Path:

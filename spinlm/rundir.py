@@ -19,7 +19,7 @@ from . import __version__
 from .config import Config, to_yaml
 from .data import Example, load_examples
 from .errors import UserError
-from .io import fresh_tmp, is_done, mark_done, marker, read_json, replace_dir, write_json
+from .io import is_done, mark_done, marker, produce, read_json, write_json
 from .modeling import load_tokenizer
 from .tokens import encode_prompt, encode_response
 
@@ -39,15 +39,9 @@ class Stage:
         if is_done(out):
             log.info("%s: done already (%s)", name, rel)
             return
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = fresh_tmp(out)
         log.info("%s -> %s", name, rel)
         start = time.time()
-        info = fn(tmp)
-        if tmp.is_dir():
-            replace_dir(tmp, out)
-        else:
-            os.replace(tmp, out)
+        info = produce(out, fn)
         seconds = round(time.time() - start, 2)
         mark_done(out, {"stage": name, "seconds": seconds, "info": info if isinstance(info, dict) else None})
         log.info("%s finished in %.1f s", name, seconds)

@@ -31,7 +31,7 @@ def encode_pair(tokenizer, row: dict, limits: Limits) -> tuple[list[int], list[i
 
 
 def limits(cfg: Config) -> Limits:
-    return Limits(cfg.data.max_prompt_length, cfg.data.max_length)
+    return Limits.of(cfg)
 
 
 def score_rows(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int, desc: str = "score") -> list[dict]:

@@ -55,7 +55,7 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     set_seed(cfg.run.seed)
     tokenizer = load_tokenizer(model_path, cfg.model)
     model = load_trainable(model_path, cfg.model, accelerator, cfg.train.gradient_checkpointing)
-    lim = Limits(cfg.data.max_prompt_length, cfg.data.max_length)
+    lim = Limits.of(cfg)
     train_seqs, eval_seqs = encode_real(tokenizer, train_examples, lim), encode_real(tokenizer, eval_examples, lim)
     optimizer = make_optimizer("adamw", model, sc.learning_rate, sc.weight_decay)
     model, optimizer, batches = accelerator.prepare(model, optimizer, loader(train_seqs, sc.batch_size, cfg.run.seed))

@@ -53,6 +53,11 @@ class Limits:
     max_prompt_length: int
     max_length: int
 
+    @classmethod
+    def of(cls, cfg) -> "Limits":
+        """The data section's limits of a Config."""
+        return cls(cfg.data.max_prompt_length, cfg.data.max_length)
+
 
 def encode_example(tokenizer, prompt: list[dict], responses: list[tuple[str, bool]], limits: Limits):
     """(prompt_ids, [response_ids...]) with responses cut so prompt + response <= max_length.

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from .. import config
-from ..io import is_done, mark_done
+from ..io import is_done, mark_done, produce
 from ..loop import run
 from .build import build_tiny
 from .task import write_splits
@@ -50,20 +49,12 @@ def _build_inputs(out: Path) -> None:
     """Task data and base model, each built once (temp dir, rename, marker)."""
     data, base = out / "data", out / "base"
     if not is_done(data):
-        tmp = data.with_name("data.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_splits(tmp, **TASK)
-        shutil.rmtree(data, ignore_errors=True)
-        tmp.rename(data)
+        produce(data, lambda tmp: write_splits(tmp, **TASK))
         mark_done(data, {"task": TASK})
     if not is_done(base):
         texts = [v for line in (data / "train.jsonl").read_text(encoding="utf-8").splitlines()
                  for k, v in json.loads(line).items() if k in ("prompt", "response")]
-        tmp = base.with_name("base.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny(tmp, texts, **MODEL)
-        shutil.rmtree(base, ignore_errors=True)
-        tmp.rename(base)
+        produce(base, lambda tmp: build_tiny(tmp, texts, **MODEL))
         mark_done(base, {"model": MODEL})
         log.info("built the demo tokenizer and model in %s", base)
 
