@@ -1,7 +1,7 @@
 """The `spinlm` command: the whole loop (`run`, `demo`) and each stage on its own.
 
 Exit codes: 0 success, 2 a mistake in the user's input (one message, no traceback),
-1 a bug in spinlm (with traceback), 130 interrupted.
+3 training stopped by a guard (non-finite loss or gradient), 1 a bug in spinlm (with traceback), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -86,14 +86,18 @@ def _stage_config(args, overrides: list[str], model: str | None = None):
     if model:
         cfg.model.name_or_path = model
     config_mod.validate(cfg, need=("model",))
+    from .modeling import use_deterministic
+
+    use_deterministic(cfg.run.deterministic)
     return cfg
 
 
 def _atomic(out: str, fn) -> None:
     """Run a stage writing to OUT.tmp, then rename: a crash never leaves OUT half-written."""
-    from .io import produce
+    from .io import produce, remove_scratch
 
     produce(Path(out), fn)
+    remove_scratch(Path(out))
     print(f"wrote {out}")
 
 
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         dispatch(args, overrides)
     except UserError as e:
         print(f"spinlm: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("spinlm: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

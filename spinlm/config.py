@@ -34,6 +34,8 @@ class RunConfig:
     seed: int = _f(42, "Seed for data order, initialisation and sampling.")
     progress: bool = _f(True, "Show progress bars (they go to stderr).")
     log_every: int = _f(10, "Log training metrics every N optimizer steps.")
+    deterministic: bool = _f(False, "Use deterministic kernels only (torch.use_deterministic_algorithms): with it, "
+                             "a run killed and resumed ends with the same weights as an uninterrupted one on CPU.")
 
 
 @dataclass
@@ -98,6 +100,10 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this; 0 = no clipping.")
     mixed_precision: str = _f("auto", "auto (bf16 on a GPU that supports it), no, bf16, fp16.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    checkpoint_every: int = _f(50, "Save a resumable checkpoint (weights, optimizer, scheduler, data position, RNG) "
+                               "every N optimizer steps; 0 = never (a killed iteration then starts over).")
+    skip_grad_norm_above: float | None = _f(None, "Skip (and count) optimizer updates whose gradient norm, before "
+                                            "clipping, exceeds this; null = never skip.")
 
 
 @dataclass
@@ -361,6 +367,10 @@ def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
             problems.append(f"{key} must be in [0, 1)")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         problems.append("data.max_prompt_length must be smaller than data.max_length")
+    if cfg.train.checkpoint_every < 0:
+        problems.append(f"train.checkpoint_every must be >= 0; got {cfg.train.checkpoint_every}")
+    if cfg.train.skip_grad_norm_above is not None and cfg.train.skip_grad_norm_above <= 0:
+        problems.append(f"train.skip_grad_norm_above must be > 0 when set; got {cfg.train.skip_grad_norm_above}")
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         problems.append("train.max_steps must be > 0 when set")
     if problems:

@@ -1,8 +1,8 @@
 """Errors a user can act on.
 
 `UserError` is raised for anything the user can fix (bad config, bad data, missing files).
-The CLI turns it into one line on stderr and exit code 2, with no traceback. Any other
-exception is our bug: the CLI prints the traceback and exits 1.
+The CLI turns it into one line on stderr and exit code 2, with no traceback. `TrainingStopped`
+(exit code 3) is a guard that stopped training. Any other exception is our bug: the CLI prints the traceback and exits 1.
 """
 
 from __future__ import annotations
@@ -12,6 +12,12 @@ class UserError(Exception):
     """A mistake in the user's input: printed as one clear message, exit code 2."""
 
     exit_code = 2
+
+
+class TrainingStopped(UserError):
+    """Training stopped itself (a non-finite loss or gradient): one message, exit code 3."""
+
+    exit_code = 3
 
 
 def where(path: str, row: int | None = None, field: str | None = None) -> str:

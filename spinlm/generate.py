@@ -6,6 +6,7 @@ Batches are sorted by prompt length and left-padded; the KV cache is on. Samplin
 only the configured settings (never the checkpoint's generation defaults), and each row
 draws from its own seeded generator, so a row's sample does not depend on which other
 rows share its batch. Each row records whether it ended at EOS or hit max_new_tokens.
+Finished batches are appended to `OUT.partial` as they come; a killed stage resumes there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from .config import Config
 from .data import Example
-from .io import write_jsonl
+from .io import RowLog, fault_point, fingerprint, scratch, write_jsonl
 from .modeling import load_model, load_tokenizer
 from .tokens import encode_prompt
 
@@ -89,10 +90,13 @@ def length_batches(lengths: list[int], max_new_tokens: int, batch_size: int, bat
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
              batch_tokens: int | None = None, seeds: list[int] | None = None, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, progress: bool = True, desc: str = "generate") -> list[dict]:
+             top_p: float = 1.0, top_k: int = 0, progress: bool = True, desc: str = "generate",
+             rowlog: RowLog | None = None) -> list[dict]:
     """Responses for token-id prompts, in input order; greedy when `seeds` is None.
 
     Each result: {"text", "tokens" (count, EOS excluded), "finish": "eos" | "length"}.
+    With a `rowlog`, each finished batch is appended to it durably and batches it already
+    holds are not generated again (the batches are the same on every attempt).
     """
     dev = next(model.parameters()).device
     eos = stop_ids(model, tokenizer)
@@ -103,6 +107,11 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     results: list[dict] = [{}] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for idx in batches:
+        if rowlog is not None and all(i in rowlog.done for i in idx):
+            for i in idx:
+                results[i] = rowlog.done[i]
+            bar.update(len(idx))
+            continue
         width = max(len(prompts[i]) for i in idx)
         input_ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -114,6 +123,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                              generation_config=gen_config, logits_processor=processors)
         for row, i in enumerate(idx):
             results[i] = _decode(tokenizer, out[row, width:].tolist(), eos)
+        if rowlog is not None:
+            rowlog.add([(i, results[i]) for i in idx])
+            fault_point("generate-batch")
         bar.update(len(idx))
     bar.close()
     return results
@@ -134,9 +146,12 @@ def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Conf
     prompts = [encode_prompt(tokenizer, ex.prompt, cfg.data.max_prompt_length) for ex in examples]
     seeds = [row_seed(cfg.run.seed, iteration, ex.id) for ex in examples]
     g = cfg.generation
-    results = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
-                       batch_tokens=g.batch_tokens, seeds=seeds, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                       progress=cfg.run.progress, desc=desc)
+    key = fingerprint("generate", model_path, prompts, seeds, g.max_new_tokens, g.temperature, g.top_p, g.top_k,
+                      g.batch_size, g.batch_tokens, cfg.model.dtype, cfg.model.attn_implementation)
+    with RowLog(scratch(out, "partial"), key) as rowlog:
+        results = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                           batch_tokens=g.batch_tokens, seeds=seeds, temperature=g.temperature, top_p=g.top_p,
+                           top_k=g.top_k, progress=cfg.run.progress, desc=desc, rowlog=rowlog)
     rows = [{"id": ex.id, "prompt": ex.prompt, "real": ex.real, "generated": r["text"], "finish": r["finish"],
              "generated_tokens": r["tokens"], "iteration": iteration, "extra": ex.extra}
             for ex, r in zip(examples, results)]

@@ -64,6 +64,76 @@ def produce(out: Path, fn) -> Any:
     return result
 
 
+def scratch(out: Path, kind: str) -> Path:
+    """Work files of a stage writing `out` that outlive a crash: `out`.partial (finished rows),
+    `out`.checkpoints (training state). Removed once the stage is done."""
+    return out.with_name(f"{out.name}.{kind}")
+
+
+def remove_scratch(out: Path) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    for kind in ("partial", "checkpoints"):
+        path = scratch(tmp, kind)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A digest of everything that determines a stage's rows (a partial file from other
+    inputs is not resumed)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class RowLog:
+    """Finished rows of a stage, appended and fsynced as they are produced, so a killed stage
+    resumes where it stopped. Line 1 holds the inputs' fingerprint; then {"i": index, "row": ...}.
+    A torn last line (a kill during the write) is cut off on reopening."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.done, good = path, {}, 0
+        if path.exists():
+            lines = path.read_bytes().split(b"\n")[:-1]  # what follows the last newline is torn
+            for n, line in enumerate(lines):
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    break
+                if n == 0 and obj.get("fingerprint") != key:
+                    break
+                if n > 0:
+                    self.done[obj["i"]] = obj["row"]
+                good += len(line) + 1
+            if self.done:
+                import logging
+
+                logging.getLogger("spinlm").info("%s: resuming with %d rows finished earlier", path, len(self.done))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "r+b" if good else "wb")
+        self.file.truncate(good)
+        self.file.seek(good)
+        if not good:
+            self._write([{"fingerprint": key}])
+
+    def add(self, rows: list[tuple[int, dict]]) -> None:
+        self._write([{"i": i, "row": row} for i, row in rows])
+        self.done.update(rows)
+
+    def _write(self, objs: list[dict]) -> None:
+        self.file.write(b"".join(json.dumps(o, ensure_ascii=False).encode() + b"\n" for o in objs))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def __enter__(self) -> "RowLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
 def marker(out: Path) -> Path:
     return out.with_name(out.name + ".done")
 
@@ -86,3 +156,23 @@ def fresh_tmp(out: Path) -> Path:
         tmp.unlink()
     marker(out).unlink(missing_ok=True)
     return tmp
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Testing aid: `SPINLM_FAULT=name[:k]` sends this process SIGKILL the k-th time (default
+    the first) it reaches the point `name`: a real kill -9 at a chosen moment, for the
+    kill/resume tests. Does nothing when the variable is unset."""
+    spec = os.environ.get("SPINLM_FAULT")
+    if not spec:
+        return
+    target, _, count = spec.partition(":")
+    if target != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] >= int(count or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

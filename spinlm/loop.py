@@ -11,7 +11,6 @@ then writes a `.done` marker; a re-run skips what is done and redoes the rest.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from .config import Config
@@ -19,6 +18,7 @@ from .data import Example
 from .evaluate import evaluate
 from .generate import generate_file
 from .io import read_json, read_jsonl, write_json
+from .modeling import use_deterministic
 from .rundir import Stage, open_run, prepare_data, release_lock, summarize
 from .score import score_files
 from .sft import sft
@@ -30,6 +30,7 @@ log = logging.getLogger("spinlm")
 def run(cfg: Config, force: bool = False) -> Path:
     """Run (or resume) the whole loop; return the run directory."""
     run_dir = open_run(cfg, force)
+    use_deterministic(cfg.run.deterministic)
     train_ex, val_ex, eval_ex = prepare_data(cfg)
     stage = Stage(run_dir)
     model = cfg.model.name_or_path

@@ -21,6 +21,15 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def use_deterministic(on: bool) -> None:
+    """run.deterministic: deterministic kernels only (CUDA needs the cuBLAS workspace setting)."""
+    if on:
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

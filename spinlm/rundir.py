@@ -19,13 +19,13 @@ from . import __version__
 from .config import Config, to_yaml
 from .data import Example, load_examples
 from .errors import UserError
-from .io import is_done, mark_done, marker, produce, read_json, write_json
+from .io import fault_point, is_done, mark_done, marker, produce, read_json, remove_scratch, write_json
 from .modeling import load_tokenizer
 from .tokens import encode_prompt, encode_response
 
 log = logging.getLogger("spinlm")
 # Keys that cannot change results: a resumed run may differ in these.
-HARMLESS = {"run.progress", "run.log_every", "eval.batch_size"}
+HARMLESS = {"run.progress", "run.log_every", "eval.batch_size", "train.checkpoint_every"}
 
 
 class Stage:
@@ -42,8 +42,11 @@ class Stage:
         log.info("%s -> %s", name, rel)
         start = time.time()
         info = produce(out, fn)
+        fault_point("stage-output")
         seconds = round(time.time() - start, 2)
         mark_done(out, {"stage": name, "seconds": seconds, "info": info if isinstance(info, dict) else None})
+        remove_scratch(out)
+        fault_point("stage-done")
         log.info("%s finished in %.1f s", name, seconds)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import Config
-from .io import read_jsonl, write_jsonl
+from .io import RowLog, fault_point, fingerprint, read_jsonl, scratch, write_jsonl
 from .packing import prepare, score_groups
 from .modeling import load_model, load_tokenizer
 from .tokens import Limits, encode_example
@@ -34,17 +34,6 @@ def limits(cfg: Config) -> Limits:
     return Limits.of(cfg)
 
 
-def score_rows(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int, desc: str = "score") -> list[dict]:
-    """Rows with `ref_real_logp`, `ref_generated_logp` and token counts added."""
-    groups = pair_groups(tokenizer, rows, cfg)
-    budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
-    bar = tqdm(total=len(groups), desc=desc, disable=not cfg.run.progress, leave=False)
-    scores = score_groups(model, groups, tokenizer.pad_token_id, budget, batch_size, bar)
-    bar.close()
-    return [{**row, "ref_real_logp": real[0], "ref_generated_logp": gen[0], "real_tokens": real[1],
-             "generated_tokens_scored": gen[1]} for row, (real, gen) in zip(rows, scores)]
-
-
 def pair_groups(tokenizer, rows: list[dict], cfg: Config) -> list[tuple[list[int], list[list[int]]]]:
     """(prompt, [real, generated]) token-id groups of generation rows."""
     groups = []
@@ -55,14 +44,39 @@ def pair_groups(tokenizer, rows: list[dict], cfg: Config) -> list[tuple[list[int
 
 
 def score_files(model_path: str, generation_files: list[Path], out: Path, cfg: Config, desc: str = "score") -> dict:
-    """The stage: read pairs from generation files, score under `model_path`, write `out`."""
+    """The stage: read pairs from generation files, score under `model_path`, write `out`.
+
+    Pairs whose generated response is empty are dropped (counted and logged). Rows are scored
+    in fixed chunks appended to `out`.partial, so a killed stage resumes after the last chunk."""
     rows = [row for path in generation_files for row in read_jsonl(path)]
+    empty = [r for r in rows if not r["generated"].strip()]
+    if empty:
+        log.warning("%s: %d of %d generated responses are empty (the model stopped at once); they are reported "
+                    "and not trained on (first: id %s)", desc, len(empty), len(rows), empty[0]["id"])
+        rows = [r for r in rows if r["generated"].strip()]
     tokenizer = load_tokenizer(model_path, cfg.model)
     model = load_model(model_path, cfg.model).eval()
-    scored = score_rows(model, tokenizer, rows, cfg, cfg.eval.batch_size, desc)
+    groups = pair_groups(tokenizer, rows, cfg)
+    budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
+    chunk = cfg.eval.batch_size * 16
+    key = fingerprint("score", model_path, groups, budget, cfg.model.dtype, cfg.model.attn_implementation, chunk)
+    bar = tqdm(total=len(groups), desc=desc, disable=not cfg.run.progress, leave=False)
+    with RowLog(scratch(out, "partial"), key) as rowlog:
+        for start in range(0, len(groups), chunk):
+            idx = range(start, min(start + chunk, len(groups)))
+            if not all(i in rowlog.done for i in idx):
+                scores = score_groups(model, groups[idx.start:idx.stop], tokenizer.pad_token_id, budget,
+                                      cfg.eval.batch_size)
+                rowlog.add([(i, {"real": real, "generated": gen}) for i, (real, gen) in zip(idx, scores)])
+                fault_point("score-chunk")
+            bar.update(len(idx))
+        scored = [{**row, "ref_real_logp": s["real"][0], "ref_generated_logp": s["generated"][0],
+                   "real_tokens": s["real"][1], "generated_tokens_scored": s["generated"][1]}
+                  for row, s in ((row, rowlog.done[i]) for i, row in enumerate(rows))]
+    bar.close()
     write_jsonl(out, scored)
     n = max(len(scored), 1)
-    stats = {"pairs": len(scored), "from": [str(p) for p in generation_files],
+    stats = {"pairs": len(scored), "dropped_empty": len(empty), "from": [str(p) for p in generation_files],
              "mean_ref_real_logp": sum(r["ref_real_logp"] for r in scored) / n,
              "mean_ref_generated_logp": sum(r["ref_generated_logp"] for r in scored) / n}
     log.info("%s: %d pairs from %d generation file(s)", desc, len(scored), len(generation_files))

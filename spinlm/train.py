@@ -3,30 +3,36 @@
     spinlm train --model MODEL --pairs pairs.jsonl --out MODEL_DIR [--spin.beta=0.1]
 
 The loop below is the whole algorithm: one forward over the real and generated responses
-of a micro-batch, the SPIN loss against the stored reference log-probs, backward,
-clip, step. Metrics are the usual DPO ones (rewards, margin, accuracy, policy log-probs).
+of a micro-batch, the SPIN loss against the stored reference log-probs, backward, guard,
+clip, step. Every `train.checkpoint_every` optimizer steps the weights, optimizer,
+scheduler, data position and RNG states are saved; a re-run resumes from the newest
+checkpoint and (on CPU with `run.deterministic`) ends with the same weights bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
+from . import checkpoint
 from .config import Config
-from .io import read_jsonl, write_json
-from .packing import prepare, response_logps
+from .errors import TrainingStopped
+from .io import fault_point, read_jsonl, write_json
 from .loss import spin_loss, spin_rewards
 from .modeling import load_tokenizer
+from .packing import prepare, response_logps
 from .score import encode_pair, limits
-from .training import linear_schedule, load_trainable, loader, make_accelerator, make_optimizer, optimizer_steps
+from .training import linear_schedule, load_trainable, make_accelerator, make_optimizer
 
 log = logging.getLogger("spinlm")
 METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margin", "rewards/accuracy",
-           "logps/real", "logps/generated", "dead_pairs")
+           "logps/real", "logps/generated", "dead_pairs", "grad_norm")
 
 
 def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
@@ -39,7 +45,7 @@ def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
 
 
 def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, beta: float, loss_type: str):
-    """Per-pair losses (batch,) and detached metrics, from one forward over the micro-batch
+    """Per-pair losses (batch,) and detached per-pair metrics, from one forward over the micro-batch
     (packed [prompt | real | generated] rows, or padded sequences when packing is off)."""
     scores = response_logps(model, [(b["prompt"], [b["real"], b["generated"]]) for b in batch], pad_id, budget)
     policy_real = torch.stack([real for (real, _), _ in scores])
@@ -49,56 +55,117 @@ def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, beta
     losses = spin_loss(policy_real, policy_generated, ref_real, ref_generated, beta, loss_type)
     rewards = spin_rewards(policy_real.detach(), policy_generated.detach(), ref_real, ref_generated, beta)
     metrics = {"loss": losses.detach(), "dead_pairs": torch.tensor([float(b["dead"]) for b in batch]),
-               "logps/real": policy_real.detach(),
-               "logps/generated": policy_generated.detach(), **{f"rewards/{k}": v for k, v in rewards.items()}}
-    return losses, {k: v.float().mean().item() for k, v in metrics.items()}
+               "logps/real": policy_real.detach(), "logps/generated": policy_generated.detach(),
+               **{f"rewards/{k}": v for k, v in rewards.items()}}
+    return losses, {k: v.float().cpu() for k, v in metrics.items()}
+
+
+def epoch_steps(n: int, batch_size: int, accumulation: int, world: int, rank: int, seed: int,
+                epoch: int) -> list[tuple[list[list[int]], int]]:
+    """One epoch's optimizer steps: (this process's micro-batches of item indices, pairs in the
+    step over all processes). The order depends only on (seed, epoch), so a resumed run
+    replays it exactly; a last step too small to give every micro-batch a pair is dropped."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    parts, per_step, steps = world * accumulation, batch_size * accumulation * world, []
+    for start in range(0, n, per_step):
+        chunk = order[start:start + per_step]
+        if len(chunk) < parts:
+            log.warning("epoch %d: %d pairs left over after the last full step are skipped", epoch, len(chunk))
+            break
+        size, extra = divmod(len(chunk), parts)
+        bounds = [k * size + min(k, extra) for k in range(parts + 1)]
+        micro = [chunk[bounds[k]:bounds[k + 1]] for k in range(parts)]
+        steps.append((micro[rank * accumulation:(rank + 1) * accumulation], len(chunk)))
+    return steps
 
 
 def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: int) -> dict:
-    """Train from `model_path` on the scored pairs; save the model to `out`; return metrics."""
+    """Train from `model_path` on the scored pairs; save the model to `out`; return metrics.
+    Checkpoints go to `out`.checkpoints (kept until the stage is marked done)."""
     lr, beta, tc = cfg.per_iteration("learning_rate", iteration), cfg.per_iteration("beta", iteration), cfg.train
-    accelerator = make_accelerator(tc.mixed_precision, tc.gradient_accumulation_steps)
-    set_seed(cfg.run.seed + iteration)
+    accelerator = make_accelerator(tc.mixed_precision, 1)
+    seed = cfg.run.seed + iteration
+    set_seed(seed, deterministic=cfg.run.deterministic)
     tokenizer = load_tokenizer(model_path, cfg.model)
     model = load_trainable(model_path, cfg.model, accelerator, tc.gradient_checkpointing)
     items = pair_items(tokenizer, read_jsonl(pairs_path), cfg)
-    budget = prepare(model, [(i["prompt"], [i["real"], i["generated"]]) for i in items[:4]], tokenizer.pad_token_id,
-                     cfg.packing)
+    pad = tokenizer.pad_token_id
+    budget = prepare(model, [(i["prompt"], [i["real"], i["generated"]]) for i in items[:4]], pad, cfg.packing)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    plan = lambda epoch: epoch_steps(len(items), tc.batch_size, tc.gradient_accumulation_steps, world, rank, seed,
+                                     epoch)
+    per_epoch = len(plan(0))
+    steps = min(per_epoch * tc.epochs, tc.max_steps or math.inf)
     optimizer = make_optimizer(tc.optimizer, model, lr, tc.weight_decay)
-    model, optimizer, batches = accelerator.prepare(model, optimizer, loader(items, tc.batch_size, cfg.run.seed + iteration))
-    steps = optimizer_steps(len(batches), tc.epochs, tc.gradient_accumulation_steps, tc.max_steps)
-    scheduler = accelerator.prepare(linear_schedule(optimizer, accelerator, steps, tc.warmup_ratio))
+    scheduler = linear_schedule(optimizer, accelerator, steps, tc.warmup_ratio)
+    state = {"step": 0, "history": [], "window": [], "skipped": 0}
+    ckpt_dir = out.with_name(out.name + ".checkpoints")
+    last = checkpoint.latest(ckpt_dir)
+    if last is not None:
+        state = checkpoint.load(last, model, optimizer, scheduler)
+        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]  # a --force resume may have changed lr
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     log.info("train iteration %d: %d pairs, %d optimizer steps, lr %g, beta %g, %s loss", iteration, len(items),
              steps, lr, beta, cfg.spin.loss_type)
-    history, window, step, start = [], [], 0, time.time()
-    while step < steps:
-        for batch in batches:
-            with accelerator.accumulate(model):
-                losses, metrics = batch_losses(model, batch, tokenizer.pad_token_id, budget, beta,
-                                               cfg.spin.loss_type)
-                accelerator.backward(losses.mean())
-                if accelerator.sync_gradients and tc.max_grad_norm > 0:
-                    metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            window.append(metrics)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            if step % cfg.run.log_every == 0 or step == steps:
-                history.append(_log_step(window, step, steps, scheduler.get_last_lr()[0], start))
-                window = []
-            if step >= steps:
-                break
+    start, epoch_plan = time.time(), {}
+    while state["step"] < steps:
+        epoch, k = divmod(state["step"], per_epoch)
+        micro, n_pairs = epoch_plan.setdefault(epoch, plan(epoch))[k]
+        metrics = {}
+        for j, ids in enumerate(micro):
+            sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
+            with sync:
+                losses, per_pair = batch_losses(model, [items[i] for i in ids], pad, budget, beta, cfg.spin.loss_type)
+                _guard(losses.detach().sum(), "loss", state["step"] + 1, iteration, ckpt_dir)
+                accelerator.backward(losses.sum() * world / n_pairs)  # the mean over the step's pairs
+            for key, value in per_pair.items():
+                metrics.setdefault(key, []).append(value)
+        metrics = {k: torch.cat(v).mean().item() for k, v in metrics.items()}
+        norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
+        metrics["grad_norm"] = float(norm)
+        _guard(norm, "gradient norm", state["step"] + 1, iteration, ckpt_dir)
+        if tc.skip_grad_norm_above and metrics["grad_norm"] > tc.skip_grad_norm_above:
+            state["skipped"] += 1
+            log.warning("step %d: gradient norm %.4g > train.skip_grad_norm_above=%g: update skipped (%d so far)",
+                        state["step"] + 1, metrics["grad_norm"], tc.skip_grad_norm_above, state["skipped"])
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        state["step"] += 1
+        state["window"].append(metrics)
+        if state["step"] % cfg.run.log_every == 0 or state["step"] == steps:
+            state["history"].append(_log_step(state["window"], state["step"], steps, scheduler.get_last_lr()[0],
+                                              start))
+            state["window"] = []
+        fault_point("train-step")
+        if tc.checkpoint_every and state["step"] % tc.checkpoint_every == 0 and state["step"] < steps:
+            if accelerator.is_main_process:
+                checkpoint.save(ckpt_dir, state["step"], accelerator.unwrap_model(model), optimizer, scheduler,
+                                state)
+            accelerator.wait_for_everyone()
     accelerator.wait_for_everyone()
+    history = state["history"]
+    result = {"steps": steps, "pairs": len(items), "learning_rate": lr, "beta": beta,
+              "skipped_steps": state["skipped"], "history": history, "final": history[-1] if history else {}}
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-        write_json(out / "spinlm_train.json", {"iteration": iteration, "learning_rate": lr, "beta": beta,
-                                               "steps": steps, "pairs": len(items), "history": history})
-    return {"steps": steps, "pairs": len(items), "learning_rate": lr, "beta": beta, "history": history,
-            "final": history[-1] if history else {}}
+        write_json(out / "spinlm_train.json", {"iteration": iteration, **result})
+    return result
+
+
+def _guard(value: torch.Tensor, what: str, step: int, iteration: int, ckpt_dir: Path) -> None:
+    """Stop the run on a non-finite loss or gradient, pointing at the checkpoint a re-run resumes from."""
+    if bool(torch.isfinite(value)):
+        return
+    last = checkpoint.latest(ckpt_dir)
+    kept = (f"the last good checkpoint, {last}, is kept and a re-run resumes from it" if last else
+            "no checkpoint was written yet, so a re-run starts this iteration over")
+    raise TrainingStopped(
+        f"iteration {iteration}, optimizer step {step}: the {what} is {float(value)} (not finite); training stopped "
+        f"and this iteration is not marked done; {kept}. Lower train.learning_rate or spin.beta, or set "
+        "train.max_grad_norm / train.skip_grad_norm_above, then re-run with --force")
 
 
 def _log_step(window: list[dict], step: int, steps: int, lr: float, start: float) -> dict:

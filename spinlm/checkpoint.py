@@ -1,0 +1,107 @@
+"""Training checkpoints a kill cannot corrupt: safetensors and JSON only, no pickle.
+
+    DIR/step-000040/model.safetensors      trainable weights (fp32)
+                    optimizer.safetensors  optimizer state tensors and the RNG states
+                    state.json             optimizer hyper-parameters, scheduler, data position, logs
+                    complete               written last: a directory without it is ignored
+
+A new checkpoint is written to `step-N.tmp`, fsynced, renamed, and only then are older
+ones removed, so at every moment the newest complete checkpoint is intact. (accelerate's
+`save_state` pickles the optimizer and RNG states; these files hold nothing executable.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from .io import fault_point
+
+log = logging.getLogger("spinlm")
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return out
+
+
+def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """optimizer.state_dict() -> (tensors, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save(directory: Path, step: int, model, optimizer, scheduler, trainer_state: dict) -> Path:
+    """Write checkpoint `step`; remove older ones once it is complete. Returns its path."""
+    final = directory / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    save_file({**opt_tensors, **_rng_tensors()}, str(tmp / "optimizer.safetensors"))
+    fault_point("checkpoint-write")
+    state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "trainer": trainer_state}
+    (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    _fsync_dir(tmp)
+    (tmp / "complete").write_text("ok\n", encoding="utf-8")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in directory.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(directory: Path) -> Path | None:
+    """The newest complete checkpoint in `directory`, or None."""
+    done = sorted(p for p in directory.glob("step-*") if not p.name.endswith(".tmp") and (p / "complete").exists())
+    return done[-1] if done else None
+
+
+def load(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states; return the trainer state."""
+    load_model(model, str(path / "model.safetensors"))
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    log.info("resumed training from %s (optimizer step %d)", path, state["step"])
+    return state["trainer"]
