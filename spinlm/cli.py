@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = add("run", "Run (or resume) the SPIN loop: generate -> score -> train -> evaluate, T iterations.", True)
     sp.add_argument("--force", action="store_true", help="Resume even if result-affecting settings changed.")
+    add("validate", "Check a run's config, model, tokenizer, every data row, lengths and disk space; "
+        "print the token estimates per iteration. `spinlm run` does the same checks first.", True)
     sp = sub.add_parser("demo", help="Build a tiny model and task locally, SFT it, run 3 SPIN iterations on CPU.",
                         description="The embedded CPU demo (no network).", epilog=_epilog(),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,6 +121,12 @@ def dispatch(args, overrides: list[str]) -> None:
         config_mod.validate(cfg)
         run_dir = run(cfg, force=args.force)
         print(f"run directory: {run_dir}")
+    elif args.command == "validate":
+        from .validate import check, report
+
+        cfg = config_mod.build(args.config, overrides)
+        config_mod.validate(cfg)
+        print(report(check(cfg)))
     elif args.command == "demo":
         from .demo.run import demo
 

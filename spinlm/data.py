@@ -391,13 +391,14 @@ def _make_ids_unique(examples: list[Example], name: str) -> None:
 
 
 def load_examples(source: str, *, split: str = "train", format: str = "auto", turn: str = "first",
-                  max_rows: int | None = None, dedupe: bool = True) -> list[Example]:
+                  max_rows: int | None = None, dedupe: bool = True, counts: dict | None = None) -> list[Example]:
     """Load examples from a local .jsonl/.json/.parquet file or a Hub dataset id.
 
     `format="auto"` detects the format from the first row; every row is then checked against
     it. `turn` picks the first (the paper's choice) or last assistant reply of a conversation.
     `dedupe` drops exact (prompt, real) repeats, keeping the first; `max_rows` keeps the
-    first N examples after dedupe (reading stops there).
+    first N examples after dedupe (reading stops there). `counts`, if given, receives the
+    number of duplicates dropped.
     """
     _check_options(format, turn, max_rows)
     name, rows = _open_source(source, split)
@@ -425,4 +426,6 @@ def load_examples(source: str, *, split: str = "train", format: str = "auto", tu
         log.warning("%s: dropped %d duplicate examples (same prompt and real response; "
                     "kept the first)", name, dropped)
     _make_ids_unique(examples, name)
+    if counts is not None:
+        counts["duplicates"] = dropped
     return examples

@@ -19,19 +19,22 @@ from .evaluate import evaluate
 from .generate import generate_file
 from .io import read_json, read_jsonl, write_json
 from .modeling import use_deterministic
-from .rundir import Stage, open_run, prepare_data, release_lock, summarize
+from .rundir import Stage, open_run, release_lock, summarize
 from .score import score_files
 from .sft import sft
 from .train import train
+from .validate import check, report
 
 log = logging.getLogger("spinlm")
 
 
 def run(cfg: Config, force: bool = False) -> Path:
     """Run (or resume) the whole loop; return the run directory."""
+    data = check(cfg)  # everything `spinlm validate` checks, before the run directory is touched
     run_dir = open_run(cfg, force)
+    log.info("validated:\n%s", report(data))
     use_deterministic(cfg.run.deterministic)
-    train_ex, val_ex, eval_ex = prepare_data(cfg)
+    train_ex, val_ex, eval_ex = data.train, data.val, data.held
     stage = Stage(run_dir)
     model = cfg.model.name_or_path
     if cfg.sft.enabled:

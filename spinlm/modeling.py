@@ -43,14 +43,17 @@ def inference_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _check_local(path: str) -> None:
+def check_local(path: str) -> None:
     p = Path(path)
     looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not p.is_dir():
         raise UserError(f"{path}: no such model directory")
     if p.is_dir() and not any(p.glob("*.safetensors")):
+        pickled = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = (f" (found {', '.join(pickled)}: pickle files, which can run code when loaded; convert them with "
+                 "model.save_pretrained(dir, safe_serialization=True) where you trust them)") if pickled else ""
         raise UserError(f"{path}: no model weights (*.safetensors) in this directory; "
-                        "spinlm loads safetensors only")
+                        f"spinlm loads safetensors only{found}")
 
 
 def load_tokenizer(path: str, cfg: ModelConfig):
@@ -75,7 +78,7 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None, de
     """A causal LM from a directory or Hub id, on `dev` (default: the GPU if there is one)."""
     from transformers import AutoModelForCausalLM
 
-    _check_local(path)
+    check_local(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

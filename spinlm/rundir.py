@@ -1,4 +1,4 @@
-"""The run directory: opening (config drift check), stages with markers, data, summary."""
+"""The run directory: opening (lock, config drift check), stages with markers, summary."""
 
 from __future__ import annotations
 
@@ -17,11 +17,8 @@ import yaml
 
 from . import __version__
 from .config import Config, to_yaml
-from .data import Example, load_examples
 from .errors import UserError
 from .io import fault_point, is_done, mark_done, marker, produce, read_json, remove_scratch, write_json
-from .modeling import load_tokenizer
-from .tokens import encode_prompt, encode_response
 
 log = logging.getLogger("spinlm")
 # Keys that cannot change results: a resumed run may differ in these.
@@ -146,46 +143,6 @@ def run_info() -> dict:
     return {"spinlm": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "accelerate": accelerate.__version__,
             "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-
-def _load(source: str | None, split: str, cfg: Config, max_rows: int | None) -> list[Example]:
-    if not source:
-        return []
-    return load_examples(source, split=split, format=cfg.data.format, turn=cfg.data.turn, max_rows=max_rows)
-
-
-def apply_length_policy(examples: list[Example], tokenizer, cfg: Config, name: str) -> list[Example]:
-    """Count (and drop, if configured) prompts over max_prompt_length; count long responses."""
-    kept, long_prompts, long_responses = [], 0, 0
-    for ex in examples:
-        n_prompt = len(encode_prompt(tokenizer, ex.prompt))
-        if n_prompt > cfg.data.max_prompt_length:
-            long_prompts += 1
-            if cfg.data.prompt_overflow == "drop":
-                continue
-        room = cfg.data.max_length - min(n_prompt, cfg.data.max_prompt_length)
-        long_responses += len(encode_response(tokenizer, ex.real)) > room
-        kept.append(ex)
-    if long_prompts:
-        action = "dropped" if cfg.data.prompt_overflow == "drop" else "truncated from the left"
-        log.warning("%s: %d prompts longer than data.max_prompt_length=%d (%s)", name, long_prompts,
-                    cfg.data.max_prompt_length, action)
-    if long_responses:
-        log.warning("%s: %d real responses cut to fit data.max_length=%d", name, long_responses, cfg.data.max_length)
-    return kept
-
-
-def prepare_data(cfg: Config) -> tuple[list[Example], list[Example], list[Example]]:
-    """Train, validation and held-out examples, validated and length-checked."""
-    d = cfg.data
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model)
-    train = apply_length_policy(_load(d.train, d.train_split, cfg, d.max_train_rows), tokenizer, cfg, d.train)
-    if not train:
-        raise UserError(f"{d.train}: no training examples left after the length policy")
-    val = apply_length_policy(_load(d.val, d.val_split, cfg, d.max_eval_rows), tokenizer, cfg, str(d.val))
-    held = apply_length_policy(_load(d.eval, d.eval_split, cfg, d.max_eval_rows), tokenizer, cfg, str(d.eval))
-    log.info("data: %d train, %d validation, %d held-out examples", len(train), len(val), len(held))
-    return train, val, held
 
 
 def _seconds(path: Path) -> float:

@@ -1,0 +1,178 @@
+"""Everything that can be checked before any training: `spinlm validate CONFIG.yaml`.
+
+`spinlm run` performs the same checks first. Checked: the config values; the model
+(directory, safetensors weights, config) and its tokenizer and chat template; every data
+row of every split (format, fields, types, UTF-8, empty texts, duplicates); token lengths
+against the limits, with what the length policy will do; the task checker; the disk space
+the planned models and checkpoints need. Any problem is a UserError (exit code 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config
+from .data import Example, load_examples
+from .errors import UserError
+from .modeling import check_local, load_tokenizer
+from .tokens import encode_prompt, encode_response
+
+log = logging.getLogger("spinlm")
+
+
+@dataclass
+class Checked:
+    train: list[Example]
+    val: list[Example]
+    held: list[Example]
+    splits: dict[str, dict] = field(default_factory=dict)  # per split: rows and token-length statistics
+    model: dict = field(default_factory=dict)  # parameters, weight bytes (local models)
+    plan: list[dict] = field(default_factory=list)  # estimated tokens per iteration
+    disk: dict = field(default_factory=dict)
+
+
+def model_weights(path: str) -> dict:
+    """Parameter count and bytes of a local model's safetensors files, read from their headers."""
+    from safetensors import safe_open
+
+    check_local(path)
+    p = Path(path)
+    if not p.is_dir():
+        return {}
+
+    params = 0
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as st:
+                for name in st.keys():
+                    n = 1
+                    for d in st.get_slice(name).get_shape():
+                        n *= d
+                    params += n
+        except Exception as e:  # a truncated or foreign file
+            raise UserError(f"{f}: not a readable safetensors file: {e}") from None
+    if not (p / "config.json").is_file():
+        raise UserError(f"{p}: no config.json in the model directory")
+    return {"parameters": params, "weights_bytes": sum(f.stat().st_size for f in p.glob("*.safetensors"))}
+
+
+def apply_length_policy(examples: list[Example], tokenizer, cfg: Config, name: str) -> tuple[list[Example], dict]:
+    """Drop (or keep, for truncation) prompts over max_prompt_length; count cut responses.
+    Returns the kept examples and the split's token statistics."""
+    d = cfg.data
+    kept, long_prompts, long_responses, prompt_tokens, real_tokens = [], 0, 0, [], []
+    for ex in examples:
+        n_prompt, n_real = len(encode_prompt(tokenizer, ex.prompt)), len(encode_response(tokenizer, ex.real))
+        if n_prompt > d.max_prompt_length:
+            long_prompts += 1
+            if d.prompt_overflow == "drop":
+                continue
+        room = d.max_length - min(n_prompt, d.max_prompt_length)
+        long_responses += n_real > room
+        prompt_tokens.append(min(n_prompt, d.max_prompt_length))
+        real_tokens.append(min(n_real, room))
+        kept.append(ex)
+    action = "dropped" if d.prompt_overflow == "drop" else "truncated from the left"
+    if long_prompts:
+        log.warning("%s: %d prompts longer than data.max_prompt_length=%d (%s)", name, long_prompts,
+                    d.max_prompt_length, action)
+    if long_responses:
+        log.warning("%s: %d real responses cut to fit data.max_length=%d", name, long_responses, d.max_length)
+    n = max(len(kept), 1)
+    stats = {"rows": len(kept), "long_prompts": long_prompts, "long_prompts_action": action,
+             "responses_cut": long_responses, "prompt_tokens_mean": sum(prompt_tokens) / n,
+             "prompt_tokens_max": max(prompt_tokens, default=0), "real_tokens_mean": sum(real_tokens) / n,
+             "real_tokens_max": max(real_tokens, default=0)}
+    return kept, stats
+
+
+def _split(cfg: Config, tokenizer, source: str, split: str, max_rows: int | None) -> tuple[list[Example], dict]:
+    counts: dict = {}
+    examples = load_examples(source, split=split, format=cfg.data.format, turn=cfg.data.turn, max_rows=max_rows,
+                             counts=counts)
+    kept, stats = apply_length_policy(examples, tokenizer, cfg, source)
+    return kept, {**stats, **counts}
+
+
+def plan(cfg: Config, train: dict) -> list[dict]:
+    """Estimated tokens per iteration: generation (prompts read + at most max_new_tokens each),
+    scoring and training (prompt + real + generated per pair, generated at most max_new_tokens)."""
+    rows, new = train["rows"], cfg.generation.max_new_tokens
+    pair = train["prompt_tokens_mean"] + train["real_tokens_mean"] + new
+    out = []
+    for t in range(cfg.spin.iterations):
+        pairs = rows * min(t + 1, cfg.spin.mix_window)
+        out.append({"iteration": t, "generate_prompt_tokens": round(rows * train["prompt_tokens_mean"]),
+                    "generate_new_tokens_max": rows * new, "pairs": pairs, "score_tokens_max": round(pairs * pair),
+                    "train_tokens_max": round(pairs * pair * cfg.train.epochs)})
+    return out
+
+
+def disk_need(cfg: Config, model: dict) -> dict:
+    """Bytes the run will still write (fp32 models per iteration, one training checkpoint with its
+    optimizer state) against the free space where run.dir lives."""
+    run_dir = Path(cfg.run.dir)
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if not model:
+        return {"free_bytes": free, "need_bytes": None}
+    fp32 = model["parameters"] * 4
+    models = (not (run_dir / "sft" / "model.done").exists() and cfg.sft.enabled) + sum(
+        not (run_dir / f"iteration-{t}" / "model.done").exists() for t in range(cfg.spin.iterations))
+    optimizer = fp32 * (2 if cfg.train.optimizer == "adamw" else 1)
+    need = models * fp32 + (fp32 + optimizer if cfg.train.checkpoint_every and models else 0)
+    if need > free:
+        raise UserError(f"{probe}: about {need / 2**30:.2f} GiB are needed for the run's models and its training "
+                        f"checkpoint ({models} models of {fp32 / 2**30:.2f} GiB in fp32), but only "
+                        f"{free / 2**30:.2f} GiB are free; free space or set run.dir elsewhere")
+    return {"free_bytes": free, "need_bytes": need}
+
+
+def check(cfg: Config) -> Checked:
+    """Run every check; return the examples (after the length policy) and the report."""
+    from .evaluate import load_checker
+
+    model = model_weights(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model)
+    load_checker(cfg.eval.checker)
+    d, splits = cfg.data, {}
+    train, splits["train"] = _split(cfg, tokenizer, d.train, d.train_split, d.max_train_rows)
+    if not train:
+        raise UserError(f"{d.train}: no training examples left after the length policy "
+                        f"(data.prompt_overflow=drop, data.max_prompt_length={d.max_prompt_length})")
+    val, held = [], []
+    if d.val:
+        val, splits["val"] = _split(cfg, tokenizer, d.val, d.val_split, d.max_eval_rows)
+    if d.eval:
+        held, splits["eval"] = _split(cfg, tokenizer, d.eval, d.eval_split, d.max_eval_rows)
+    log.info("data: %d train, %d validation, %d held-out examples", len(train), len(val), len(held))
+    return Checked(train, val, held, splits, model, plan(cfg, splits["train"]), disk_need(cfg, model))
+
+
+def report(c: Checked) -> str:
+    """The human summary `spinlm validate` prints."""
+    lines = ["data:"]
+    for name, s in c.splits.items():
+        lines.append(f"  {name}: {s['rows']} rows; prompt tokens mean {s['prompt_tokens_mean']:.1f} max "
+                     f"{s['prompt_tokens_max']}; real response tokens mean {s['real_tokens_mean']:.1f} max "
+                     f"{s['real_tokens_max']}; {s['long_prompts']} prompts over the limit "
+                     f"({s['long_prompts_action']}), {s['responses_cut']} responses cut to fit, "
+                     f"{s['duplicates']} duplicate rows dropped")
+    if c.model:
+        lines.append(f"model: {c.model['parameters'] / 1e6:.1f}M parameters, "
+                     f"{c.model['weights_bytes'] / 2**20:.1f} MiB of safetensors")
+    need = c.disk.get("need_bytes")
+    lines.append(f"disk: {'unknown (Hub model)' if need is None else f'{need / 2**30:.2f} GiB'} needed, "
+                 f"{c.disk['free_bytes'] / 2**30:.1f} GiB free")
+    lines.append("estimated tokens per iteration (upper bounds: generated responses counted at max_new_tokens):")
+    lines.append("  iteration | pairs | generate (prompt + new) | score | train")
+    for p in c.plan:
+        lines.append(f"  {p['iteration']} | {p['pairs']} | {p['generate_prompt_tokens']} + "
+                     f"{p['generate_new_tokens_max']} | {p['score_tokens_max']} | {p['train_tokens_max']}")
+    lines.append("ok: no problems found")
+    return "\n".join(lines)
