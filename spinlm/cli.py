@@ -169,6 +169,7 @@ def dispatch_stage(args, overrides: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = _parser().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.raiseExceptions = False  # a full disk must not turn every log line into a traceback
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from .modeling import quiet_transformers
@@ -181,7 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spinlm: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        from .errors import disk_full
+
+        if disk_full(e):
+            print(f"spinlm: error: the disk is full: {e}; nothing was marked done: free some space, then re-run "
+                  "the same command to resume", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print("spinlm: internal error (a bug in spinlm): please report it with the traceback above", file=sys.stderr)
         return 1

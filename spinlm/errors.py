@@ -28,3 +28,19 @@ def where(path: str, row: int | None = None, field: str | None = None) -> str:
     if field is not None:
         parts.append(f"field '{field}'")
     return ", ".join(parts)
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """True if `error` (or what caused it) is a write refused for lack of space: no space left,
+    quota exceeded, or the file size limit. safetensors reports these as its own error type."""
+    import errno
+
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        text = str(error)
+        if any(s in text for s in ("No space left", "os error 28", "Disk quota", "os error 122", "File too large",
+                                   "os error 27")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError, disk_full
+
 
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
@@ -57,7 +59,15 @@ def produce(out: Path, fn) -> Any:
     `out` (replacing a stale one): a crash never leaves a half-written `out`. Returns fn's result."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_tmp(out)
-    result = fn(tmp)
+    try:
+        result = fn(tmp)
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise UserError(f"{out}: the disk is full (writing it failed: {e}); nothing was marked done and rows or "
+                        "checkpoints finished so far are kept: free some space, then re-run the same command to "
+                        "resume") from None
     if out.is_dir():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -112,3 +112,47 @@ def test_torn_partial_line_is_cut_and_foreign_partial_ignored(tmp_path):
         assert sorted(log.done) == [0, 1, 2]
     with RowLog(path, "other inputs") as log:  # rows of other inputs are not resumed
         assert log.done == {}
+
+
+def _run_limited(directory: Path, kib: int, command: str) -> dict:
+    """Run `command` with `directory` on a disk that fills up: a `kib`-KiB tmpfs in a private
+    mount namespace where the machine allows one (writes fail with ENOSPC), else a file-size
+    limit of `kib` KiB (writes fail with EFBIG). stdout ends with rc=N and the directory's files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tail = f'{command}; echo "rc=$?"; find {directory} -mindepth 1 | sort'
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {directory}"],
+                           capture_output=True)
+    if probe.returncode == 0:
+        argv = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={kib}k tmpfs {directory} && {{ {tail}; }}"]
+    else:  # no user namespaces here: a file-size limit refuses the writes the same way
+        argv = ["sh", "-c", f"trap '' XFSZ; ulimit -f {kib * 2}; {tail}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("SPINLM_FAULT", None)
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    return {"stdout": result.stdout, "stderr": result.stderr, "mode": "tmpfs" if probe.returncode == 0 else "ulimit"}
+
+
+@pytest.mark.slow
+def test_full_disk_during_writes_is_a_clear_error(tiny_model, task_data, tmp_path):
+    """train (its checkpoint or model does not fit) and generate (its rows do not fit) on a full
+    disk: exit 2, one message naming the output, no traceback, no output left looking complete."""
+    from spinlm.cli import main
+
+    gens, pairs = tmp_path / "gens.jsonl", tmp_path / "pairs.jsonl"
+    common = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]
+    assert main(["generate", "--model", str(tiny_model), "--data", str(task_data["train"]), "--out", str(gens),
+                 "--generation.max_new_tokens=8", *common]) == 0
+    assert main(["score", "--model", str(tiny_model), "--generations", str(gens), "--out", str(pairs), *common]) == 0
+
+    py = f"{sys.executable} -m spinlm"
+    for kib, name, stage in (
+            (96, "model", f"train --model {tiny_model} --pairs {pairs} --train.batch_size=8 --train.checkpoint_every=2"),
+            (8, "gens.jsonl", f"generate --model {tiny_model} --data {task_data['train']}")):
+        disk = tmp_path / f"disk-{name}"
+        out = _run_limited(disk, kib, f"{py} {stage} --out {disk}/{name} {' '.join(common)}")
+        assert "rc=2" in out["stdout"], out
+        err = out["stderr"]
+        assert err.count("spinlm: error:") == 1 and "disk is full" in err and "Traceback" not in err, err
+        assert f"{disk}/{name}" in err
+        files = out["stdout"].split("rc=2", 1)[1].split()
+        assert f"{disk}/{name}" not in files, files  # no output, so nothing that looks complete

@@ -1,0 +1,78 @@
+"""Guarded training on the real tiny model: non-finite loss stops with the step named and the last
+good checkpoint kept; the grad-norm skip policy; empty generations reported, not trained on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spinlm.cli import main
+from spinlm.io import read_json, read_jsonl, write_jsonl
+from spinlm.train import epoch_steps
+
+COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_model, task_data, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("guards")
+    assert main(["generate", "--model", str(tiny_model), "--data", str(task_data["train"]), "--out",
+                 str(d / "gens.jsonl"), "--generation.max_new_tokens=8", *COMMON]) == 0
+    assert main(["score", "--model", str(tiny_model), "--generations", str(d / "gens.jsonl"), "--out",
+                 str(d / "pairs.jsonl"), *COMMON]) == 0
+    return d / "pairs.jsonl"
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_model, pairs, tmp_path, capsys):
+    rows = read_jsonl(pairs)
+    seed, batch = 7, 8
+    steps = epoch_steps(len(rows), batch, 1, 1, 0, seed, 0)  # the order training will use (run.seed + iteration 0)
+    bad = steps[2][0][0][0]  # a pair of optimizer step 3
+    rows[bad]["ref_real_logp"] = float("inf")  # e.g. a reference that underflowed
+    write_jsonl(tmp_path / "bad.jsonl", rows)
+    out = tmp_path / "model"
+    code = main(["train", "--model", str(tiny_model), "--pairs", str(tmp_path / "bad.jsonl"), "--out", str(out),
+                 f"--run.seed={seed}", f"--train.batch_size={batch}", "--train.checkpoint_every=1",
+                 "--train.learning_rate=1e-4", *COMMON])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "optimizer step 3: the loss is inf (not finite)" in err and "Traceback" not in err, err
+    kept = out.with_name("model.tmp.checkpoints") / "step-000002"
+    assert str(kept) in err and (kept / "complete").exists()
+    assert not out.exists(), "a stopped iteration leaves no output that looks complete"
+
+
+def test_skip_policy_skips_and_counts_every_update_over_the_threshold(tiny_model, pairs, tmp_path):
+    out = tmp_path / "model"
+    assert main(["train", "--model", str(tiny_model), "--pairs", str(pairs), "--out", str(out),
+                 "--train.batch_size=8", "--train.skip_grad_norm_above=1e-12", "--train.learning_rate=1e-3",
+                 *COMMON]) == 0
+    info = read_json(out / "spinlm_train.json")
+    assert info["skipped_steps"] == info["steps"] > 0
+    start, end = load_file(str(tiny_model / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(start[k], end[k]) for k in start), "every update was skipped, so nothing moved"
+    # the same run without the policy does move the weights (the test above could fail)
+    assert main(["train", "--model", str(tiny_model), "--pairs", str(pairs), "--out", str(tmp_path / "moved"),
+                 "--train.batch_size=8", "--train.learning_rate=1e-3", *COMMON]) == 0
+    moved = load_file(str(tmp_path / "moved" / "model.safetensors"))
+    assert any(not torch.equal(start[k], moved[k]) for k in start)
+
+
+def test_empty_generations_are_reported_and_not_trained_on(tiny_model, task_data, tmp_path, capsys, caplog):
+    gens = tmp_path / "gens.jsonl"
+    assert main(["generate", "--model", str(tiny_model), "--data", str(task_data["train"]), "--out", str(gens),
+                 "--generation.max_new_tokens=8", *COMMON]) == 0
+    rows = read_jsonl(gens)
+    rows[1]["generated"], rows[4]["generated"] = "", "  "
+    write_jsonl(gens, rows)
+    caplog.set_level("WARNING", logger="spinlm")
+    assert main(["score", "--model", str(tiny_model), "--generations", str(gens), "--out",
+                 str(tmp_path / "pairs.jsonl"), *COMMON]) == 0
+    scored = read_jsonl(tmp_path / "pairs.jsonl")
+    assert len(scored) == len(rows) - 2 and {rows[1]["id"], rows[4]["id"]}.isdisjoint(r["id"] for r in scored)
+    assert "2 of %d generated responses are empty" % len(rows) in caplog.text
+    assert json.loads(json.dumps(scored[0]))["ref_real_logp"] < 0
