@@ -120,7 +120,10 @@ def dispatch(args, overrides: list[str]) -> None:
         cfg = config_mod.build(args.config, overrides)
         config_mod.validate(cfg)
         run_dir = run(cfg, force=args.force)
-        print(f"run directory: {run_dir}")
+        from . import dist
+
+        if dist.is_main():
+            print(f"run directory: {run_dir}")
     elif args.command == "validate":
         from .validate import check, report
 
@@ -175,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         from .modeling import quiet_transformers
 
         quiet_transformers()
+        if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun / accelerate launch: rank 0 speaks
+            from . import dist
+
+            if not dist.is_main():
+                log.setLevel(logging.WARNING)
         dispatch(args, overrides)
     except UserError as e:
         print(f"spinlm: error: {e}", file=sys.stderr)

@@ -21,6 +21,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from . import dist
 from .config import Config
 from .data import Example
 from .io import RowLog, fault_point, fingerprint, scratch, write_jsonl
@@ -91,12 +92,13 @@ def length_batches(lengths: list[int], max_new_tokens: int, batch_size: int, bat
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
              batch_tokens: int | None = None, seeds: list[int] | None = None, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, progress: bool = True, desc: str = "generate",
-             rowlog: RowLog | None = None) -> list[dict]:
+             rowlog: RowLog | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Responses for token-id prompts, in input order; greedy when `seeds` is None.
 
     Each result: {"text", "tokens" (count, EOS excluded), "finish": "eos" | "length"}.
     With a `rowlog`, each finished batch is appended to it durably and batches it already
-    holds are not generated again (the batches are the same on every attempt).
+    holds are not generated again (the batches are the same on every attempt). With
+    `shard=(rank, world)` only every world-th batch is generated; the other rows stay {}.
     """
     dev = next(model.parameters()).device
     eos = stop_ids(model, tokenizer)
@@ -106,7 +108,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     batches = length_batches([len(p) for p in prompts], max_new_tokens, batch_size, batch_tokens or 1 << 62)
     results: list[dict] = [{}] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-    for idx in batches:
+    for b, idx in enumerate(batches):
+        if b % shard[1] != shard[0]:
+            continue
         if rowlog is not None and all(i in rowlog.done for i in idx):
             for i in idx:
                 results[i] = rowlog.done[i]
@@ -148,19 +152,30 @@ def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Conf
     g = cfg.generation
     key = fingerprint("generate", model_path, prompts, seeds, g.max_new_tokens, g.temperature, g.top_p, g.top_k,
                       g.batch_size, g.batch_tokens, cfg.model.dtype, cfg.model.attn_implementation)
-    with RowLog(scratch(out, "partial"), key) as rowlog:
+    with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
         results = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
                            batch_tokens=g.batch_tokens, seeds=seeds, temperature=g.temperature, top_p=g.top_p,
-                           top_k=g.top_k, progress=cfg.run.progress, desc=desc, rowlog=rowlog)
+                           top_k=g.top_k, progress=cfg.run.progress and dist.is_main(), desc=desc, rowlog=rowlog,
+                           shard=(dist.rank(), dist.world()))
+    results = gather_rows(results)
     rows = [{"id": ex.id, "prompt": ex.prompt, "real": ex.real, "generated": r["text"], "finish": r["finish"],
              "generated_tokens": r["tokens"], "iteration": iteration, "extra": ex.extra}
             for ex, r in zip(examples, results)]
-    write_jsonl(out, rows)
+    if dist.is_main():
+        write_jsonl(out, rows)
     stats = generation_stats(rows)
     log.info("%s: %d responses, %.1f tokens on average, %d hit max_new_tokens, %d empty, %d equal to the real "
              "response", desc, len(rows), stats["mean_tokens"], stats["hit_max_new_tokens"], stats["empty"],
              stats["equal_to_real"])
     return stats
+
+
+def gather_rows(results: list[dict]) -> list[dict]:
+    """Every process's finished rows, back in input order (one process: unchanged)."""
+    if dist.world() == 1:
+        return results
+    merged = dict(dist.gather([(i, r) for i, r in enumerate(results) if r]))
+    return [merged[i] for i in range(len(results))]
 
 
 def generation_stats(rows: list[dict]) -> dict:

@@ -56,9 +56,15 @@ def read_json(path: str | Path, default: Any = None) -> Any:
 
 def produce(out: Path, fn) -> Any:
     """Run `fn(tmp)` to write a file or directory at a fresh temporary path, then move it to
-    `out` (replacing a stale one): a crash never leaves a half-written `out`. Returns fn's result."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_tmp(out)
+    `out` (replacing a stale one): a crash never leaves a half-written `out`. Returns fn's result.
+    With several processes all run `fn` (each doing its share; rank 0 writes) and rank 0 moves."""
+    from . import dist
+
+    tmp = out.with_name(out.name + ".tmp")
+    if dist.is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fresh_tmp(out)
+    dist.barrier()
     try:
         result = fn(tmp)
     except Exception as e:
@@ -68,9 +74,12 @@ def produce(out: Path, fn) -> Any:
         raise UserError(f"{out}: the disk is full (writing it failed: {e}); nothing was marked done and rows or "
                         "checkpoints finished so far are kept: free some space, then re-run the same command to "
                         "resume") from None
-    if out.is_dir():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    dist.barrier()
+    if dist.is_main():
+        if out.is_dir():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    dist.barrier()
     return result
 
 
@@ -82,8 +91,7 @@ def scratch(out: Path, kind: str) -> Path:
 
 def remove_scratch(out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
-    for kind in ("partial", "checkpoints"):
-        path = scratch(tmp, kind)
+    for path in [*tmp.parent.glob(tmp.name + ".partial*"), scratch(tmp, "checkpoints")]:
         if path.is_dir():
             shutil.rmtree(path)
         else:
@@ -98,29 +106,42 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def _read_log(path: Path, key: str) -> tuple[dict, int]:
+    """(rows by index, bytes of intact lines) of a row log; nothing if its fingerprint differs."""
+    done, good = {}, 0
+    lines = path.read_bytes().split(b"\n")[:-1]  # what follows the last newline is torn
+    for n, line in enumerate(lines):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            break
+        if n == 0 and obj.get("fingerprint") != key:
+            return {}, 0
+        if n > 0:
+            done[obj["i"]] = obj["row"]
+        good += len(line) + 1
+    return done, good
+
+
 class RowLog:
     """Finished rows of a stage, appended and fsynced as they are produced, so a killed stage
     resumes where it stopped. Line 1 holds the inputs' fingerprint; then {"i": index, "row": ...}.
-    A torn last line (a kill during the write) is cut off on reopening."""
+    A torn last line (a kill during the write) is cut off on reopening. `also` (a glob) names
+    sibling logs whose rows count as done too: other processes' logs, or those of an attempt
+    with another number of processes."""
 
-    def __init__(self, path: Path, key: str):
+    def __init__(self, path: Path, key: str, also: Path | None = None):
         self.path, self.done, good = path, {}, 0
+        for other in sorted(also.parent.glob(also.name)) if also is not None else []:
+            if other != path:
+                self.done.update(_read_log(other, key)[0])
         if path.exists():
-            lines = path.read_bytes().split(b"\n")[:-1]  # what follows the last newline is torn
-            for n, line in enumerate(lines):
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    break
-                if n == 0 and obj.get("fingerprint") != key:
-                    break
-                if n > 0:
-                    self.done[obj["i"]] = obj["row"]
-                good += len(line) + 1
-            if self.done:
-                import logging
+            mine, good = _read_log(path, key)
+            self.done.update(mine)
+        if self.done:
+            import logging
 
-                logging.getLogger("spinlm").info("%s: resuming with %d rows finished earlier", path, len(self.done))
+            logging.getLogger("spinlm").info("%s: resuming with %d rows finished earlier", path, len(self.done))
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "r+b" if good else "wb")
         self.file.truncate(good)

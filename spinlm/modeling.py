@@ -31,7 +31,10 @@ def use_deterministic(on: bool) -> None:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device (its own GPU under torchrun / accelerate launch)."""
+    from .dist import state
+
+    return state().device
 
 
 def inference_dtype(name: str) -> torch.dtype:

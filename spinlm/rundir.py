@@ -15,14 +15,14 @@ from typing import Any, Callable
 
 import yaml
 
-from . import __version__
+from . import __version__, dist
 from .config import Config, to_yaml
 from .errors import UserError
 from .io import fault_point, is_done, mark_done, marker, produce, read_json, remove_scratch, write_json
 
 log = logging.getLogger("spinlm")
 # Keys that cannot change results: a resumed run may differ in these.
-HARMLESS = {"run.progress", "run.log_every", "eval.batch_size", "train.checkpoint_every"}
+HARMLESS = {"run.progress", "run.log_every", "train.checkpoint_every"}
 
 
 class Stage:
@@ -41,8 +41,10 @@ class Stage:
         info = produce(out, fn)
         fault_point("stage-output")
         seconds = round(time.time() - start, 2)
-        mark_done(out, {"stage": name, "seconds": seconds, "info": info if isinstance(info, dict) else None})
-        remove_scratch(out)
+        if dist.is_main():
+            mark_done(out, {"stage": name, "seconds": seconds, "info": info if isinstance(info, dict) else None})
+            remove_scratch(out)
+        dist.barrier()
         fault_point("stage-done")
         log.info("%s finished in %.1f s", name, seconds)
 
@@ -109,7 +111,14 @@ def release_lock(lock: Path) -> None:
 
 
 def open_run(cfg: Config, force: bool) -> Path:
-    """Create or resume RUN/: take its lock, refuse a changed config unless forced, log to RUN/log.txt."""
+    """Create or resume RUN/: take its lock, refuse a changed config unless forced, log to RUN/log.txt.
+    With several processes rank 0 does this and the others share its outcome."""
+    run_dir = dist.on_main(lambda: _open_run(cfg, force))
+    dist.barrier()
+    return run_dir
+
+
+def _open_run(cfg: Config, force: bool) -> Path:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     acquire_lock(run_dir)
@@ -163,8 +172,9 @@ def summarize(run_dir: Path, cfg: Config) -> list[dict]:
             seconds.pop("sft")
         entries.append({"name": name, "model": str(d / "model") if (d / "model").exists() else cfg.model.name_or_path,
                         "metrics": read_json(d / "metrics.json", {}).get("eval", {}), "seconds": seconds})
-    write_json(run_dir / "summary.json", entries)
-    print(format_table(entries))
+    if dist.is_main():
+        write_json(run_dir / "summary.json", entries)
+        print(format_table(entries))
     return entries
 
 

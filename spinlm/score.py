@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import dist
 from .config import Config
 from .io import RowLog, fault_point, fingerprint, read_jsonl, scratch, write_jsonl
 from .packing import prepare, score_groups
@@ -60,21 +61,23 @@ def score_files(model_path: str, generation_files: list[Path], out: Path, cfg: C
     budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
     chunk = cfg.eval.batch_size * 16
     key = fingerprint("score", model_path, groups, budget, cfg.model.dtype, cfg.model.attn_implementation, chunk)
-    bar = tqdm(total=len(groups), desc=desc, disable=not cfg.run.progress, leave=False)
-    with RowLog(scratch(out, "partial"), key) as rowlog:
-        for start in range(0, len(groups), chunk):
+    bar = tqdm(total=len(groups), desc=desc, disable=not (cfg.run.progress and dist.is_main()), leave=False)
+    with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
+        for c, start in enumerate(range(0, len(groups), chunk)):
             idx = range(start, min(start + chunk, len(groups)))
-            if not all(i in rowlog.done for i in idx):
+            if c % dist.world() == dist.rank() and not all(i in rowlog.done for i in idx):
                 scores = score_groups(model, groups[idx.start:idx.stop], tokenizer.pad_token_id, budget,
                                       cfg.eval.batch_size)
                 rowlog.add([(i, {"real": real, "generated": gen}) for i, (real, gen) in zip(idx, scores)])
                 fault_point("score-chunk")
             bar.update(len(idx))
-        scored = [{**row, "ref_real_logp": s["real"][0], "ref_generated_logp": s["generated"][0],
-                   "real_tokens": s["real"][1], "generated_tokens_scored": s["generated"][1]}
-                  for row, s in ((row, rowlog.done[i]) for i, row in enumerate(rows))]
+        done = dict(dist.gather(list(rowlog.done.items()))) if dist.world() > 1 else rowlog.done
     bar.close()
-    write_jsonl(out, scored)
+    scored = [{**row, "ref_real_logp": done[i]["real"][0], "ref_generated_logp": done[i]["generated"][0],
+               "real_tokens": done[i]["real"][1], "generated_tokens_scored": done[i]["generated"][1]}
+              for i, row in enumerate(rows)]
+    if dist.is_main():
+        write_jsonl(out, scored)
     n = max(len(scored), 1)
     stats = {"pairs": len(scored), "dropped_empty": len(empty), "from": [str(p) for p in generation_files],
              "mean_ref_real_logp": sum(r["ref_real_logp"] for r in scored) / n,

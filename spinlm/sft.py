@@ -76,7 +76,8 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
         log.info("sft step %d/%d: held-out NLL per token %.4f", step, steps, nll)
         if nll < best - 1e-4:
             best, stale = nll, 0
-            save(accelerator.unwrap_model(model), tokenizer, out)
+            if accelerator.is_main_process:
+                save(accelerator.unwrap_model(model), tokenizer, out)
         else:
             stale += 1
         return sc.patience > 0 and stale >= sc.patience
@@ -99,8 +100,10 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
                 break
         if stop or check():
             break
-    if not eval_seqs:
-        save(accelerator.unwrap_model(model), tokenizer, out)
     result = {"steps": step, "best_heldout_nll": None if best == float("inf") else best, "history": history}
-    write_json(out / "spinlm_sft.json", result)
+    if accelerator.is_main_process:
+        if not eval_seqs:
+            save(accelerator.unwrap_model(model), tokenizer, out)
+        write_json(out / "spinlm_sft.json", result)
+    accelerator.wait_for_everyone()
     return result

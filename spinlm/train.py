@@ -111,16 +111,17 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     while state["step"] < steps:
         epoch, k = divmod(state["step"], per_epoch)
         micro, n_pairs = epoch_plan.setdefault(epoch, plan(epoch))[k]
-        metrics = {}
+        metrics, count = {}, 0
         for j, ids in enumerate(micro):
             sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
             with sync:
                 losses, per_pair = batch_losses(model, [items[i] for i in ids], pad, budget, beta, cfg.spin.loss_type)
-                _guard(losses.detach().sum(), "loss", state["step"] + 1, iteration, ckpt_dir)
                 accelerator.backward(losses.sum() * world / n_pairs)  # the mean over the step's pairs
             for key, value in per_pair.items():
                 metrics.setdefault(key, []).append(value)
-        metrics = {k: torch.cat(v).mean().item() for k, v in metrics.items()}
+            count += len(ids)
+        metrics = _mean_over_processes(accelerator, metrics, count)
+        _guard(torch.tensor(metrics["loss"]), "loss", state["step"] + 1, iteration, ckpt_dir)
         norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
         metrics["grad_norm"] = float(norm)
         _guard(norm, "gradient norm", state["step"] + 1, iteration, ckpt_dir)
@@ -136,7 +137,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
         state["window"].append(metrics)
         if state["step"] % cfg.run.log_every == 0 or state["step"] == steps:
             state["history"].append(_log_step(state["window"], state["step"], steps, scheduler.get_last_lr()[0],
-                                              start))
+                                              start, accelerator.is_main_process))
             state["window"] = []
         fault_point("train-step")
         if tc.checkpoint_every and state["step"] % tc.checkpoint_every == 0 and state["step"] < steps:
@@ -155,6 +156,15 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     return result
 
 
+def _mean_over_processes(accelerator, metrics: dict[str, list[torch.Tensor]], count: int) -> dict[str, float]:
+    """Per-pair metrics of this step averaged over every pair of every process."""
+    keys = sorted(metrics)
+    sums = torch.stack([torch.cat(metrics[k]).sum() for k in keys] + [torch.tensor(float(count))])
+    if accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    return {k: (sums[j] / sums[-1]).item() for j, k in enumerate(keys)}
+
+
 def _guard(value: torch.Tensor, what: str, step: int, iteration: int, ckpt_dir: Path) -> None:
     """Stop the run on a non-finite loss or gradient, pointing at the checkpoint a re-run resumes from."""
     if bool(torch.isfinite(value)):
@@ -168,9 +178,10 @@ def _guard(value: torch.Tensor, what: str, step: int, iteration: int, ckpt_dir: 
         "train.max_grad_norm / train.skip_grad_norm_above, then re-run with --force")
 
 
-def _log_step(window: list[dict], step: int, steps: int, lr: float, start: float) -> dict:
+def _log_step(window: list[dict], step: int, steps: int, lr: float, start: float, show: bool) -> dict:
     keys = [k for k in window[0] if all(k in w for w in window)]
     row = {"step": step, "lr": lr, **{k: sum(w[k] for w in window) / len(window) for k in keys},
            "elapsed_s": round(time.time() - start, 2)}
-    log.info("step %d/%d  " + "  ".join(f"{k} {row[k]:.4g}" for k in METRICS if k in row), step, steps)
+    if show:
+        log.info("step %d/%d  " + "  ".join(f"{k} {row[k]:.4g}" for k in METRICS if k in row), step, steps)
     return row
