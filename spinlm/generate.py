@@ -1,4 +1,4 @@
-"""Stage: the current model answers every prompt (in-process transformers `generate`).
+"""Stage: the current model answers every prompt (in-process transformers `generate`, or a server).
 
     spinlm generate --model MODEL --data DATA.jsonl --out generations.jsonl
 
@@ -6,6 +6,7 @@ Batches are sorted by prompt length and left-padded; the KV cache is on. Samplin
 only the configured settings (never the checkpoint's generation defaults), and each row
 draws from its own seeded generator, so a row's sample does not depend on which other
 rows share its batch. Each row records whether it ended at EOS or hit max_new_tokens.
+With `generation.backend: server`, an OpenAI-compatible server generates instead (spinlm/server.py).
 """
 
 from __future__ import annotations
@@ -130,13 +131,20 @@ def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Conf
                   desc: str = "generate") -> dict:
     """The stage: sample one response per example with `model_path`, write JSON lines to `out`."""
     tokenizer = load_tokenizer(model_path, cfg.model)
-    model = load_model(model_path, cfg.model).eval()
     prompts = [encode_prompt(tokenizer, ex.prompt, cfg.data.max_prompt_length) for ex in examples]
     seeds = [row_seed(cfg.run.seed, iteration, ex.id) for ex in examples]
     g = cfg.generation
-    results = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
-                       batch_tokens=g.batch_tokens, seeds=seeds, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                       progress=cfg.run.progress, desc=desc)
+    if g.backend == "server":  # an OpenAI-compatible server generates; no model is loaded here
+        from .server import generate_server
+
+        results: list[dict] = [{}] * len(examples)
+        generate_server(tokenizer, prompts, seeds, cfg, model_path, results.__setitem__, progress=cfg.run.progress,
+                        desc=desc)
+    else:
+        model = load_model(model_path, cfg.model).eval()
+        results = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                           batch_tokens=g.batch_tokens, seeds=seeds, temperature=g.temperature, top_p=g.top_p,
+                           top_k=g.top_k, progress=cfg.run.progress, desc=desc)
     rows = [{"id": ex.id, "prompt": ex.prompt, "real": ex.real, "generated": r["text"], "finish": r["finish"],
              "generated_tokens": r["tokens"], "iteration": iteration, "extra": ex.extra}
             for ex, r in zip(examples, results)]

@@ -25,7 +25,8 @@ from .tokens import encode_prompt, encode_response
 
 log = logging.getLogger("spinlm")
 # Keys that cannot change results: a resumed run may differ in these.
-HARMLESS = {"run.progress", "run.log_every", "eval.batch_size"}
+HARMLESS = {"run.progress", "run.log_every", "eval.batch_size", "generation.concurrency", "generation.timeout_s",
+            "generation.retries", "generation.server_start_timeout_s", "generation.api_key_env"}
 
 
 class Stage:
