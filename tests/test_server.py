@@ -31,6 +31,14 @@ TRANSFORMERS = str(Path(sys.executable).parent / "transformers")
 MAX_NEW = 8
 
 
+@pytest.fixture(autouse=True)
+def _server_logs_in_tmp_path(tmp_path, monkeypatch):
+    """Logs of failed managed servers are kept on purpose: keep them in the test's own folder."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 def _cfg(model, run_dir, *extra):
     cfg = config.build(None, [f"--model.name_or_path={model}", f"--run.dir={run_dir}", "--run.progress=false",
                               f"--generation.max_new_tokens={MAX_NEW}", "--data.max_length=128",
