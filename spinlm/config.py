@@ -77,6 +77,19 @@ class GenerationConfig:
     top_k: int = _f(0, "Sample from the k most likely tokens only; 0 = off.")
     batch_size: int = _f(64, "Most prompts per generation batch (batches are sorted by prompt length).")
     batch_tokens: int = _f(16384, "Token budget of a generation batch: rows x (longest prompt + max_new_tokens).")
+    backend: str = _f("local", "local (transformers generate in this process) or server (an OpenAI-compatible "
+                      "/v1/completions server: vLLM, SGLang, TGI, transformers serve).")
+    server_url: str | None = _f(None, "backend server, unmanaged: base URL of a running server, e.g. "
+                                "http://127.0.0.1:8000 (a trailing /v1 is fine); it must serve the model being generated with.")
+    server_command: str | None = _f(None, "backend server, managed: command started for each model, with {model} and "
+                                    "{port} placeholders, e.g. 'vllm serve {model} --port {port}'; stopped after use.")
+    server_model: str | None = _f(None, "Model name sent in requests (default: the model path being generated with).")
+    concurrency: int = _f(8, "backend server: most requests in flight at once.")
+    timeout_s: float = _f(300.0, "backend server: seconds to wait for one response.")
+    retries: int = _f(4, "backend server: retries (exponential backoff) on connection errors, timeouts, HTTP 429/5xx.")
+    server_start_timeout_s: float = _f(600.0, "backend server, managed: seconds to wait for the server's /health.")
+    api_key_env: str | None = _f(None, "backend server: name of the environment variable holding the API key "
+                                 "(sent as a Bearer token; the key itself is never logged or saved).")
 
 
 @dataclass
@@ -158,6 +171,7 @@ SECTIONS = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.f
 
 CHOICES = {
     ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
+    ("generation", "backend"): ("local", "server"),
     ("data", "format"): ("auto", "spin", "messages", "trl", "prompt_response", "alpaca"),
     ("data", "turn"): ("first", "last"),
     ("data", "prompt_overflow"): ("truncate", "drop"),
@@ -373,8 +387,30 @@ def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
         problems.append(f"train.skip_grad_norm_above must be > 0 when set; got {cfg.train.skip_grad_norm_above}")
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         problems.append("train.max_steps must be > 0 when set")
+    problems += _server_problems(cfg.generation)
     if problems:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _server_problems(g: GenerationConfig) -> list[str]:
+    """Cross-field rules of generation.backend = server."""
+    problems = [f"generation.{k} must be > 0; got {getattr(g, k)}"
+                for k in ("concurrency", "timeout_s", "server_start_timeout_s") if getattr(g, k) <= 0]
+    if g.retries < 0:
+        problems.append(f"generation.retries must be >= 0; got {g.retries}")
+    if g.backend != "server":
+        return problems
+    if bool(g.server_url) == bool(g.server_command):
+        problems.append("generation.backend is server: set exactly one of generation.server_url (a running server) "
+                        "or generation.server_command (a server spinlm starts, e.g. 'vllm serve {model} --port {port}')")
+    if g.server_url and not g.server_url.startswith(("http://", "https://")):
+        problems.append(f"generation.server_url must start with http:// or https://; got {g.server_url!r}")
+    if g.server_command:
+        missing = [p for p in ("{model}", "{port}") if p not in g.server_command]
+        if missing:
+            problems.append(f"generation.server_command must contain {' and '.join(missing)} (spinlm fills in the "
+                            f"model path and a free port); got {g.server_command!r}")
+    return problems
 
 
 def to_yaml(cfg: Config) -> str:

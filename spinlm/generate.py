@@ -1,4 +1,4 @@
-"""Stage: the current model answers every prompt (in-process transformers `generate`).
+"""Stage: the current model answers every prompt (in-process transformers `generate`, or a server).
 
     spinlm generate --model MODEL --data DATA.jsonl --out generations.jsonl
 
@@ -6,7 +6,8 @@ Batches are sorted by prompt length and left-padded; the KV cache is on. Samplin
 only the configured settings (never the checkpoint's generation defaults), and each row
 draws from its own seeded generator, so a row's sample does not depend on which other
 rows share its batch. Each row records whether it ended at EOS or hit max_new_tokens.
-Finished batches are appended to `OUT.partial` as they come; a killed stage resumes there.
+With `generation.backend: server`, an OpenAI-compatible server generates instead (spinlm/server.py).
+Finished rows are appended to `OUT.partial` as they come; a killed stage resumes there.
 """
 
 from __future__ import annotations
@@ -146,17 +147,30 @@ def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Conf
                   desc: str = "generate") -> dict:
     """The stage: sample one response per example with `model_path`, write JSON lines to `out`."""
     tokenizer = load_tokenizer(model_path, cfg.model)
-    model = load_model(model_path, cfg.model).eval()
     prompts = [encode_prompt(tokenizer, ex.prompt, cfg.data.max_prompt_length) for ex in examples]
     seeds = [row_seed(cfg.run.seed, iteration, ex.id) for ex in examples]
     g = cfg.generation
-    key = fingerprint("generate", model_path, prompts, seeds, g.max_new_tokens, g.temperature, g.top_p, g.top_k,
-                      g.batch_size, g.batch_tokens, cfg.model.dtype, cfg.model.attn_implementation)
+    key = fingerprint("generate", model_path, prompts, seeds, g.backend, g.max_new_tokens, g.temperature, g.top_p,
+                      g.top_k, g.batch_size, g.batch_tokens, cfg.model.dtype, cfg.model.attn_implementation)
     with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
-        results = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
-                           batch_tokens=g.batch_tokens, seeds=seeds, temperature=g.temperature, top_p=g.top_p,
-                           top_k=g.top_k, progress=cfg.run.progress and dist.is_main(), desc=desc, rowlog=rowlog,
-                           shard=(dist.rank(), dist.world()))
+        if g.backend == "server":  # an OpenAI-compatible server generates; no model is loaded here
+            results = [rowlog.done.get(i, {}) for i in range(len(prompts))]
+            todo = [i for i in range(len(prompts)) if i not in rowlog.done]
+            if dist.is_main() and todo:  # one client (rank 0) feeds the server; it batches by itself
+                from .server import generate_server
+
+                def finished(j: int, result: dict) -> None:
+                    results[todo[j]] = result
+                    rowlog.add([(todo[j], result)])
+
+                generate_server(tokenizer, [prompts[i] for i in todo], [seeds[i] for i in todo], cfg, model_path,
+                                finished, progress=cfg.run.progress, desc=desc)
+        else:
+            model = load_model(model_path, cfg.model).eval()
+            results = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                               batch_tokens=g.batch_tokens, seeds=seeds, temperature=g.temperature, top_p=g.top_p,
+                               top_k=g.top_k, progress=cfg.run.progress and dist.is_main(), desc=desc,
+                               rowlog=rowlog, shard=(dist.rank(), dist.world()))
     results = gather_rows(results)
     rows = [{"id": ex.id, "prompt": ex.prompt, "real": ex.real, "generated": r["text"], "finish": r["finish"],
              "generated_tokens": r["tokens"], "iteration": iteration, "extra": ex.extra}

@@ -3,7 +3,8 @@
 `spinlm run` performs the same checks first. Checked: the config values; the model
 (directory, safetensors weights, config) and its tokenizer and chat template; every data
 row of every split (format, fields, types, UTF-8, empty texts, duplicates); token lengths
-against the limits, with what the length policy will do; the task checker; the disk space
+against the limits, with what the length policy will do; the task checker; a generation
+server's reachability (backend server); the disk space
 the planned models and checkpoints need. Any problem is a UserError (exit code 2).
 """
 
@@ -140,6 +141,10 @@ def check(cfg: Config) -> Checked:
     model = model_weights(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model)
     load_checker(cfg.eval.checker)
+    if cfg.generation.backend == "server":
+        from .server import preflight
+
+        preflight(cfg.generation)
     d, splits = cfg.data, {}
     train, splits["train"] = _split(cfg, tokenizer, d.train, d.train_split, d.max_train_rows)
     if not train:

@@ -439,7 +439,9 @@ def test_validate_everything_at_once():
 @pytest.mark.parametrize("section,key", sorted(C.CHOICES))
 def test_every_choice_field_is_checked(section, key):
     # Values given as Python strings (through merge), so YAML 1.1 booleans such as `no` stay strings.
-    required = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+    # server_url: what generation.backend=server needs besides the choice (unused by the local backend)
+    required = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+                "generation": {"server_url": "http://127.0.0.1:8000"}}
     cfg = build(base=required)
     merge(cfg, {section: {key: "not_a_choice"}}, "test")
     with pytest.raises(UserError) as e:

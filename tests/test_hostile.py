@@ -113,9 +113,23 @@ CASES = {
         ["nt", "no chat template", "model.chat_template"]),
     "task checker that cannot be imported": (lambda t, m, d: ({"eval": {"checker": "nowhere.module:check"}}, []),
                                              ["eval.checker", "nowhere.module:check"]),
+    "unreachable generation server": (lambda t, m, d: ({"generation": {"backend": "server",
+                                                                       "server_url": f"http://127.0.0.1:{_closed_port()}"}},
+                                                        []), ["generation.server_url", "127.0.0.1", "unreachable"]),
+    "missing API key variable": (lambda t, m, d: ({"generation": {"backend": "server", "server_url": "http://127.0.0.1:9",
+                                                                  "api_key_env": "SPINLM_TEST_UNSET_KEY"}}, []),
+                                 ["SPINLM_TEST_UNSET_KEY", "not set"]),
     "prompt limit not below total limit": (lambda t, m, d: ({"data": {"max_prompt_length": 128, "max_length": 64}},
                                                             []), ["data.max_prompt_length must be smaller"]),
 }
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _write(path: Path, text: str) -> Path:

@@ -1,0 +1,366 @@
+"""Generation through an OpenAI-compatible server (`generation.backend: server`).
+
+    spinlm generate --model MODEL --data DATA.jsonl --out generations.jsonl \\
+        --generation.backend=server --generation.server_command='vllm serve {model} --port {port}'
+
+Two modes. Unmanaged (`generation.server_url`): requests go to a server someone else runs.
+Managed (`generation.server_command`): spinlm starts the command for the model being
+generated with, on a free loopback port, waits for `GET /health`, generates, and stops the
+server again (SIGTERM to its process group, SIGKILL after a grace period), also when
+generation fails or is interrupted. The server's output goes to a log file whose last lines
+are shown if it dies before becoming healthy.
+
+Requests go to `POST /v1/completions` (not chat completions), so the prompt is rendered by
+spinlm's chat template (`spinlm.tokens.encode_prompt`), the same rendering score and train
+see, and never by the server's. The prompt is sent as token ids where the server accepts
+them (vLLM and SGLang do): text would be tokenized again by the server, which may add a
+second BOS or split differently. `transformers serve` (5.x) answers a token-id prompt with
+HTTP 400 (TGI's schema may take only text as well; not checked), so the first row is sent
+as ids, and if that is rejected (HTTP 400/422) it is re-sent as the decoded text (special
+tokens kept) and every row after it as text; a warning says when the server's own
+tokenization of that text will differ.
+
+Each row sends its own `seed`, which vLLM, SGLang and TGI document as a per-request seed.
+`transformers serve` (5.x) instead sets torch's global seed when a request arrives and
+builds sampling from the checkpoint's generation_config: it samples only if that config has
+`do_sample: true` (else it decodes greedily), and seeded rows reproduce only with
+`generation.concurrency: 1`. It also rejects `top_k` (HTTP 422): keep `generation.top_k: 0`.
+
+Token counts exclude the EOS, as in the local backend: servers count the stop token in
+`usage.completion_tokens`, so one is taken off rows that stopped.
+
+Only the standard library is used for HTTP, so no client package is needed.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .config import Config, GenerationConfig
+from .errors import UserError
+
+log = logging.getLogger("spinlm")
+
+STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL
+LOG_TAIL_LINES = 20
+
+
+class _Transient(Exception):
+    """Worth retrying: connection refused/reset, timeout, HTTP 429 or 5xx."""
+
+
+class _Rejected(Exception):
+    """HTTP 4xx other than 429: retrying the same request cannot help."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(f"HTTP {code}: {message}")
+        self.code = code
+
+
+@dataclass
+class Endpoint:
+    url: str  # base URL without a trailing slash
+    model: str
+    headers: dict  # may hold the API key: never log or save it
+    timeout_s: float
+    retries: int
+
+
+def generate_server(tokenizer, prompts: list[list[int]], seeds: list[int], cfg: Config, model_path: str,
+                    on_result: Callable[[int, dict], None], progress: bool = True, desc: str = "generate") -> None:
+    """Sample one response per token-id prompt from a server; on_result(i, row) in this thread.
+
+    Each row: {"text", "tokens" (count, EOS excluded), "finish": "eos" | "length"}; rows
+    arrive in any order.
+    """
+    g = cfg.generation
+    headers = {"Content-Type": "application/json", **_auth_header(g.api_key_env)}
+    if not prompts:
+        return
+    with _server(g, model_path) as url:
+        endpoint = Endpoint(url, g.server_model or model_path, headers, g.timeout_s, g.retries)
+        bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+        try:
+            _generate_all(endpoint, tokenizer, prompts, seeds, g, on_result, bar)
+        finally:
+            bar.close()
+
+
+def _auth_header(api_key_env: str | None) -> dict:
+    if not api_key_env:
+        return {}
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise UserError(f"generation.api_key_env names the environment variable {api_key_env}, which is not set "
+                        "or empty: export it with the server's API key")
+    return {"Authorization": f"Bearer {key}"}
+
+
+@contextmanager
+def _server(g: GenerationConfig, model_path: str) -> Iterator[str]:
+    if g.server_url:
+        url = g.server_url.rstrip("/")
+        yield url[: -len("/v1")] if url.endswith("/v1") else url  # OpenAI clients' base_url style
+    else:
+        assert g.server_command, "validate() requires server_url or server_command"
+        with managed_server(g.server_command, model_path, g.server_start_timeout_s) as url:
+            yield url
+
+
+def _generate_all(endpoint: Endpoint, tokenizer, prompts, seeds, g: GenerationConfig, on_result, bar) -> None:
+    """The first row decides how prompts are sent (ids or text); the rest run concurrently."""
+    as_text, first = _first_row(endpoint, tokenizer, prompts[0], seeds[0], g)
+    on_result(0, _parse(first, tokenizer))
+    bar.update(1)
+    pool = ThreadPoolExecutor(max_workers=g.concurrency, thread_name_prefix="spinlm-request")
+    try:
+        futures = {pool.submit(_complete, endpoint, _prompt(tokenizer, prompts[i], as_text), seeds[i], g): i
+                   for i in range(1, len(prompts))}
+        for future in as_completed(futures):
+            on_result(futures[future], _parse(future.result(), tokenizer))
+            bar.update(1)
+    finally:
+        # Without waiting: on an error or Ctrl-C, queued rows are dropped and in-flight ones abandoned.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _first_row(endpoint: Endpoint, tokenizer, ids: list[int], seed: int, g: GenerationConfig) -> tuple[bool, dict]:
+    """(whether prompts go as text, the first row's response)."""
+    try:
+        return False, _complete(endpoint, ids, seed, g)
+    except UserError as e:
+        if not isinstance(e.__cause__, _Rejected) or e.__cause__.code not in (400, 422):
+            raise
+        log.info("%s does not take token-id prompts (%s); sending prompts as text", endpoint.url, e.__cause__)
+    text = _prompt(tokenizer, ids, as_text=True)
+    if list(tokenizer(text)["input_ids"]) != list(ids):
+        log.warning("the server tokenizes text prompts itself, and its tokenizer's default encoding of the rendered "
+                    "prompt differs from spinlm's (e.g. an added BOS): generation may see a different prompt "
+                    "than score and train")
+    return True, _complete(endpoint, text, seed, g)
+
+
+def _prompt(tokenizer, ids: list[int], as_text: bool) -> list[int] | str:
+    return tokenizer.decode(ids, skip_special_tokens=False) if as_text else ids
+
+
+def _complete(endpoint: Endpoint, prompt: list[int] | str, seed: int, g: GenerationConfig) -> dict:
+    """One completion request with retries; the server's JSON answer."""
+    body = {"model": endpoint.model, "prompt": prompt, "max_tokens": g.max_new_tokens, "temperature": g.temperature,
+            "top_p": g.top_p, "seed": seed}
+    if g.top_k > 0:
+        body["top_k"] = g.top_k  # not in the OpenAI schema: an extra parameter of vLLM and SGLang
+    try:
+        return request_with_retries(endpoint, "/v1/completions", body)
+    except _Rejected as e:
+        raise UserError(f"the generation server at {endpoint.url} rejected a completion request ({e})") from e
+
+
+def request_with_retries(endpoint: Endpoint, path: str, body: dict) -> dict:
+    """POST JSON; retry transient failures with exponential backoff (0.5 s, 1 s, 2 s, ... at most 30 s)."""
+    tries = endpoint.retries + 1
+    for attempt in range(tries):
+        try:
+            return _post(endpoint, path, body)
+        except _Transient as e:
+            reason = e
+        if attempt + 1 < tries:
+            time.sleep(min(0.5 * 2 ** attempt, 30.0))
+    raise UserError(f"the generation server at {endpoint.url} is unreachable or failing after {tries} "
+                    f"{'try' if tries == 1 else 'tries'} (generation.retries={endpoint.retries}): {reason}. "
+                    "Check that the server is running and reachable at that address.")
+
+
+def _post(endpoint: Endpoint, path: str, body: dict) -> dict:
+    request = urllib.request.Request(endpoint.url + path, data=json.dumps(body).encode(), headers=endpoint.headers,
+                                     method="POST")
+    try:
+        with _opener(endpoint.url).open(request, timeout=endpoint.timeout_s) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        message = _error_message(e)
+        if e.code == 429 or e.code >= 500:
+            raise _Transient(f"HTTP {e.code}: {message}") from None
+        raise _Rejected(e.code, message) from None
+    except urllib.error.URLError as e:
+        raise _Transient(str(e.reason)) from None
+    except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts, resets, truncated or non-JSON answers
+        raise _Transient(f"{type(e).__name__}: {e}") from None
+
+
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    """No proxy for loopback servers (a proxy set for the outside world must not catch them)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener()
+
+
+def _error_message(error: urllib.error.HTTPError) -> str:
+    """The server's own words: FastAPI's `detail`, OpenAI's `error.message`, or the raw body."""
+    try:
+        raw = error.read().decode("utf-8", "replace")
+    except OSError:
+        raw = ""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw.strip()[:1000] or str(error.reason)
+    if isinstance(data, dict):
+        inner = data.get("error")
+        inner = inner.get("message") if isinstance(inner, dict) else inner
+        for value in (data.get("detail"), data.get("message"), inner):
+            if value:
+                return str(value)[:1000]
+    return raw.strip()[:1000]
+
+
+def _parse(answer: dict, tokenizer) -> dict:
+    """A completion answer -> {"text", "tokens" (EOS excluded), "finish"}."""
+    try:
+        choice = answer["choices"][0]
+        text = choice["text"]
+    except (KeyError, IndexError, TypeError):
+        raise UserError(f"the generation server's answer is not an OpenAI completion: {str(answer)[:500]}") from None
+    finish = "length" if choice.get("finish_reason") == "length" else "eos"
+    count = (answer.get("usage") or {}).get("completion_tokens")
+    if count is None:
+        count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    elif finish == "eos":
+        count = max(count - 1, 0)  # the server counted the stop token
+    return {"text": text, "tokens": count, "finish": finish}
+
+
+# ---------------------------------------------------------------- managed server
+
+
+def free_port() -> int:
+    """A loopback port free right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_args(command: str, model_path: str, port: int) -> list[str]:
+    """The command split like a shell would (no shell runs), placeholders filled per argument."""
+    return [a.replace("{model}", model_path).replace("{port}", str(port)) for a in shlex.split(command)]
+
+
+@contextmanager
+def managed_server(command: str, model_path: str, start_timeout_s: float) -> Iterator[str]:
+    """Start the server, yield its base URL once healthy, stop it on the way out (errors included).
+
+    The log is deleted after a clean run and kept (its path logged) after a failure.
+    """
+    port = free_port()
+    args = server_args(command, model_path, port)
+    url = f"http://127.0.0.1:{port}"
+    log_dir = Path(tempfile.mkdtemp(prefix="spinlm-server-"))
+    log_path = log_dir / "server.log"
+    log.info("starting the generation server: %s (log: %s)", shlex.join(args), log_path)
+    with open(log_path, "wb") as log_file:
+        try:
+            # A session of its own: Ctrl-C does not reach it directly, and its workers stop with it.
+            proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        except OSError as e:
+            shutil.rmtree(log_dir, ignore_errors=True)
+            raise UserError(f"generation.server_command: cannot start {args[0]!r}: {e}") from None
+        try:
+            _wait_healthy(proc, url, start_timeout_s, log_path)
+            log.info("generation server ready at %s (pid %d)", url, proc.pid)
+            yield url
+        except BaseException:
+            log.info("generation server log kept at %s", log_path)
+            raise
+        finally:
+            stop_process_group(proc)
+    shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise UserError(f"the generation server exited with code {proc.returncode} before becoming healthy at "
+                            f"{url}/health; the last lines of its log ({log_path}):\n{_tail(log_path)}")
+        if _healthy(url):
+            return
+        if time.monotonic() > deadline:
+            raise UserError(f"the generation server did not answer {url}/health within {timeout_s:g} s "
+                            "(generation.server_start_timeout_s); the last lines of its log "
+                            f"({log_path}):\n{_tail(log_path)}")
+        time.sleep(0.5)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with _opener(url).open(url + "/health", timeout=5) as response:
+            return response.status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM to the server's process group, SIGKILL to whatever is left after `grace_s`."""
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning("the generation server (pid %d) did not stop within %g s: killing it", proc.pid, grace_s)
+    _signal_group(proc, signal.SIGKILL)  # also any worker processes the server left behind
+    proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the group id is the pid: start_new_session=True
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def preflight(g: GenerationConfig) -> None:
+    """What `spinlm validate` can check of a server setup without generating: the API key
+    variable, that an unmanaged server answers at all, that a managed command exists."""
+    _auth_header(g.api_key_env)
+    if g.server_url:
+        url = g.server_url.rstrip("/")
+        url = url[: -len("/v1")] if url.endswith("/v1") else url
+        try:
+            with _opener(url).open(url + "/health", timeout=10):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answered: reachable (some OpenAI-compatible APIs have no /health)
+        except (OSError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", e)
+            raise UserError(f"generation.server_url: the generation server at {url} is unreachable ({reason}); "
+                            "start it, or fix the URL") from None
+    elif g.server_command:
+        program = shlex.split(g.server_command)[0]
+        if shutil.which(program) is None:
+            raise UserError(f"generation.server_command: {program!r} is not an executable on PATH")
