@@ -96,11 +96,13 @@ def _stage_config(args, overrides: list[str], model: str | None = None):
 
 def _atomic(out: str, fn) -> None:
     """Run a stage writing to OUT.tmp, then rename: a crash never leaves OUT half-written."""
+    from . import dist
     from .io import produce, remove_scratch
 
     produce(Path(out), fn)
-    remove_scratch(Path(out))
-    print(f"wrote {out}")
+    if dist.is_main():
+        remove_scratch(Path(out))
+        print(f"wrote {out}")
 
 
 def _examples(cfg, source: str | None, split: str):
@@ -139,7 +141,7 @@ def dispatch(args, overrides: list[str]) -> None:
 
 
 def dispatch_stage(args, overrides: list[str]) -> None:
-    from .io import read_jsonl, write_json
+    from .io import read_jsonl, write_main
 
     cfg = _stage_config(args, overrides, args.model)
     if args.command == "sft":
@@ -166,7 +168,7 @@ def dispatch_stage(args, overrides: list[str]) -> None:
 
         examples = _examples(cfg, args.data, cfg.data.eval_split)
         pairs = read_jsonl(args.pairs) if args.pairs else None
-        _atomic(args.out, lambda tmp: write_json(tmp, evaluate(args.model, examples, cfg, pairs, args.beta)))
+        _atomic(args.out, lambda tmp: write_main(tmp, evaluate(args.model, examples, cfg, pairs, args.beta)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,12 @@ from .errors import UserError
 
 
 def state():
+    """accelerate's process state; on a machine without CUDA it must be told so (cpu=True) to
+    join the gloo group torchrun sets up, otherwise every process believes it is alone."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def rank() -> int:

@@ -20,10 +20,11 @@ from typing import Callable
 
 import torch
 
+from . import dist
 from .config import Config
 from .data import Example
 from .errors import UserError
-from .generate import generate
+from .generate import gather_rows, generate
 from .io import write_jsonl
 from .packing import prepare, score_groups
 from .loss import spin_rewards
@@ -69,10 +70,11 @@ def reward_metrics(model, tokenizer, pairs: list[dict], cfg: Config, beta: float
 def greedy_metrics(model, tokenizer, examples: list[Example], cfg: Config, checker, outputs: Path | None) -> dict:
     max_new = cfg.eval.max_new_tokens or cfg.generation.max_new_tokens
     prompts = [encode_prompt(tokenizer, ex.prompt, cfg.data.max_prompt_length) for ex in examples]
-    results = generate(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.eval.batch_size,
-                       batch_tokens=cfg.generation.batch_tokens, progress=cfg.run.progress, desc="evaluate")
+    results = gather_rows(generate(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.eval.batch_size,
+                                   batch_tokens=cfg.generation.batch_tokens, progress=cfg.run.progress and dist.is_main(),
+                                   desc="evaluate", shard=(dist.rank(), dist.world())))
     correct = [bool(checker(ex, r["text"])) if checker else None for ex, r in zip(examples, results)]
-    if outputs is not None:
+    if outputs is not None and dist.is_main():
         write_jsonl(outputs, [{"id": ex.id, "greedy": r["text"], "finish": r["finish"], "correct": c}
                               for ex, r, c in zip(examples, results, correct)])
     n = max(len(results), 1)

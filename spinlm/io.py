@@ -47,6 +47,14 @@ def write_json(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_main(path: str | Path, obj: Any) -> None:
+    """write_json on rank 0 only (every process computed `obj`)."""
+    from . import dist
+
+    if dist.is_main():
+        write_json(path, obj)
+
+
 def read_json(path: str | Path, default: Any = None) -> Any:
     path = Path(path)
     if not path.exists():

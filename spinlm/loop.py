@@ -17,7 +17,7 @@ from .config import Config
 from .data import Example
 from .evaluate import evaluate
 from .generate import generate_file
-from .io import read_json, read_jsonl, write_json
+from .io import read_json, read_jsonl, write_main
 from .modeling import use_deterministic
 from .rundir import Stage, open_run, release_lock, summarize
 from .score import score_files
@@ -66,6 +66,6 @@ def evaluate_stage(stage: Stage, model: str, where: Path, examples: list[Example
     if not (examples and cfg.eval.enabled):
         return
     training = read_json(Path(model) / "spinlm_train.json") or read_json(Path(model) / "spinlm_sft.json")
-    stage("evaluate", where / "metrics.json", lambda out: write_json(out, {
+    stage("evaluate", where / "metrics.json", lambda out: write_main(out, {
         "eval": evaluate(model, examples, cfg, pairs, beta, outputs=where / "eval-outputs.jsonl"),
         "train": training}))

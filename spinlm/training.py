@@ -15,7 +15,8 @@ def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int) -> 
     if mixed_precision == "auto":
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         mixed_precision = "bf16" if cuda_bf16 else "no"
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
+                       cpu=not torch.cuda.is_available())  # cpu=True: torchrun's gloo group on CPU-only machines
 
 
 def load_trainable(model_path: str, model_cfg, accelerator: Accelerator, checkpointing: bool):
