@@ -11,6 +11,8 @@ improvement: SPIN then starts where more SFT no longer helps, as in the paper.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,11 +21,12 @@ from accelerate.utils import set_seed
 
 from .config import Config
 from .data import Example
-from .io import write_json
+from . import checkpoint
+from .io import fault_point, write_json
 from .packing import Group, prepare, response_logps, score_groups
 from .modeling import load_tokenizer, save
 from .tokens import Limits, encode_example
-from .training import linear_schedule, load_trainable, loader, make_accelerator, make_optimizer, optimizer_steps
+from .training import epoch_steps, linear_schedule, load_trainable, make_accelerator, make_optimizer
 
 log = logging.getLogger("spinlm")
 
@@ -49,61 +52,84 @@ def heldout_nll(model, groups: list[Group], pad_id: int, budget: int | None, bat
 
 def sft(model_path: str, train_examples: list[Example], eval_examples: list[Example], out: Path,
         cfg: Config) -> dict:
-    """Fine-tune on the real responses; save the best (or last) model to `out`."""
+    """Fine-tune on the real responses; save the best (or last) model to `out`. Checkpoints
+    (every train.checkpoint_every steps) and the best model so far live in `out`.checkpoints,
+    so a killed SFT resumes where it stopped."""
     sc = cfg.sft
     accelerator = make_accelerator(cfg.train.mixed_precision, 1)
-    set_seed(cfg.run.seed)
+    set_seed(cfg.run.seed, deterministic=cfg.run.deterministic)
     tokenizer = load_tokenizer(model_path, cfg.model)
     model = load_trainable(model_path, cfg.model, accelerator, cfg.train.gradient_checkpointing)
     lim = Limits.of(cfg)
     train_seqs, eval_seqs = encode_real(tokenizer, train_examples, lim), encode_real(tokenizer, eval_examples, lim)
+    world, rank, pad = accelerator.num_processes, accelerator.process_index, tokenizer.pad_token_id
+    per_epoch = len(epoch_steps(len(train_seqs), sc.batch_size, 1, world, rank, cfg.run.seed, 0))
+    steps = per_epoch * sc.epochs
     optimizer = make_optimizer("adamw", model, sc.learning_rate, sc.weight_decay)
-    model, optimizer, batches = accelerator.prepare(model, optimizer, loader(train_seqs, sc.batch_size, cfg.run.seed))
-    steps = optimizer_steps(len(batches), sc.epochs, 1, None)
-    scheduler = accelerator.prepare(linear_schedule(optimizer, accelerator, steps, sc.warmup_ratio))
-    pad = tokenizer.pad_token_id
+    scheduler = linear_schedule(optimizer, accelerator, steps, sc.warmup_ratio)
     budget = prepare(model, train_seqs, pad, cfg.packing)
-    best, stale, history, step, start = float("inf"), 0, [], 0, time.time()
+    ckpt_dir, best_dir = out.with_name(out.name + ".checkpoints"), out.with_name(out.name + ".checkpoints") / "best"
+    state = {"step": 0, "best": None, "stale": 0, "history": []}
+    if (last := checkpoint.latest(ckpt_dir)) is not None:
+        state = checkpoint.load(last, model, optimizer, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     log.info("sft: %d examples, up to %d steps, lr %g", len(train_seqs), steps, sc.learning_rate)
+    start, plans = time.time(), {}
 
     def check() -> bool:
         """Evaluate held-out NLL; keep the model if best; True when patience ran out."""
-        nonlocal best, stale
-        if not eval_seqs or (history and history[-1]["step"] == step):
-            return sc.patience > 0 and stale >= sc.patience
-        nll = heldout_nll(model, eval_seqs, pad, budget, cfg.eval.batch_size)
-        history.append({"step": step, "heldout_nll": nll, "elapsed_s": round(time.time() - start, 2)})
-        log.info("sft step %d/%d: held-out NLL per token %.4f", step, steps, nll)
-        if nll < best - 1e-4:
-            best, stale = nll, 0
-            if accelerator.is_main_process:
-                save(accelerator.unwrap_model(model), tokenizer, out)
-        else:
-            stale += 1
-        return sc.patience > 0 and stale >= sc.patience
+        if eval_seqs and not (state["history"] and state["history"][-1]["step"] == state["step"]):
+            nll = heldout_nll(model, eval_seqs, pad, budget, cfg.eval.batch_size)
+            state["history"].append({"step": state["step"], "heldout_nll": nll,
+                                     "elapsed_s": round(time.time() - start, 2)})
+            log.info("sft step %d/%d: held-out NLL per token %.4f", state["step"], steps, nll)
+            if state["best"] is None or nll < state["best"] - 1e-4:
+                state["best"], state["stale"] = nll, 0
+                if accelerator.is_main_process:
+                    _keep_best(accelerator.unwrap_model(model), tokenizer, best_dir)
+            else:
+                state["stale"] += 1
+        return sc.patience > 0 and state["stale"] >= sc.patience
 
-    stop = False
-    for _epoch in range(sc.epochs):
-        for batch in batches:
-            scores = [s for per_group in response_logps(model, batch, pad, budget) for s in per_group]
-            loss = -torch.stack([s for s, _ in scores]).sum() / sum(n for _, n in scores)
-            accelerator.backward(loss)
-            if cfg.train.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            if step % cfg.run.log_every == 0:
-                log.info("sft step %d/%d  loss %.4f", step, steps, loss.item())
-            if sc.eval_every and step % sc.eval_every == 0 and (stop := check()):
-                break
-        if stop or check():
-            break
-    result = {"steps": step, "best_heldout_nll": None if best == float("inf") else best, "history": history}
+    stopped = False
+    while state["step"] < steps and not stopped:
+        epoch, k = divmod(state["step"], per_epoch)
+        (ids,), _ = plans.setdefault(epoch, epoch_steps(len(train_seqs), sc.batch_size, 1, world, rank,
+                                                        cfg.run.seed, epoch))[k]
+        scores = [s for group in response_logps(model, [train_seqs[i] for i in ids], pad, budget) for s in group]
+        loss = -torch.stack([s for s, _ in scores]).sum() / sum(n for _, n in scores)
+        accelerator.backward(loss)
+        if cfg.train.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        state["step"] += 1
+        if state["step"] % cfg.run.log_every == 0:
+            log.info("sft step %d/%d  loss %.4f", state["step"], steps, loss.item())
+        if (sc.eval_every and state["step"] % sc.eval_every == 0) or k == per_epoch - 1:
+            stopped = check()
+        fault_point("sft-step")
+        if cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0 and not stopped \
+                and state["step"] < steps:
+            if accelerator.is_main_process:
+                checkpoint.save(ckpt_dir, state["step"], accelerator.unwrap_model(model), optimizer, scheduler, state)
+            accelerator.wait_for_everyone()
+    result = {"steps": state["step"], "best_heldout_nll": state["best"], "history": state["history"]}
     if accelerator.is_main_process:
-        if not eval_seqs:
+        if eval_seqs:  # best.tmp is the best model if a kill came between its two renames
+            shutil.copytree(best_dir if best_dir.exists() else best_dir.with_name("best.tmp"), out)
+        else:
             save(accelerator.unwrap_model(model), tokenizer, out)
         write_json(out / "spinlm_sft.json", result)
     accelerator.wait_for_everyone()
     return result
+
+
+def _keep_best(model, tokenizer, best_dir: Path) -> None:
+    """Save the best model so far: to best.tmp, then swap it in (a kill leaves one complete copy)."""
+    tmp = best_dir.with_name("best.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(model, tokenizer, tmp)
+    shutil.rmtree(best_dir, ignore_errors=True)
+    os.replace(tmp, best_dir)

@@ -28,7 +28,7 @@ from .loss import spin_loss, spin_rewards
 from .modeling import load_tokenizer
 from .packing import prepare, response_logps
 from .score import encode_pair, limits
-from .training import linear_schedule, load_trainable, make_accelerator, make_optimizer
+from .training import epoch_steps, linear_schedule, load_trainable, make_accelerator, make_optimizer
 
 log = logging.getLogger("spinlm")
 METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margin", "rewards/accuracy",
@@ -58,25 +58,6 @@ def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, beta
                "logps/real": policy_real.detach(), "logps/generated": policy_generated.detach(),
                **{f"rewards/{k}": v for k, v in rewards.items()}}
     return losses, {k: v.float().cpu() for k, v in metrics.items()}
-
-
-def epoch_steps(n: int, batch_size: int, accumulation: int, world: int, rank: int, seed: int,
-                epoch: int) -> list[tuple[list[list[int]], int]]:
-    """One epoch's optimizer steps: (this process's micro-batches of item indices, pairs in the
-    step over all processes). The order depends only on (seed, epoch), so a resumed run
-    replays it exactly; a last step too small to give every micro-batch a pair is dropped."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    parts, per_step, steps = world * accumulation, batch_size * accumulation * world, []
-    for start in range(0, n, per_step):
-        chunk = order[start:start + per_step]
-        if len(chunk) < parts:
-            log.warning("epoch %d: %d pairs left over after the last full step are skipped", epoch, len(chunk))
-            break
-        size, extra = divmod(len(chunk), parts)
-        bounds = [k * size + min(k, extra) for k in range(parts + 1)]
-        micro = [chunk[bounds[k]:bounds[k + 1]] for k in range(parts)]
-        steps.append((micro[rank * accumulation:(rank + 1) * accumulation], len(chunk)))
-    return steps
 
 
 def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: int) -> dict:

@@ -1,8 +1,8 @@
-"""Pieces shared by the SFT and SPIN training loops: accelerator, optimizer, schedule, batches."""
+"""Pieces shared by the SFT and SPIN training loops: accelerator, optimizer, schedule, batch order."""
 
 from __future__ import annotations
 
-import math
+import logging
 
 import torch
 from accelerate import Accelerator
@@ -35,9 +35,23 @@ def make_optimizer(name: str, model, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def optimizer_steps(batches_per_epoch: int, epochs: int, accumulation: int, max_steps: int | None) -> int:
-    steps = math.ceil(batches_per_epoch / accumulation) * epochs
-    return min(steps, max_steps) if max_steps else steps
+def epoch_steps(n: int, batch_size: int, accumulation: int, world: int, rank: int, seed: int,
+                epoch: int) -> list[tuple[list[list[int]], int]]:
+    """One epoch's optimizer steps: (this process's micro-batches of item indices, pairs in the
+    step over all processes). The order depends only on (seed, epoch), so a resumed run
+    replays it exactly; a last step too small to give every micro-batch a pair is dropped."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    parts, per_step, steps = world * accumulation, batch_size * accumulation * world, []
+    for start in range(0, n, per_step):
+        chunk = order[start:start + per_step]
+        if len(chunk) < parts:
+            logging.getLogger("spinlm").warning("epoch %d: %d pairs left over after the last full step are skipped", epoch, len(chunk))
+            break
+        size, extra = divmod(len(chunk), parts)
+        bounds = [k * size + min(k, extra) for k in range(parts + 1)]
+        micro = [chunk[bounds[k]:bounds[k + 1]] for k in range(parts)]
+        steps.append((micro[rank * accumulation:(rank + 1) * accumulation], len(chunk)))
+    return steps
 
 
 def linear_schedule(optimizer, accelerator: Accelerator, steps: int, warmup_ratio: float):
@@ -49,10 +63,3 @@ def linear_schedule(optimizer, accelerator: Accelerator, steps: int, warmup_rati
 
     n = accelerator.num_processes
     return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * steps) * n, steps * n)
-
-
-def loader(items: list, batch_size: int, seed: int, shuffle: bool = True) -> torch.utils.data.DataLoader:
-    """Batches of raw items (lists); the loops tokenize and pad them themselves."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                       collate_fn=list)

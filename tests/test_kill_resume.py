@@ -98,6 +98,37 @@ def test_killed_anywhere_resumes_to_identical_weights(tiny_model, task_data, tmp
     assert strip(resumed) == strip(straight) and resumed["steps"] == 6
 
 
+@pytest.mark.slow
+def test_killed_sft_resumes_to_identical_weights(tiny_model, task_data, tmp_path):
+    """`spinlm sft` killed after step 3 (a checkpoint at step 2, a best model saved at the epoch
+    end), then killed again inside the next checkpoint write, then finished: same model as an
+    uninterrupted SFT."""
+    def sft(out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env.pop("SPINLM_FAULT", None)
+        env.update({"SPINLM_FAULT": fault} if fault else {})
+        return subprocess.run([sys.executable, "-m", "spinlm", "sft", "--model", str(tiny_model), "--data",
+                               str(task_data["train"]), "--eval-data", str(task_data["val"]), "--out", str(out),
+                               "--sft.epochs=3", "--sft.batch_size=16", "--sft.learning_rate=1e-3",
+                               "--train.checkpoint_every=2", "--run.deterministic=true", "--run.progress=false",
+                               "--data.max_prompt_length=64", "--data.max_length=128"],
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    assert sft(tmp_path / "straight").returncode == 0
+    out = tmp_path / "resumed"
+    ckpts = tmp_path / "resumed.tmp.checkpoints"
+    first = sft(out, "sft-step:4")
+    assert first.returncode == -9 and (ckpts / "step-000002" / "complete").exists() and (ckpts / "best").exists()
+    second = sft(out, "checkpoint-write:1")
+    assert second.returncode == -9 and (ckpts / "step-000004.tmp").exists() and not out.exists()
+    assert sft(out).returncode == 0
+    assert _digest(out / "model.safetensors") == _digest(tmp_path / "straight" / "model.safetensors")
+    resumed, straight = (json.loads((d / "spinlm_sft.json").read_text()) for d in (out, tmp_path / "straight"))
+    strip = lambda h: [{k: v for k, v in row.items() if k != "elapsed_s"} for row in h["history"]]
+    assert strip(resumed) == strip(straight) and len(straight["history"]) == 3
+    assert not ckpts.exists()
+
+
 def test_torn_partial_line_is_cut_and_foreign_partial_ignored(tmp_path):
     from spinlm.io import RowLog
 
