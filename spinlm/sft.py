@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 from .config import Config
 from .data import Example
 from .io import write_json
+from .lora import is_adapted, merged, restore, trainable_state
 from .packing import Group, prepare, response_logps, score_groups
 from .modeling import load_tokenizer, save
 from .tokens import Limits, encode_example
@@ -54,7 +55,8 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     accelerator = make_accelerator(cfg.train.mixed_precision, 1)
     set_seed(cfg.run.seed)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    model = load_trainable(model_path, cfg.model, accelerator, cfg.train.gradient_checkpointing)
+    model = load_trainable(model_path, cfg.model, accelerator, cfg.train.gradient_checkpointing, cfg.peft)
+    best_adapter: dict = {}  # with LoRA the best adapter is kept in memory and merged once, at the end
     lim = Limits.of(cfg)
     train_seqs, eval_seqs = encode_real(tokenizer, train_examples, lim), encode_real(tokenizer, eval_examples, lim)
     optimizer = make_optimizer("adamw", model, sc.learning_rate, sc.weight_decay)
@@ -76,7 +78,10 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
         log.info("sft step %d/%d: held-out NLL per token %.4f", step, steps, nll)
         if nll < best - 1e-4:
             best, stale = nll, 0
-            save(accelerator.unwrap_model(model), tokenizer, out)
+            if is_adapted(accelerator.unwrap_model(model)):
+                best_adapter.update(trainable_state(accelerator.unwrap_model(model)))
+            else:
+                save(accelerator.unwrap_model(model), tokenizer, out)
         else:
             stale += 1
         return sc.patience > 0 and stale >= sc.patience
@@ -99,8 +104,9 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
                 break
         if stop or check():
             break
-    if not eval_seqs:
-        save(accelerator.unwrap_model(model), tokenizer, out)
+    if not eval_seqs or best_adapter:
+        restore(accelerator.unwrap_model(model), best_adapter)
+        save(merged(accelerator.unwrap_model(model)), tokenizer, out)
     result = {"steps": step, "best_heldout_nll": None if best == float("inf") else best, "history": history}
     write_json(out / "spinlm_sft.json", result)
     return result
