@@ -1,6 +1,6 @@
 """Training checkpoints a kill cannot corrupt: safetensors and JSON only, no pickle.
 
-    DIR/step-000040/model.safetensors      trainable weights (fp32)
+    DIR/step-000040/model.safetensors      trainable weights (fp32): all of them, or a LoRA adapter's only
                     optimizer.safetensors  optimizer state tensors and the RNG states
                     state.json             optimizer hyper-parameters, scheduler, data position, logs
                     complete               written last: a directory without it is ignored
@@ -8,6 +8,8 @@
 A new checkpoint is written to `step-N.tmp`, fsynced, renamed, and only then are older
 ones removed, so at every moment the newest complete checkpoint is intact. (accelerate's
 `save_state` pickles the optimizer and RNG states; these files hold nothing executable.)
+When some weights are frozen (peft.enabled), only the trainable ones are saved: the frozen
+ones are reloaded from the model the stage starts from.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from .errors import UserError
 from .io import fault_point
 
 log = logging.getLogger("spinlm")
@@ -64,13 +68,50 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _trainable_only(model) -> dict[str, torch.Tensor] | None:
+    """The trainable weights by name when some weights are frozen, else None (save them all)."""
+    params = dict(model.named_parameters())
+    if all(p.requires_grad for p in params.values()):
+        return None
+    return {name: p.detach().contiguous().cpu() for name, p in params.items() if p.requires_grad}
+
+
+def _save_weights(model, path: Path) -> None:
+    trainable = _trainable_only(model)
+    if trainable is None:
+        save_model(model, str(path))
+    else:
+        save_file(trainable, str(path), metadata={"spinlm.weights": "trainable"})
+
+
+def _load_weights(model, path: Path) -> None:
+    with safe_open(str(path), "pt") as f:
+        partial = (f.metadata() or {}).get("spinlm.weights") == "trainable"
+    expected = _trainable_only(model)
+    if partial != (expected is not None):
+        raise UserError(f"{path}: this checkpoint holds {'adapter' if partial else 'full'} weights but the model now "
+                        f"trains {'an adapter' if expected is not None else 'every weight'} (peft.enabled changed?); "
+                        f"delete {path.parent.parent} to start this iteration's training over")
+    if not partial:
+        load_model(model, str(path))
+        return
+    tensors = load_file(str(path))
+    if set(tensors) != set(expected):
+        raise UserError(f"{path}: the checkpoint's adapter weights do not match this adapter's (peft settings "
+                        f"changed?); delete {path.parent.parent} to start this iteration's training over")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
 def save(directory: Path, step: int, model, optimizer, scheduler, trainer_state: dict) -> Path:
     """Write checkpoint `step`; remove older ones once it is complete. Returns its path."""
     final = directory / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    _save_weights(model, tmp / "model.safetensors")
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
     save_file({**opt_tensors, **_rng_tensors()}, str(tmp / "optimizer.safetensors"))
     fault_point("checkpoint-write")
@@ -94,7 +135,7 @@ def latest(directory: Path) -> Path | None:
 
 def load(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG states; return the trainer state."""
-    load_model(model, str(path / "model.safetensors"))
+    _load_weights(model, path / "model.safetensors")
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     tensors = load_file(str(path / "optimizer.safetensors"))
     optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))

@@ -139,6 +139,20 @@ class SFTConfig:
 
 
 @dataclass
+class PeftConfig:
+    enabled: bool = _f(False, "Train a LoRA adapter (needs `pip install 'spinlm[lora]'`) instead of every weight; "
+                       "it is merged into the weights at the end of each iteration (and of SFT), so every saved "
+                       "model is a plain transformers model (in the fp32 training dtype).")
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA scaling numerator: updates are scaled by alpha / r (alpha / sqrt(r) with use_rslora).")
+    dropout: float = _f(0.0, "Dropout on the LoRA input, in [0, 1).")
+    target_modules: str | list[str] = _f("all-linear", "Modules that get an adapter: 'all-linear' (every linear "
+                                         "layer but the output head) or a list of module names, e.g. "
+                                         "[q_proj, v_proj].")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+
+
+@dataclass
 class EvalConfig:
     enabled: bool = _f(True, "Evaluate the SFT model and each iteration on the held-out data.")
     checker: str | None = _f(None, "Task checker 'module:function' taking (example, generated_text) -> bool.")
@@ -156,6 +170,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def per_iteration(self, name: str, t: int) -> float:
@@ -388,6 +403,7 @@ def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         problems.append("train.max_steps must be > 0 when set")
     problems += _server_problems(cfg.generation)
+    problems += _peft_problems(cfg.peft)
     if problems:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -410,6 +426,15 @@ def _server_problems(g: GenerationConfig) -> list[str]:
         if missing:
             problems.append(f"generation.server_command must contain {' and '.join(missing)} (spinlm fills in the "
                             f"model path and a free port); got {g.server_command!r}")
+    return problems
+
+
+def _peft_problems(pc: PeftConfig) -> list[str]:
+    problems = [f"peft.{k} must be > 0; got {v}" for k, v in (("r", pc.r), ("alpha", pc.alpha)) if v <= 0]
+    if not 0 <= pc.dropout < 1:
+        problems.append(f"peft.dropout must be in [0, 1); got {pc.dropout}")
+    if pc.target_modules == [] or pc.target_modules == "":
+        problems.append("peft.target_modules is empty: give 'all-linear' or a list of module names")
     return problems
 
 

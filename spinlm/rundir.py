@@ -62,9 +62,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def config_drift(old: dict, new: dict) -> list[str]:
-    a, b = _flat(old), _flat(new)
+    """Changed keys; a key the old config lacks (added by a later spinlm) counts only if not at its default."""
+    a, b, default = _flat(old), _flat(new), _flat(Config().to_dict())
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in HARMLESS and a.get(k) != b.get(k)]
+            if k not in HARMLESS and a.get(k) != b.get(k) and not (k not in a and b.get(k) == default.get(k))]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -152,8 +153,17 @@ def run_info() -> dict:
     import transformers
 
     return {"spinlm": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__, "peft": _version("peft"),
             "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _seconds(path: Path) -> float:

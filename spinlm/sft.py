@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 
 from .config import Config
 from .data import Example
 from . import checkpoint
 from .io import fault_point, write_json
+from .lora import is_adapted, merged, restore, trainable_state
 from .packing import Group, prepare, response_logps, score_groups
 from .modeling import load_tokenizer, save
 from .tokens import Limits, encode_example
@@ -59,7 +61,7 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     accelerator = make_accelerator(cfg.train.mixed_precision, 1)
     set_seed(cfg.run.seed, deterministic=cfg.run.deterministic)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    model = load_trainable(model_path, cfg.model, accelerator, cfg.train.gradient_checkpointing)
+    model = load_trainable(model_path, cfg.model, accelerator, cfg.train.gradient_checkpointing, cfg.peft)
     lim = Limits.of(cfg)
     train_seqs, eval_seqs = encode_real(tokenizer, train_examples, lim), encode_real(tokenizer, eval_examples, lim)
     world, rank, pad = accelerator.num_processes, accelerator.process_index, tokenizer.pad_token_id
@@ -117,19 +119,28 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
             accelerator.wait_for_everyone()
     result = {"steps": state["step"], "best_heldout_nll": state["best"], "history": state["history"]}
     if accelerator.is_main_process:
-        if eval_seqs:  # best.tmp is the best model if a kill came between its two renames
-            shutil.copytree(best_dir if best_dir.exists() else best_dir.with_name("best.tmp"), out)
+        best = best_dir if best_dir.exists() else best_dir.with_name("best.tmp")  # a kill between two renames
+        plain = accelerator.unwrap_model(model)
+        if eval_seqs and is_adapted(plain):  # the best adapter, merged into the weights
+            restore(plain, load_file(str(best / "adapter.safetensors")))
+        if eval_seqs and not is_adapted(plain):
+            shutil.copytree(best, out)
         else:
-            save(accelerator.unwrap_model(model), tokenizer, out)
+            save(merged(plain), tokenizer, out)
         write_json(out / "spinlm_sft.json", result)
     accelerator.wait_for_everyone()
     return result
 
 
 def _keep_best(model, tokenizer, best_dir: Path) -> None:
-    """Save the best model so far: to best.tmp, then swap it in (a kill leaves one complete copy)."""
+    """Save the best model so far (with LoRA: its adapter weights only) to best.tmp, then swap it
+    in: a kill leaves one complete copy."""
     tmp = best_dir.with_name("best.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save(model, tokenizer, tmp)
+    if is_adapted(model):
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp / "adapter.safetensors"))
+    else:
+        save(model, tokenizer, tmp)
     shutil.rmtree(best_dir, ignore_errors=True)
     os.replace(tmp, best_dir)

@@ -7,6 +7,7 @@ of a micro-batch, the SPIN loss against the stored reference log-probs, backward
 clip, step. Every `train.checkpoint_every` optimizer steps the weights, optimizer,
 scheduler, data position and RNG states are saved; a re-run resumes from the newest
 checkpoint and (on CPU with `run.deterministic`) ends with the same weights bit for bit.
+With `peft.enabled` only a LoRA adapter trains, and it is merged into the saved model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from . import checkpoint
 from .config import Config
 from .errors import TrainingStopped
 from .io import fault_point, read_jsonl, write_json
+from .lora import merged
 from .loss import spin_loss, spin_rewards
 from .modeling import load_tokenizer
 from .packing import prepare, response_logps
@@ -68,7 +70,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     seed = cfg.run.seed + iteration
     set_seed(seed, deterministic=cfg.run.deterministic)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    model = load_trainable(model_path, cfg.model, accelerator, tc.gradient_checkpointing)
+    model = load_trainable(model_path, cfg.model, accelerator, tc.gradient_checkpointing, cfg.peft)
     items = pair_items(tokenizer, read_jsonl(pairs_path), cfg)
     pad = tokenizer.pad_token_id
     budget = prepare(model, [(i["prompt"], [i["real"], i["generated"]]) for i in items[:4]], pad, cfg.packing)
@@ -131,7 +133,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     result = {"steps": steps, "pairs": len(items), "learning_rate": lr, "beta": beta,
               "skipped_steps": state["skipped"], "history": history, "final": history[-1] if history else {}}
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out, safe_serialization=True)
+        merged(accelerator.unwrap_model(model)).save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         write_json(out / "spinlm_train.json", {"iteration": iteration, **result})
     return result

@@ -7,6 +7,7 @@ import logging
 import torch
 from accelerate import Accelerator
 
+from .lora import add_adapter
 from .modeling import load_model
 
 
@@ -19,12 +20,15 @@ def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int) -> 
                        cpu=not torch.cuda.is_available())  # cpu=True: torchrun's gloo group on CPU-only machines
 
 
-def load_trainable(model_path: str, model_cfg, accelerator: Accelerator, checkpointing: bool):
-    """fp32 weights: updates of lr ~1e-7 vanish in bf16 weights, so autocast carries the speed."""
+def load_trainable(model_path: str, model_cfg, accelerator: Accelerator, checkpointing: bool, peft_cfg=None):
+    """fp32 weights: updates of lr ~1e-7 vanish in bf16 weights, so autocast carries the speed.
+    With `peft_cfg.enabled`, a LoRA adapter is added and only its weights train."""
     model = load_model(model_path, model_cfg, dtype=torch.float32, dev=accelerator.device)
     if checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if peft_cfg is not None and peft_cfg.enabled:
+        model = add_adapter(model, peft_cfg, checkpointing)
     return model.train()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from .config import Config
 from .data import Example, load_examples
 from .errors import UserError
+from .lora import require_peft
 from .modeling import check_local, load_tokenizer
 from .tokens import encode_prompt, encode_response
 
@@ -138,6 +139,8 @@ def check(cfg: Config) -> Checked:
     """Run every check; return the examples (after the length policy) and the report."""
     from .evaluate import load_checker
 
+    if cfg.peft.enabled:
+        require_peft()
     model = model_weights(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model)
     load_checker(cfg.eval.checker)
