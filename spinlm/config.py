@@ -98,6 +98,10 @@ class SPINConfig:
     mix_window: int = _f(2, "Iteration t trains on the pairs generated in the last N iterations (paper: 2).")
     beta: float | list[float] = _f(0.1, "The paper's lambda: one value, or one per iteration.")
     loss_type: str = _f("sigmoid", "sigmoid (the paper's logistic loss) or hinge.")
+    sft_weight: float = _f(0.0, "Add sft_weight x the real response's NLL per token to each pair's loss (a "
+                           "regulariser, TRL's rpo_alpha); 0 = the paper's loss.")
+    drop_dead_pairs: bool = _f(False, "Leave out of training the pairs whose generated response equals the real one "
+                               "(they carry no SPIN gradient; they are counted in the logs either way).")
 
 
 @dataclass
@@ -115,6 +119,13 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint (weights, optimizer, scheduler, data position, RNG) "
                                "every N optimizer steps; 0 = never (a killed iteration then starts over).")
+    warn_real_logp_drop: float = _f(0.05, "Warn when the real responses' log-prob per token falls below the "
+                                    "reference's by more than this many nats (averaged over a logging window): "
+                                    "the model is unlearning the data.")
+    eval_every: int = _f(0, "Every N optimizer steps (and at the end) check the held-out metric on the validation "
+                         "data (task accuracy with eval.checker, else NLL of the real responses) and keep the best "
+                         "weights of the iteration; 0 = off (the last weights are kept).")
+    patience: int = _f(0, "With eval_every: stop the iteration after N checks without improvement; 0 = never.")
     skip_grad_norm_above: float | None = _f(None, "Skip (and count) optimizer updates whose gradient norm, before "
                                             "clipping, exceeds this; null = never skip.")
 
@@ -158,6 +169,10 @@ class EvalConfig:
     checker: str | None = _f(None, "Task checker 'module:function' taking (example, generated_text) -> bool.")
     max_new_tokens: int | None = _f(None, "Greedy generation length for the task metric (default: generation's).")
     batch_size: int = _f(32, "Batch size for held-out generation and scoring.")
+    continued_sft: bool = _f(False, "Also train the baseline the paper compares with: the start model fine-tuned "
+                             "further on the real responses (sft.learning_rate, no early stopping) for as many "
+                             "optimizer steps of train.batch_size examples as all SPIN iterations took; it is "
+                             "evaluated and listed as continued-sft (never chosen as RUN/best).")
 
 
 @dataclass
@@ -396,6 +411,11 @@ def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
             problems.append(f"{key} must be in [0, 1)")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         problems.append("data.max_prompt_length must be smaller than data.max_length")
+    if cfg.spin.sft_weight < 0:
+        problems.append(f"spin.sft_weight must be >= 0; got {cfg.spin.sft_weight}")
+    for key in ("eval_every", "patience"):
+        if getattr(cfg.train, key) < 0:
+            problems.append(f"train.{key} must be >= 0; got {getattr(cfg.train, key)}")
     if cfg.train.checkpoint_every < 0:
         problems.append(f"train.checkpoint_every must be >= 0; got {cfg.train.checkpoint_every}")
     if cfg.train.skip_grad_norm_above is not None and cfg.train.skip_grad_norm_above <= 0:

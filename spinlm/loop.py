@@ -10,11 +10,12 @@ then writes a `.done` marker; a re-run skips what is done and redoes the rest.
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 from pathlib import Path
 
 from .config import Config
-from .data import Example
 from .evaluate import evaluate
 from .generate import generate_file
 from .io import read_json, read_jsonl, write_main
@@ -23,7 +24,7 @@ from .rundir import Stage, open_run, release_lock, summarize
 from .score import score_files
 from .sft import sft
 from .train import train
-from .validate import check, report
+from .validate import Checked, check, report
 
 log = logging.getLogger("spinlm")
 
@@ -40,7 +41,8 @@ def run(cfg: Config, force: bool = False) -> Path:
     if cfg.sft.enabled:
         stage("sft", run_dir / "sft" / "model", lambda out: sft(model, train_ex, val_ex or eval_ex, out, cfg))
         model = str(run_dir / "sft" / "model")
-    evaluate_stage(stage, model, run_dir / "sft", eval_ex, cfg, pairs=None, beta=None)
+    start = model
+    evaluate_stage(stage, model, run_dir / "sft", data, cfg, pairs=None, beta=None)
     for t in range(cfg.spin.iterations):
         it = run_dir / f"iteration-{t}"
         stage("generate", it / "generations.jsonl", lambda out: generate_file(model, train_ex, out, cfg, t))
@@ -51,21 +53,39 @@ def run(cfg: Config, force: bool = False) -> Path:
                   lambda out: generate_file(model, eval_ex, out, cfg, t, desc="generate held-out"))
             stage("score-eval", it / "eval-pairs.jsonl",
                   lambda out: score_files(model, [it / "eval-generations.jsonl"], out, cfg, desc="score held-out"))
-        stage("train", it / "model", lambda out: train(model, it / "pairs.jsonl", out, cfg, t))
+        stage("train", it / "model", lambda out: train(model, it / "pairs.jsonl", out, cfg, t, val_ex or eval_ex))
         model = str(it / "model")
         pairs = read_jsonl(it / "eval-pairs.jsonl") if (it / "eval-pairs.jsonl").exists() else None
-        evaluate_stage(stage, model, it, eval_ex, cfg, pairs, cfg.per_iteration("beta", t))
+        evaluate_stage(stage, model, it, data, cfg, pairs, cfg.per_iteration("beta", t))
+    if cfg.eval.continued_sft:  # the baseline: as many SFT steps as SPIN took, from the same start
+        continued_sft(stage, run_dir, start, data, cfg)
     summarize(run_dir, cfg)
     release_lock(run_dir / ".lock")
     return run_dir
 
 
-def evaluate_stage(stage: Stage, model: str, where: Path, examples: list[Example], cfg: Config,
+def evaluate_stage(stage: Stage, model: str, where: Path, data: Checked, cfg: Config,
                    pairs: list[dict] | None, beta: float | None) -> None:
-    """where/metrics.json: held-out metrics of `model`, plus its training log if it has one."""
-    if not (examples and cfg.eval.enabled):
+    """where/metrics.json: held-out metrics of `model` ("eval"; "val" on the validation data, which
+    best-model selection uses), plus its training log if it has one."""
+    if not (data.held and cfg.eval.enabled):
         return
     training = read_json(Path(model) / "spinlm_train.json") or read_json(Path(model) / "spinlm_sft.json")
     stage("evaluate", where / "metrics.json", lambda out: write_main(out, {
-        "eval": evaluate(model, examples, cfg, pairs, beta, outputs=where / "eval-outputs.jsonl"),
+        "eval": evaluate(model, data.held, cfg, pairs, beta, outputs=where / "eval-outputs.jsonl"),
+        "val": evaluate(model, data.val, cfg) if data.val else None,
         "train": training}))
+
+
+def continued_sft(stage: Stage, run_dir: Path, start: str, data: Checked, cfg: Config) -> None:
+    """RUN/continued-sft: `start` fine-tuned on the real responses for as many optimizer steps of
+    train.batch_size examples as the SPIN iterations took together (equal steps and examples;
+    SPIN's steps also run the generated responses, so SPIN spends about twice the tokens)."""
+    steps = sum((read_json(run_dir / f"iteration-{t}" / "model" / "spinlm_train.json") or {}).get("steps", 0)
+                for t in range(cfg.spin.iterations))
+    baseline = copy.deepcopy(cfg)
+    baseline.sft.batch_size, baseline.sft.patience = cfg.train.batch_size, 0
+    baseline.sft.epochs = max(1, math.ceil(steps * cfg.train.batch_size / max(len(data.train), 1)))
+    where = run_dir / "continued-sft"
+    stage("continued-sft", where / "model", lambda out: sft(start, data.train, [], out, baseline, max_steps=steps))
+    evaluate_stage(stage, str(where / "model"), where, data, cfg, pairs=None, beta=None)

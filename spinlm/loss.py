@@ -63,3 +63,13 @@ def spin_rewards(
     generated = beta * (policy_generated_logps - ref_generated_logps)
     margin = real - generated
     return {"real": real, "generated": generated, "margin": margin, "accuracy": (margin > 0).float()}
+
+
+def real_nll_per_token(policy_real_logps: torch.Tensor, real_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-pair mean NLL per token of the real response, shape (batch,): the regulariser that
+    `spin.sft_weight` adds to the SPIN loss (TRL calls the same idea rpo_alpha; TRL averages
+    over all chosen tokens of a batch, this over each pair's tokens, then over pairs).
+
+        nll = -log p_theta(y | x) / |y|
+    """
+    return -policy_real_logps / real_tokens.clamp(min=1)

@@ -174,6 +174,7 @@ def summarize(run_dir: Path, cfg: Config) -> list[dict]:
     """RUN/summary.json: one entry per evaluated model (SFT, then each iteration)."""
     entries = []
     names = ["sft"] + [f"iteration-{t}" for t in range(cfg.spin.iterations)]
+    names += ["continued-sft"] if (run_dir / "continued-sft" / "metrics.json").exists() else []
     for name in names:
         d = run_dir / name
         seconds = {"sft": _seconds(d / "model"), "generate": _seconds(d / "generations.jsonl")
@@ -182,12 +183,60 @@ def summarize(run_dir: Path, cfg: Config) -> list[dict]:
                    "train": _seconds(d / "model") if name != "sft" else 0.0, "evaluate": _seconds(d / "metrics.json")}
         if name != "sft":
             seconds.pop("sft")
+        saved = read_json(d / "metrics.json", {})
         entries.append({"name": name, "model": str(d / "model") if (d / "model").exists() else cfg.model.name_or_path,
-                        "metrics": read_json(d / "metrics.json", {}).get("eval", {}), "seconds": seconds})
+                        "metrics": saved.get("eval", {}), "val_metrics": saved.get("val") or {}, "seconds": seconds})
+    best = select_best(entries)
     if dist.is_main():
         write_json(run_dir / "summary.json", entries)
         print(format_table(entries))
+        if best:
+            point_best(run_dir, best)
+            print(best["statement"])
     return entries
+
+
+def select_best(entries: list[dict]) -> dict | None:
+    """The best evaluated model, the start (SFT) model included: by task accuracy if there is a
+    checker, else by NLL per token; on the validation data where there is some (selecting on the
+    split the table reports would flatter the choice). Ties go to the earlier model."""
+    baseline = next((e for e in entries if e["name"] == "continued-sft"), None)
+    entries = [e for e in entries if e["name"] != "continued-sft"]
+    split = "val_metrics" if all(e["val_metrics"] for e in entries) else "metrics"
+    scored = [e for e in entries if e[split]]
+    if not scored:
+        return None
+    metric = "accuracy" if all(e[split].get("accuracy") is not None for e in scored) else "nll_per_token"
+    sign = 1 if metric == "accuracy" else -1
+    best = max(scored, key=lambda e: (sign * e[split][metric], -scored.index(e)))
+    start = scored[0]
+    delta = best[split][metric] - start[split][metric]
+    where = "validation" if split == "val_metrics" else "held-out (no validation data given)"
+    if best is start:
+        statement = (f"SPIN did not improve on the start model ({start['name']}): its {where} {metric} "
+                     f"{start[split][metric]:.4f} is the best of all iterations; RUN/best points to it.")
+    else:
+        statement = (f"SPIN improved on the start model: {where} {metric} {start[split][metric]:.4f} -> "
+                     f"{best[split][metric]:.4f} ({delta:+.4f}) at {best['name']}; RUN/best points to it.")
+    if baseline and baseline[split].get(metric) is not None:
+        statement += (f" Continued SFT at equal steps: {where} {metric} {baseline[split][metric]:.4f} "
+                      f"({baseline[split][metric] - start[split][metric]:+.4f} vs the start).")
+    return {"name": best["name"], "model": best["model"], "metric": metric, "split": split.replace("_metrics", "")
+            .replace("metrics", "eval"), "value": best[split][metric], "start": start["name"],
+            "start_value": start[split][metric], "improved": best is not start, "delta": delta,
+            "statement": statement}
+
+
+def point_best(run_dir: Path, best: dict) -> None:
+    """RUN/best.json describes the choice; RUN/best is a symlink to its model (when it is local)."""
+    write_json(run_dir / "best.json", best)
+    link, model = run_dir / "best", Path(best["model"])
+    if model.is_dir():
+        tmp = run_dir / "best.tmp-link"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(model.resolve(), run_dir.resolve()))
+        os.replace(tmp, link)
+    log.info("%s", best["statement"])
 
 
 def format_table(entries: list[dict]) -> str:

@@ -53,7 +53,7 @@ def heldout_nll(model, groups: list[Group], pad_id: int, budget: int | None, bat
 
 
 def sft(model_path: str, train_examples: list[Example], eval_examples: list[Example], out: Path,
-        cfg: Config) -> dict:
+        cfg: Config, max_steps: int | None = None) -> dict:
     """Fine-tune on the real responses; save the best (or last) model to `out`. Checkpoints
     (every train.checkpoint_every steps) and the best model so far live in `out`.checkpoints,
     so a killed SFT resumes where it stopped."""
@@ -66,7 +66,7 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     train_seqs, eval_seqs = encode_real(tokenizer, train_examples, lim), encode_real(tokenizer, eval_examples, lim)
     world, rank, pad = accelerator.num_processes, accelerator.process_index, tokenizer.pad_token_id
     per_epoch = len(epoch_steps(len(train_seqs), sc.batch_size, 1, world, rank, cfg.run.seed, 0))
-    steps = per_epoch * sc.epochs
+    steps = min(per_epoch * sc.epochs, max_steps or per_epoch * sc.epochs)
     optimizer = make_optimizer("adamw", model, sc.learning_rate, sc.weight_decay)
     scheduler = linear_schedule(optimizer, accelerator, steps, sc.warmup_ratio)
     budget = prepare(model, train_seqs, pad, cfg.packing)

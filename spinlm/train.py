@@ -15,18 +15,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from safetensors.torch import load_model, save_model
 
 from . import checkpoint
 from .config import Config
+from .data import Example
 from .errors import TrainingStopped
 from .io import fault_point, read_jsonl, write_json
 from .lora import merged
-from .loss import spin_loss, spin_rewards
+from .loss import real_nll_per_token, spin_loss, spin_rewards
 from .modeling import load_tokenizer
 from .packing import prepare, response_logps
 from .score import encode_pair, limits
@@ -34,7 +37,7 @@ from .training import epoch_steps, linear_schedule, load_trainable, make_acceler
 
 log = logging.getLogger("spinlm")
 METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margin", "rewards/accuracy",
-           "logps/real", "logps/generated", "dead_pairs", "grad_norm")
+           "logratio/real_per_token", "logratio/generated_per_token", "dead_pairs", "grad_norm")
 
 
 def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
@@ -46,25 +49,38 @@ def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
     return items
 
 
-def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, beta: float, loss_type: str):
+def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, beta: float, loss_type: str,
+                 sft_weight: float = 0.0):
     """Per-pair losses (batch,) and detached per-pair metrics, from one forward over the micro-batch
     (packed [prompt | real | generated] rows, or padded sequences when packing is off)."""
     scores = response_logps(model, [(b["prompt"], [b["real"], b["generated"]]) for b in batch], pad_id, budget)
     policy_real = torch.stack([real for (real, _), _ in scores])
     policy_generated = torch.stack([gen for _, (gen, _) in scores])
-    ref_real = torch.tensor([b["ref_real"] for b in batch], device=policy_real.device)
-    ref_generated = torch.tensor([b["ref_generated"] for b in batch], device=policy_real.device)
+    dev = policy_real.device
+    ref_real = torch.tensor([b["ref_real"] for b in batch], device=dev)
+    ref_generated = torch.tensor([b["ref_generated"] for b in batch], device=dev)
+    n_real = torch.tensor([float(n) for (_, n), _ in scores], device=dev)
+    n_generated = torch.tensor([float(n) for _, (_, n) in scores], device=dev)
     losses = spin_loss(policy_real, policy_generated, ref_real, ref_generated, beta, loss_type)
+    nll = real_nll_per_token(policy_real, n_real)
+    if sft_weight:
+        losses = losses + sft_weight * nll
     rewards = spin_rewards(policy_real.detach(), policy_generated.detach(), ref_real, ref_generated, beta)
     metrics = {"loss": losses.detach(), "dead_pairs": torch.tensor([float(b["dead"]) for b in batch]),
                "logps/real": policy_real.detach(), "logps/generated": policy_generated.detach(),
+               "nll/real_per_token": nll.detach(),
+               # policy minus reference, per token: how far each side moved from p_t
+               "logratio/real_per_token": (policy_real.detach() - ref_real) / n_real.clamp(min=1),
+               "logratio/generated_per_token": (policy_generated.detach() - ref_generated) / n_generated.clamp(min=1),
                **{f"rewards/{k}": v for k, v in rewards.items()}}
     return losses, {k: v.float().cpu() for k, v in metrics.items()}
 
 
-def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: int) -> dict:
+def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: int,
+          heldout: list[Example] | None = None) -> dict:
     """Train from `model_path` on the scored pairs; save the model to `out`; return metrics.
-    Checkpoints go to `out`.checkpoints (kept until the stage is marked done)."""
+    Checkpoints go to `out`.checkpoints (kept until the stage is marked done). With
+    train.eval_every and `heldout` examples, the best checked weights are the ones saved."""
     lr, beta, tc = cfg.per_iteration("learning_rate", iteration), cfg.per_iteration("beta", iteration), cfg.train
     accelerator = make_accelerator(tc.mixed_precision, 1)
     seed = cfg.run.seed + iteration
@@ -72,8 +88,14 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     tokenizer = load_tokenizer(model_path, cfg.model)
     model = load_trainable(model_path, cfg.model, accelerator, tc.gradient_checkpointing, cfg.peft)
     items = pair_items(tokenizer, read_jsonl(pairs_path), cfg)
+    dead = sum(i["dead"] for i in items)
+    log.info("train iteration %d: %d of %d pairs are dead (generated == real)%s", iteration, dead, len(items),
+             ": left out (spin.drop_dead_pairs)" if cfg.spin.drop_dead_pairs else "")
+    if cfg.spin.drop_dead_pairs:
+        items = [i for i in items if not i["dead"]]
     pad = tokenizer.pad_token_id
-    budget = prepare(model, [(i["prompt"], [i["real"], i["generated"]]) for i in items[:4]], pad, cfg.packing)
+    budget = prepare(model, [(i["prompt"], [i["real"], i["generated"]]) for i in items[:4]], pad,
+                     cfg.packing) if items else None
     world, rank = accelerator.num_processes, accelerator.process_index
     plan = lambda epoch: epoch_steps(len(items), tc.batch_size, tc.gradient_accumulation_steps, world, rank, seed,
                                      epoch)
@@ -81,62 +103,141 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     steps = min(per_epoch * tc.epochs, tc.max_steps or math.inf)
     optimizer = make_optimizer(tc.optimizer, model, lr, tc.weight_decay)
     scheduler = linear_schedule(optimizer, accelerator, steps, tc.warmup_ratio)
-    state = {"step": 0, "history": [], "window": [], "skipped": 0}
+    state = {"step": 0, "history": [], "window": [], "skipped": 0, "checks": [], "best": None, "stale": 0,
+             "warnings": 0}
     ckpt_dir = out.with_name(out.name + ".checkpoints")
     last = checkpoint.latest(ckpt_dir)
     if last is not None:
         state = checkpoint.load(last, model, optimizer, scheduler)
         scheduler.base_lrs = [lr for _ in scheduler.base_lrs]  # a --force resume may have changed lr
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    log.info("train iteration %d: %d pairs, %d optimizer steps, lr %g, beta %g, %s loss", iteration, len(items),
-             steps, lr, beta, cfg.spin.loss_type)
-    start, epoch_plan = time.time(), {}
-    while state["step"] < steps:
+    log.info("train iteration %d: %d pairs, %d optimizer steps, lr %g, beta %g, %s loss, sft_weight %g", iteration,
+             len(items), steps, lr, beta, cfg.spin.loss_type, cfg.spin.sft_weight)
+    checking = bool(tc.eval_every and heldout)
+    start, epoch_plan, stop = time.time(), {}, False
+    while state["step"] < steps and not stop:
         epoch, k = divmod(state["step"], per_epoch)
         micro, n_pairs = epoch_plan.setdefault(epoch, plan(epoch))[k]
-        metrics, count = {}, 0
-        for j, ids in enumerate(micro):
-            sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
-            with sync:
-                losses, per_pair = batch_losses(model, [items[i] for i in ids], pad, budget, beta, cfg.spin.loss_type)
-                accelerator.backward(losses.sum() * world / n_pairs)  # the mean over the step's pairs
-            for key, value in per_pair.items():
-                metrics.setdefault(key, []).append(value)
-            count += len(ids)
-        metrics = _mean_over_processes(accelerator, metrics, count)
-        _guard(torch.tensor(metrics["loss"]), "loss", state["step"] + 1, iteration, ckpt_dir)
-        norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
-        metrics["grad_norm"] = float(norm)
-        _guard(norm, "gradient norm", state["step"] + 1, iteration, ckpt_dir)
-        if tc.skip_grad_norm_above and metrics["grad_norm"] > tc.skip_grad_norm_above:
-            state["skipped"] += 1
-            log.warning("step %d: gradient norm %.4g > train.skip_grad_norm_above=%g: update skipped (%d so far)",
-                        state["step"] + 1, metrics["grad_norm"], tc.skip_grad_norm_above, state["skipped"])
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        state["step"] += 1
+        metrics = train_step(accelerator, model, optimizer, scheduler, [[items[i] for i in ids] for ids in micro],
+                             n_pairs, pad, budget, beta, cfg, state, iteration, ckpt_dir)
         state["window"].append(metrics)
         if state["step"] % cfg.run.log_every == 0 or state["step"] == steps:
-            state["history"].append(_log_step(state["window"], state["step"], steps, scheduler.get_last_lr()[0],
-                                              start, accelerator.is_main_process))
+            row = _log_step(state["window"], state["step"], steps, scheduler.get_last_lr()[0], start,
+                            accelerator.is_main_process)
+            state["history"].append(row)
             state["window"] = []
+            _warn_if_unlearning(row, tc.warn_real_logp_drop, iteration, state, accelerator.is_main_process)
+        if checking and (state["step"] % tc.eval_every == 0 or state["step"] == steps):
+            stop = heldout_check(accelerator, model, tokenizer, heldout, cfg, state, ckpt_dir)
         fault_point("train-step")
-        if tc.checkpoint_every and state["step"] % tc.checkpoint_every == 0 and state["step"] < steps:
+        if tc.checkpoint_every and state["step"] % tc.checkpoint_every == 0 and state["step"] < steps and not stop:
             if accelerator.is_main_process:
                 checkpoint.save(ckpt_dir, state["step"], accelerator.unwrap_model(model), optimizer, scheduler,
                                 state)
             accelerator.wait_for_everyone()
     accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(model)
+    if checking and state["checks"]:
+        load_model(final, str(ckpt_dir / "best" / "model.safetensors"))
     history = state["history"]
-    result = {"steps": steps, "pairs": len(items), "learning_rate": lr, "beta": beta,
-              "skipped_steps": state["skipped"], "history": history, "final": history[-1] if history else {}}
+    result = {"steps": state["step"], "planned_steps": steps, "pairs": len(items), "dead_pairs": dead,
+              "learning_rate": lr, "beta": beta, "skipped_steps": state["skipped"], "checks": state["checks"],
+              "best_check": _best(state["checks"]), "unlearning_warnings": state["warnings"], "history": history,
+              "final": history[-1] if history else {}}
     if accelerator.is_main_process:
-        merged(accelerator.unwrap_model(model)).save_pretrained(out, safe_serialization=True)
+        merged(final).save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         write_json(out / "spinlm_train.json", {"iteration": iteration, **result})
     return result
+
+
+def train_step(accelerator, model, optimizer, scheduler, micro: list[list[dict]], n_pairs: int, pad: int,
+               budget: int | None, beta: float, cfg: Config, state: dict, iteration: int, ckpt_dir: Path) -> dict:
+    """One optimizer step over this process's micro-batches; the loss is the mean over the step's
+    `n_pairs` pairs of all processes. Guards non-finite values; applies the grad-norm skip policy."""
+    tc, world = cfg.train, accelerator.num_processes
+    metrics, count = {}, 0
+    for j, batch in enumerate(micro):
+        sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
+        with sync:
+            losses, per_pair = batch_losses(model, batch, pad, budget, beta, cfg.spin.loss_type, cfg.spin.sft_weight)
+            accelerator.backward(losses.sum() * world / n_pairs)
+        for key, value in per_pair.items():
+            metrics.setdefault(key, []).append(value)
+        count += len(batch)
+    metrics = _mean_over_processes(accelerator, metrics, count)
+    _guard(torch.tensor(metrics["loss"]), "loss", state["step"] + 1, iteration, ckpt_dir)
+    norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
+    metrics["grad_norm"] = float(norm)
+    _guard(norm, "gradient norm", state["step"] + 1, iteration, ckpt_dir)
+    if tc.skip_grad_norm_above and metrics["grad_norm"] > tc.skip_grad_norm_above:
+        state["skipped"] += 1
+        log.warning("step %d: gradient norm %.4g > train.skip_grad_norm_above=%g: update skipped (%d so far)",
+                    state["step"] + 1, metrics["grad_norm"], tc.skip_grad_norm_above, state["skipped"])
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    state["step"] += 1
+    return metrics
+
+
+def heldout_check(accelerator, model, tokenizer, heldout: list[Example], cfg: Config, state: dict,
+                  ckpt_dir: Path) -> bool:
+    """Score the held-out metric now; keep the weights if they are the best of the iteration.
+    Returns True when train.patience checks in a row brought no improvement."""
+    name, value = heldout_metric(accelerator.unwrap_model(model), tokenizer, heldout, cfg)
+    state["checks"].append({"step": state["step"], "metric": name, "value": value})
+    better = state["best"] is None or (value > state["best"] if name == "accuracy" else value < state["best"])
+    if better:
+        state["best"], state["stale"] = value, 0
+        if accelerator.is_main_process:
+            best = ckpt_dir / "best"
+            best.mkdir(parents=True, exist_ok=True)
+            save_model(accelerator.unwrap_model(model), str(best / "model.tmp"))
+            os.replace(best / "model.tmp", best / "model.safetensors")
+        accelerator.wait_for_everyone()
+    else:
+        state["stale"] += 1
+    log.info("step %d: held-out %s %.4f%s", state["step"], name, value, " (best so far)" if better else "")
+    return bool(cfg.train.patience) and state["stale"] >= cfg.train.patience
+
+
+def heldout_metric(model, tokenizer, examples: list[Example], cfg: Config) -> tuple[str, float]:
+    """Task accuracy (greedy, with eval.checker) if there is a checker, else NLL per token of the real
+    responses: the metric in-iteration checks and best-model selection use."""
+    from .evaluate import greedy_metrics, load_checker
+    from .sft import encode_real, heldout_nll
+
+    was_training = model.training
+    model.eval()
+    checker = load_checker(cfg.eval.checker)
+    if checker:
+        result = ("accuracy", greedy_metrics(model, tokenizer, examples, cfg, checker, None)["accuracy"])
+    else:
+        groups = encode_real(tokenizer, examples, limits(cfg))
+        result = ("nll_per_token", heldout_nll(model, groups, tokenizer.pad_token_id, None, cfg.eval.batch_size))
+    model.train(was_training)
+    return result
+
+
+def _best(checks: list[dict]) -> dict | None:
+    if not checks:
+        return None
+    higher = checks[0]["metric"] == "accuracy"
+    return (max if higher else min)(checks, key=lambda c: c["value"])
+
+
+def _warn_if_unlearning(row: dict, margin: float, iteration: int, state: dict, show: bool) -> None:
+    """The failure mode of small-scale SPIN: margins grow because the real responses lose probability."""
+    drop = row.get("logratio/real_per_token")
+    if drop is not None and margin > 0 and drop < -margin:
+        state["warnings"] += 1
+        if show:
+            log.warning("iteration %d, step %d: the real responses' log-prob per token is %.3f nats below the "
+                        "reference's (threshold train.warn_real_logp_drop=%g): the model is unlearning the data "
+                        "while the margin grows; consider a lower learning rate or beta, spin.sft_weight > 0, or "
+                        "train.eval_every to keep the best weights", iteration, row["step"], -drop, margin)
 
 
 def _mean_over_processes(accelerator, metrics: dict[str, list[torch.Tensor]], count: int) -> dict[str, float]:
