@@ -34,14 +34,15 @@ def defaults(out: Path) -> dict:
         "model": {"name_or_path": str(out / "base")},
         "data": {"train": str(data / "train.jsonl"), "val": str(data / "val.jsonl"),
                  "eval": str(data / "test.jsonl"), "max_prompt_length": 64, "max_length": 96},
-        "sft": {"enabled": True, "learning_rate": 1e-3, "epochs": 12, "batch_size": 32, "patience": 2,
+        # SFT to a plateau (the paper's starting point): early stopping on validation NLL, patience 2
+        "sft": {"enabled": True, "learning_rate": 1e-3, "epochs": 40, "batch_size": 32, "patience": 2,
                 "warmup_ratio": 0.05},
         "generation": {"max_new_tokens": 16, "batch_size": 128},
         "packing": {"max_tokens": 256},
         "spin": {"iterations": 3, "mix_window": 2, "beta": 0.1, "loss_type": "sigmoid"},
         "train": {"learning_rate": 1e-5, "optimizer": "rmsprop", "epochs": 1, "batch_size": 32,
-                  "warmup_ratio": 0.1},
-        "eval": {"checker": "spinlm.demo.task:check_example", "batch_size": 100},
+                  "warmup_ratio": 0.1, "eval_every": 50},
+        "eval": {"checker": "spinlm.demo.task:check_example", "batch_size": 100, "continued_sft": True},
     }
 
 
