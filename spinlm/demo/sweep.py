@@ -33,10 +33,10 @@ GRID = {"beta": [0.1, 1.0, 5.0], "learning_rate": [1e-5, 5e-5], "sft_weight": [0
         "drop_dead_pairs": [False, True]}
 
 
-def _run(cfg: dict, path: Path) -> int:
-    """One `spinlm run` in its own process, one thread (two runs share the two cores)."""
+def _run(cfg: dict, path: Path, threads: int = 1) -> int:
+    """One `spinlm run` in its own process (one thread each when several run side by side)."""
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     with open(path.with_suffix(".log"), "w") as log:
         return subprocess.run([sys.executable, "-m", "spinlm", "run", str(path)], env=env, stdout=log,
                               stderr=subprocess.STDOUT).returncode
@@ -69,7 +69,7 @@ def sweep(out: Path, workers: int, iterations: int, seeds: list[int]) -> dict:
     sft_cfg["spin"]["iterations"] = 1
     sft_cfg["eval"]["continued_sft"] = False
     config.validate(config.build(None, None, base=sft_cfg))
-    assert _run(sft_cfg, out / "sft-run.yaml") == 0, f"SFT run failed: see {out / 'sft-run.log'}"
+    assert _run(sft_cfg, out / "sft-run.yaml", threads=os.cpu_count() or 1) == 0, f"SFT run failed: see {out / 'sft-run.log'}"
     sft_model = out / "sft-run" / "sft" / "model"
     jobs = []
     for seed, values in itertools.product(seeds, itertools.product(*GRID.values())):
