@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .cards import write_run_cards
 from .config import Config
 from .data import Example
 from .evaluate import evaluate
@@ -55,6 +56,7 @@ def run(cfg: Config, force: bool = False) -> Path:
         model = str(it / "model")
         pairs = read_jsonl(it / "eval-pairs.jsonl") if (it / "eval-pairs.jsonl").exists() else None
         evaluate_stage(stage, model, it, eval_ex, cfg, pairs, cfg.per_iteration("beta", t))
+        write_run_cards(run_dir)  # README.md model cards of the models so far (`spinlm report` adds plots)
     summarize(run_dir, cfg)
     release_lock(run_dir / ".lock")
     return run_dir
