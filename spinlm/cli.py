@@ -1,4 +1,5 @@
-"""The `spinlm` command: the whole loop (`run`, `demo`) and each stage on its own.
+"""The `spinlm` command: the whole loop (`run`, `demo`), each stage on its own, and `report` / `lm-eval`
+on what a run made.
 
 Exit codes: 0 success, 2 a mistake in the user's input (one message, no traceback),
 3 training stopped by a guard (non-finite loss or gradient), 1 a bug in spinlm (with traceback), 130 interrupted.
@@ -80,7 +81,32 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--beta", type=float, help="beta for the reward metrics (default spin.beta).")
     sp.add_argument("--out", required=True, help="Output metrics .json.")
     sub.add_parser("config", help="Print every config key with its type, default and meaning.")
+    sp = sub.add_parser("report", help="Write RUN/report/README.md (table, verdict, PNG plots) and model cards.",
+                        description="Markdown report of a run with PNG plots (needs `pip install 'spinlm[report]'`), "
+                        "and a README.md model card in each model directory of the run.")
+    sp.add_argument("run_dir", metavar="RUN_DIR", help="A run directory written by `spinlm run`.")
+    sp.add_argument("--out", help="Report directory (default RUN_DIR/report).")
+    _add_lm_eval(sub)
     return p
+
+
+def _add_lm_eval(sub) -> None:
+    sp = sub.add_parser("lm-eval", help="Benchmarks through lm-evaluation-harness (the paper's presets or any task).",
+                        description="Evaluate a model with lm-evaluation-harness (`pip install 'spinlm[lmeval]'`): "
+                        "a preset (the paper's tasks, shots and metrics; their datasets come from the Hugging Face "
+                        "Hub) or --tasks.")
+    sp.add_argument("--model", required=True, help="Model directory (e.g. RUN/iteration-2/model) or Hub id.")
+    sp.add_argument("--preset", help="open_llm (ARC, TruthfulQA, Winogrande, GSM8k, HellaSwag, MMLU) or "
+                    "bigbench_spin (BBH causal judgement, formal fallacies, sports understanding; OpenBookQA).")
+    sp.add_argument("--tasks", help="Comma-separated lm-eval task names, each optionally NAME:SHOTS.")
+    sp.add_argument("--limit", type=float, help="Examples per task (testing only); below 1: a fraction.")
+    sp.add_argument("--include-path", help="Directory of extra lm-eval task YAML files.")
+    sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="Weights dtype (auto: bf16 on a GPU that supports it, else fp32).")
+    sp.add_argument("--batch-size", default="8", help="Batch size, or 'auto' (default 8).")
+    sp.add_argument("--apply-chat-template", action="store_true",
+                    help="Render prompts with the model's chat template (the leaderboard did not).")
+    sp.add_argument("--out", required=True, help="Output results .json.")
 
 
 def _stage_config(args, overrides: list[str], model: str | None = None):
@@ -136,8 +162,29 @@ def dispatch(args, overrides: list[str]) -> None:
         from .demo.run import demo
 
         demo(args.out, overrides, force=args.force)
+    elif args.command in ("report", "lm-eval"):
+        if overrides:
+            raise UserError(f"spinlm {args.command}: unknown arguments {' '.join(overrides)}")
+        dispatch_tool(args)
     else:
         dispatch_stage(args, overrides)
+
+
+def dispatch_tool(args) -> None:
+    """Commands that read a finished run or model: report, lm-eval."""
+    if args.command == "report":
+        from .report import report
+
+        print(f"wrote {report(args.run_dir, args.out)}")
+    else:
+        from .lmeval import lm_eval_run
+
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        summary = lm_eval_run(args.model, Path(args.out), preset=args.preset, tasks=args.tasks, limit=limit,
+                              include_path=args.include_path, dtype=args.dtype, batch_size=args.batch_size,
+                              chat=args.apply_chat_template)
+        avg = summary["average"]
+        print(f"wrote {args.out}" + (f" (average {avg:.4f})" if avg is not None else ""))
 
 
 def dispatch_stage(args, overrides: list[str]) -> None:

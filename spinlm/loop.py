@@ -15,6 +15,7 @@ import logging
 import math
 from pathlib import Path
 
+from .cards import write_run_cards
 from .config import Config
 from .evaluate import evaluate
 from .generate import generate_file
@@ -60,6 +61,7 @@ def run(cfg: Config, force: bool = False) -> Path:
     if cfg.eval.continued_sft:  # the baseline: as many SFT steps as SPIN took, from the same start
         continued_sft(stage, run_dir, start, data, cfg)
     summarize(run_dir, cfg)
+    write_run_cards(run_dir)  # README.md model cards (`spinlm report RUN` adds plots)
     release_lock(run_dir / ".lock")
     return run_dir
 

@@ -169,8 +169,9 @@ def test_demo_command_small(tmp_path, capsys):
     assert f"run directory: {out / 'run'}" in text
     assert (out / "data" / "train.jsonl").exists() and (out / "base" / "model.safetensors").exists()
     summary = read_json(out / "run" / "summary.json")
-    assert [e["name"] for e in summary] == ["sft", "iteration-0"]
+    assert [e["name"] for e in summary] == ["sft", "iteration-0", "continued-sft"]  # the demo runs the baseline
     assert all(0 <= e["metrics"]["accuracy"] <= 1 for e in summary)
+    assert "Continued SFT at equal steps" in text and (out / "run" / "best.json").exists()
 
 
 def test_run_lock_refuses_a_live_owner_and_clears_a_dead_one(tmp_path, caplog):

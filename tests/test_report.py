@@ -1,0 +1,146 @@
+"""`spinlm report RUN`: README.md with the table, the verdict and PNG plots; model cards."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spinlm.cli import main
+from spinlm.io import read_json
+
+pytest.importorskip("matplotlib")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model, task_data, tmp_path_factory) -> Path:
+    """A tiny 2-iteration run (SFT 1 epoch, 16 training rows, 8 new tokens)."""
+    tmp = tmp_path_factory.mktemp("report")
+    run = tmp / "run"
+    cfg = {
+        "run": {"dir": str(run), "progress": False, "seed": 5, "log_every": 1},
+        "model": {"name_or_path": str(tiny_model)},
+        "data": {"train": str(task_data["train"]), "eval": str(task_data["test"]), "max_train_rows": 16,
+                 "max_eval_rows": 8, "max_prompt_length": 64, "max_length": 96},
+        "sft": {"enabled": True, "epochs": 1, "learning_rate": 1e-3, "batch_size": 8},
+        "generation": {"max_new_tokens": 8, "batch_size": 16},
+        "spin": {"iterations": 2, "mix_window": 1, "beta": 0.1},
+        "train": {"learning_rate": 1e-4, "epochs": 1, "batch_size": 8},
+        "eval": {"checker": "spinlm.demo.task:check_example", "batch_size": 8},
+    }
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp / "cfg.yaml")]) == 0
+    assert all((run / name / "model" / "README.md").exists() for name in ("sft", "iteration-0", "iteration-1"))
+    return run
+
+
+def _expected_verdict(summary: list[dict]) -> list[str]:
+    """The verdict lines, recomputed from summary.json's numbers."""
+    start, iters = summary[0]["metrics"], summary[1:]
+    lines = []
+    for key, label, higher, fmt in (("accuracy", "Task accuracy", True, ".3f"),
+                                    ("nll_per_token", "NLL per token", False, ".4f")):
+        values = [(e["name"], e["metrics"][key]) for e in iters]
+        best = max(values, key=lambda x: x[1]) if higher else min(values, key=lambda x: x[1])
+        parts = []
+        for kind, (name, v) in (("last", values[-1]), ("best", best)):
+            better = v > start[key] if higher else v < start[key]
+            parts.append(f"{kind} iteration ({name}) {format(v, fmt)} ({format(v - start[key], '+' + fmt)}: "
+                         f"{'improved' if better else 'no improvement'})")
+        lines.append(f"- **{label}** ({'higher' if higher else 'lower'} is better): SFT start "
+                     f"{format(start[key], fmt)}; {parts[0]}; {parts[1]}.")
+    return lines
+
+
+def test_report_readme_plots_and_verdict(run_dir, capsys):
+    assert main(["report", str(run_dir)]) == 0
+    readme = run_dir / "report" / "README.md"
+    assert f"wrote {readme}" in capsys.readouterr().out
+    text = readme.read_text()
+    summary = read_json(run_dir / "summary.json")
+    assert [e["name"] for e in summary] == ["sft", "iteration-0", "iteration-1"]
+    for line in _expected_verdict(summary):
+        assert line in text, line
+    assert "| iteration-1 |" in text and "| model | accuracy | NLL/token |" in text
+
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert set(images) == {"metrics.png", "training.png", "sft.png"}
+    for link in re.findall(r"(?<!!)\[[^\]]*\]\(([^)]+)\)", text) + images:  # every link resolves
+        assert (readme.parent / link).exists(), link
+    import matplotlib.image
+
+    for name in images:
+        path = readme.parent / name
+        assert path.read_bytes()[:8] == PNG, name
+        pixels = matplotlib.image.imread(path)
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100, name
+
+
+def test_model_cards(run_dir):
+    assert main(["report", str(run_dir)]) == 0
+    summary = {e["name"]: e["metrics"] for e in read_json(run_dir / "summary.json")}
+    for name in ("sft", "iteration-0", "iteration-1"):
+        card = (run_dir / name / "model" / "README.md").read_text()
+        _, front, body = card.split("---\n", 2)
+        meta = yaml.safe_load(front)
+        assert meta["library_name"] == "transformers"
+        assert meta["tags"] == ["spinlm", "spin", "self-play-fine-tuning"]
+        assert "base_model" not in meta  # the run started from a local directory, not a Hub id
+        assert f"| nll_per_token | {summary[name]['nll_per_token']:.4g} |" in body
+        assert f"| accuracy | {summary[name]['accuracy']:.4g} |" in body
+        assert "```yaml" in body and "max_train_rows: 16" in body
+    card1 = (run_dir / "iteration-1" / "model" / "README.md").read_text()
+    assert "Iteration 1 of" in card1 and str(run_dir / "iteration-0" / "model") in card1
+    assert "| beta | 0.1 |" in card1 and "spin:" in card1
+
+
+def test_report_custom_out_dir(run_dir, tmp_path):
+    out = tmp_path / "elsewhere"
+    assert main(["report", str(run_dir), "--out", str(out)]) == 0
+    text = (out / "README.md").read_text()
+    for link in re.findall(r"\]\(([^)]+)\)", text):
+        assert (out / link).exists(), link
+
+
+def test_bad_run_dirs_exit_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["report", str(run)]) == 2
+    assert f"{run / 'config.yaml'}: not found" in capsys.readouterr().err
+    (run / "config.yaml").write_text("spin: {iterations: 1}\n")
+    (run / "summary.json").write_text('[{"name": "sft", "metr')
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'summary.json'}: cannot be read as JSON" in err and "Traceback" not in err
+    (run / "summary.json").write_text('{"name": "sft"}')
+    assert main(["report", str(run)]) == 2
+    assert "expected a list of entries" in capsys.readouterr().err
+
+
+def test_missing_matplotlib_is_a_user_error(run_dir, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert main(["report", str(run_dir)]) == 2
+    assert "pip install 'spinlm[report]'" in capsys.readouterr().err
+
+
+def test_help_of_report_and_lm_eval(capsys):
+    for cmd, words in (("report", ("RUN_DIR", "--out")), ("lm-eval", ("--preset", "--tasks", "--include-path"))):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert all(w in text for w in words), cmd
