@@ -37,3 +37,19 @@ def tiny_model(tmp_path_factory, task_data) -> Path:
              for k, v in json.loads(line).items() if k in ("prompt", "response")]
     return build_tiny(tmp_path_factory.mktemp("tiny"), texts, hidden_size=32, num_layers=2, num_heads=2,
                       max_position_embeddings=256)
+
+
+COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def pairs(tiny_model, task_data, tmp_path_factory) -> Path:
+    """Scored pairs of the tiny model's own generations (`spinlm generate` then `spinlm score`)."""
+    from spinlm.cli import main
+
+    d = tmp_path_factory.mktemp("pairs")
+    assert main(["generate", "--model", str(tiny_model), "--data", str(task_data["train"]), "--out",
+                 str(d / "gens.jsonl"), "--generation.max_new_tokens=8", *COMMON]) == 0
+    assert main(["score", "--model", str(tiny_model), "--generations", str(d / "gens.jsonl"), "--out",
+                 str(d / "pairs.jsonl"), *COMMON]) == 0
+    return d / "pairs.jsonl"

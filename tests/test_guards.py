@@ -4,9 +4,7 @@ good checkpoint kept; the grad-norm skip policy; empty generations reported, not
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -14,17 +12,7 @@ from spinlm.cli import main
 from spinlm.io import read_json, read_jsonl, write_jsonl
 from spinlm.train import epoch_steps
 
-COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]
-
-
-@pytest.fixture(scope="module")
-def pairs(tiny_model, task_data, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("guards")
-    assert main(["generate", "--model", str(tiny_model), "--data", str(task_data["train"]), "--out",
-                 str(d / "gens.jsonl"), "--generation.max_new_tokens=8", *COMMON]) == 0
-    assert main(["score", "--model", str(tiny_model), "--generations", str(d / "gens.jsonl"), "--out",
-                 str(d / "pairs.jsonl"), *COMMON]) == 0
-    return d / "pairs.jsonl"
+from conftest import COMMON
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_model, pairs, tmp_path, capsys):

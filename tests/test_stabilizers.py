@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -19,17 +17,7 @@ from spinlm.loss import real_nll_per_token, spin_loss
 from spinlm.modeling import load_model, load_tokenizer
 from spinlm.train import batch_losses, pair_items
 
-COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]
-
-
-@pytest.fixture(scope="module")
-def pairs(tiny_model, task_data, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("stab")
-    assert main(["generate", "--model", str(tiny_model), "--data", str(task_data["train"]), "--out",
-                 str(d / "gens.jsonl"), "--generation.max_new_tokens=8", *COMMON]) == 0
-    assert main(["score", "--model", str(tiny_model), "--generations", str(d / "gens.jsonl"), "--out",
-                 str(d / "pairs.jsonl"), *COMMON]) == 0
-    return d / "pairs.jsonl"
+from conftest import COMMON
 
 
 def test_sft_weight_adds_the_real_nll_per_token(tiny_model, pairs):
