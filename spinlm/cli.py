@@ -74,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--pairs", required=True, help="Scored pairs .jsonl from `spinlm score`.")
     sp.add_argument("--out", required=True, help="Output model directory.")
     sp.add_argument("--iteration", type=int, default=0, help="Which entry of per-iteration lr/beta lists to use.")
+    sp = add("dpo", "DPO on given preference pairs (the paper's baseline; SPIN then DPO): score them under the "
+             "starting model once, then train with SPIN's loop and loss (spin.beta, spin.loss_type, train.*).")
+    sp.add_argument("--model", help="Model to start from, also the reference (default: model.name_or_path).")
+    sp.add_argument("--data", help="Preference pairs: prompt/chosen/rejected (TRL, strings or messages) or "
+                    "real/generated (SPIN data); file or Hub id, split data.train_split (default: data.train).")
+    sp.add_argument("--eval-data", help="Held-out preference pairs for reward accuracy / NLL (default: data.eval, "
+                    "split data.eval_split).")
+    sp.add_argument("--out", required=True, help="Output model directory (scored pairs go to OUT.pairs.jsonl).")
     sp = add("evaluate", "Held-out metrics of a model: NLL, task accuracy, rewards on scored pairs.")
     sp.add_argument("--model", required=True, help="Model to evaluate.")
     sp.add_argument("--data", required=True, help="Held-out data.")
@@ -87,7 +95,33 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dir", metavar="RUN_DIR", help="A run directory written by `spinlm run`.")
     sp.add_argument("--out", help="Report directory (default RUN_DIR/report).")
     _add_lm_eval(sub)
+    _add_judge(add)
     return p
+
+
+def _add_judge(add) -> None:
+    sp = add("judge", "MT-Bench-style judged evaluation: the model answers multi-turn questions (generated here), "
+             "a judge model behind an OpenAI-compatible chat endpoint grades each turn 1-10, or compares two models "
+             "in both orders (--pairwise). Judgments are cached in OUT: a re-run resumes.")
+    sp.add_argument("--model", required=True, help="Model to evaluate (model A in pairwise mode).")
+    sp.add_argument("--questions", required=True, help="Questions: MT-Bench JSON lines (question_id, category, "
+                    "turns, optional reference) or a Hub dataset id.")
+    sp.add_argument("--questions-split", default="train", help="Split when --questions is a Hub id (default train).")
+    sp.add_argument("--max-questions", type=int, help="Use only the first N questions.")
+    sp.add_argument("--judge-url", required=True, help="Base URL of the judge's OpenAI-compatible server "
+                    "(e.g. https://api.openai.com/v1 or http://127.0.0.1:8000).")
+    sp.add_argument("--judge-model", required=True, help="Model name sent to the judge server.")
+    sp.add_argument("--api-key-env", help="Name of the environment variable holding the judge's API key "
+                    "(the key itself is never logged or written).")
+    sp.add_argument("--pairwise", action="store_true", help="Compare --model with --model-b instead of grading.")
+    sp.add_argument("--model-b", help="The other model of a pairwise comparison.")
+    sp.add_argument("--sample", action="store_true", help="Sample the answers with generation.temperature / "
+                    "top_p / top_k (default: greedy).")
+    sp.add_argument("--concurrency", type=int, default=8, help="Judge requests in flight (default 8).")
+    sp.add_argument("--timeout-s", type=float, default=120.0, help="Seconds per judge request (default 120).")
+    sp.add_argument("--retries", type=int, default=4, help="Retries on connection errors, timeouts, 429, 5xx.")
+    sp.add_argument("--judge-max-tokens", type=int, default=1024, help="Longest judge reply (default 1024).")
+    sp.add_argument("--out", required=True, help="Output directory: judge.json, judgments.jsonl, answers, caches.")
 
 
 def _add_lm_eval(sub) -> None:
@@ -210,12 +244,67 @@ def dispatch_stage(args, overrides: list[str]) -> None:
         from .train import train
 
         _atomic(args.out, lambda tmp: train(args.model, Path(args.pairs), tmp, cfg, args.iteration))
+    elif args.command == "dpo":
+        _dpo(args, cfg)
+    elif args.command == "judge":
+        _judge(args, cfg)
     elif args.command == "evaluate":
         from .evaluate import evaluate
 
         examples = _examples(cfg, args.data, cfg.data.eval_split)
         pairs = read_jsonl(args.pairs) if args.pairs else None
         _atomic(args.out, lambda tmp: write_main(tmp, evaluate(args.model, examples, cfg, pairs, args.beta)))
+
+
+def _dpo(args, cfg) -> None:
+    from .data import load_examples
+    from .dpo import dpo
+
+    data, held = args.data or cfg.data.train, args.eval_data or cfg.data.eval
+    if not data:
+        raise UserError("spinlm dpo: no preference data: pass --data PREFS (or set data.train in --config)")
+    d = cfg.data
+    train = load_examples(data, split=d.train_split, format=d.format, turn=d.turn, max_rows=d.max_train_rows,
+                          preference=True)
+    heldout = load_examples(held, split=d.eval_split, format=d.format, turn=d.turn, max_rows=d.max_eval_rows,
+                            preference=True) if held else None
+    record = dpo(cfg.model.name_or_path, train, Path(args.out), cfg, heldout)
+    from . import dist
+
+    if dist.is_main():
+        ev = record["eval"] or {}
+        acc = f", held-out reward accuracy {ev['reward_accuracy']:.4f}" if ev.get("reward_accuracy") is not None else ""
+        print(f"wrote {args.out} ({record['train']['steps']} optimizer steps on {record['train_rows']} pairs{acc})")
+
+
+def _judge(args, cfg) -> None:
+    from .judge import Judge, judge_run, load_questions
+
+    if args.pairwise != bool(args.model_b):
+        raise UserError("spinlm judge: --pairwise and --model-b go together (pairwise compares --model with --model-b)")
+    for name in ("concurrency", "timeout_s", "judge_max_tokens"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"spinlm judge: --{name.replace('_', '-')} must be > 0; got {getattr(args, name)}")
+    if args.retries < 0:
+        raise UserError(f"spinlm judge: --retries must be >= 0; got {args.retries}")
+    if args.max_questions is not None and args.max_questions <= 0:
+        raise UserError(f"spinlm judge: --max-questions must be > 0; got {args.max_questions}")
+    if not args.judge_url.startswith(("http://", "https://")):
+        raise UserError(f"spinlm judge: --judge-url must start with http:// or https://; got {args.judge_url!r}")
+    questions = load_questions(args.questions, args.questions_split, args.max_questions)
+    judge = Judge(args.judge_url, args.judge_model, args.api_key_env, args.concurrency, args.timeout_s, args.retries,
+                  args.judge_max_tokens)
+    s = judge_run(cfg, questions, judge, Path(args.out), args.model_b, args.sample)
+    bad = s["unparsable"]["count"]
+    if s["mode"] == "single":
+        overall = "n/a" if s["overall"] is None else f"{s['overall']:.2f}"
+        what = f"average grade {overall} over {s['scored']} turns"
+    else:
+        rate = lambda k: "n/a" if s[k] is None else f"{s[k]:.3f}"  # noqa: E731
+        what = (f"A vs B: win {rate('win_rate')}, tie {rate('tie_rate')}, loss {rate('loss_rate')} over "
+                f"{s['scored']} comparisons")
+    print(f"wrote {Path(args.out) / 'judge.json'} ({what}; {bad} of {s['judgments']} judge replies unparsable, "
+          "not scored)")
 
 
 def main(argv: list[str] | None = None) -> int:

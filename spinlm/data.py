@@ -4,6 +4,8 @@ Sources: a local `.jsonl`, `.json` or `.parquet` file, or a Hugging Face Hub dat
 Row shapes (see FORMATS): the released SPIN data (`real`/`generated`), UltraChat-style
 `messages`, TRL preference (`prompt`/`chosen`/`rejected`, strings or conversational),
 plain `prompt`/`response`, and Alpaca (`instruction`/`input`/`output`).
+`load_examples(..., preference=True)` (for `spinlm dpo`) also keeps each row's second response
+in `Example.rejected`: TRL's `rejected`, or the SPIN data's `generated`.
 
 Every problem in the user's data is a `UserError` that names the file, the 1-based row
 (for JSON lines: the line number) and the field, and says what was expected.
@@ -48,6 +50,8 @@ _ACCEPTED = (
     "real (+ generated) -> spin; messages -> messages; prompt + chosen (+ rejected) -> trl; "
     "prompt + response -> prompt_response; instruction + output (+ input) -> alpaca"
 )
+# Formats with two responses per prompt, and the field holding the second (rejected) one.
+PREFERENCE_FIELDS = {"trl": "rejected", "spin": "generated"}
 _READABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # Names with these suffixes are meant as files, never as Hub ids.
 _FILE_SUFFIXES = _READABLE_SUFFIXES + (".csv", ".tsv", ".txt", ".gz", ".arrow")
@@ -62,6 +66,7 @@ class Example:
     id: str  # row's prompt_id if present, else first 16 hex of sha1(prompt, real)
     source: str  # "path:row" (1-based row), for messages and debugging
     extra: dict = field(default_factory=dict)  # the row's other scalar fields (e.g. `answer`)
+    rejected: str | None = None  # preference data only: the dispreferred response (TRL's `rejected`)
 
 
 @dataclass(frozen=True)
@@ -285,24 +290,46 @@ def _from_messages(row: dict, turn: str, at: _At) -> tuple[list, str]:
 
 
 def _from_trl(row: dict, turn: str, at: _At) -> tuple[list, str]:
-    """TRL preference rows, plain strings or conversational; `rejected` is not used."""
-    prompt, chosen = row["prompt"], row["chosen"]
+    """TRL preference rows, plain strings or conversational; `rejected` is read by `_rejected`."""
+    return _trl_response(row, "chosen", turn, at)
+
+
+def _trl_prompt(row: dict, at: _At) -> list[dict[str, str]]:
+    prompt = row["prompt"]
     if isinstance(prompt, str):
-        pmsgs = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list):
-        pmsgs = _messages(prompt, at, "prompt")
-    else:
-        raise at.error("prompt", f"expected a string or a list of messages, got {_tname(prompt)}")
-    if isinstance(chosen, str):
-        return _check_prompt(pmsgs, at, "prompt"), _check_text(chosen, at, "chosen")
-    if not isinstance(chosen, list):
-        raise at.error("chosen", f"expected a string or a list of messages, got {_tname(chosen)}")
-    cmsgs = _messages(chosen, at, "chosen")
-    # Older exports repeat the prompt inside `chosen` (TRL's "implicit prompt" form).
-    repeated = len(cmsgs) > len(pmsgs) and cmsgs[: len(pmsgs)] == pmsgs
-    conv = cmsgs if repeated else pmsgs + cmsgs
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list):
+        return _messages(prompt, at, "prompt")
+    raise at.error("prompt", f"expected a string or a list of messages, got {_tname(prompt)}")
+
+
+def _trl_response(row: dict, fld: str, turn: str, at: _At) -> tuple[list, str]:
+    """(prompt, text) of one response column (`chosen` or `rejected`) of a TRL row."""
+    pmsgs, value = _trl_prompt(row, at), row[fld]
+    if isinstance(value, str):
+        return _check_prompt(pmsgs, at, "prompt"), _check_text(value, at, fld)
+    if not isinstance(value, list):
+        raise at.error(fld, f"expected a string or a list of messages, got {_tname(value)}")
+    rmsgs = _messages(value, at, fld)
+    # Older exports repeat the prompt inside the response (TRL's "implicit prompt" form).
+    repeated = len(rmsgs) > len(pmsgs) and rmsgs[: len(pmsgs)] == pmsgs
+    conv = rmsgs if repeated else pmsgs + rmsgs
     base = 0 if repeated else len(pmsgs)
-    return _select_turn(conv, turn, at, "chosen", start=len(pmsgs), base=base, prompt_fld="prompt")
+    return _select_turn(conv, turn, at, fld, start=len(pmsgs), base=base, prompt_fld="prompt")
+
+
+def _rejected(row: dict, fmt: str, turn: str, at: _At) -> str:
+    """The second response of a preference row: TRL's `rejected`, or SPIN data's `generated`."""
+    fld = PREFERENCE_FIELDS.get(fmt)
+    if fld is None:
+        raise at.error(None, f"format '{fmt}' has one response per prompt; preference training (DPO) needs two: "
+                             "prompt + chosen + rejected (trl) or real + generated (spin)")
+    if row.get(fld) is None:
+        raise at.error(fld, f"missing; preference training (DPO) needs the {fld} response of every row "
+                            f"(format '{fmt}'), this row has {sorted(row)}")
+    if fmt == "trl":
+        return _trl_response(row, fld, turn, at)[1]
+    return _select_turn(_messages(row[fld], at, fld), turn, at, fld)[1]
 
 
 def _from_prompt_response(row: dict, turn: str, at: _At) -> tuple[list, str]:
@@ -345,8 +372,9 @@ def _example_id(row: dict, prompt: list, real: str, at: _At) -> str:
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def _to_example(row: dict, fmt: str, how: str, turn: str, at: _At) -> Example:
-    """Convert one row of format `fmt` (chosen `how`: explicitly or detected) to an Example."""
+def _to_example(row: dict, fmt: str, how: str, turn: str, at: _At, preference: bool = False) -> Example:
+    """Convert one row of format `fmt` (chosen `how`: explicitly or detected) to an Example;
+    with `preference`, the row's rejected response is kept too."""
     if not isinstance(row, dict):
         raise at.error(None, f"expected an object with named fields, got {_tname(row)}")
     for col in _REQUIRED[fmt]:
@@ -357,8 +385,9 @@ def _to_example(row: dict, fmt: str, how: str, turn: str, at: _At) -> Example:
     skip = _CONSUMED[fmt] | {"prompt_id"}
     extra = {k: v for k, v in row.items()
              if k not in skip and (v is None or isinstance(v, (str, int, float, bool)))}
+    rejected = _rejected(row, fmt, turn, at) if preference else None
     return Example(prompt=prompt, real=real, id=_example_id(row, prompt, real, at),
-                   source=f"{at.path}:{at.row}", extra=extra)
+                   source=f"{at.path}:{at.row}", extra=extra, rejected=rejected)
 
 
 def _check_options(format: str, turn: str, max_rows: int | None) -> None:
@@ -391,14 +420,16 @@ def _make_ids_unique(examples: list[Example], name: str) -> None:
 
 
 def load_examples(source: str, *, split: str = "train", format: str = "auto", turn: str = "first",
-                  max_rows: int | None = None, dedupe: bool = True, counts: dict | None = None) -> list[Example]:
+                  max_rows: int | None = None, dedupe: bool = True, counts: dict | None = None,
+                  preference: bool = False) -> list[Example]:
     """Load examples from a local .jsonl/.json/.parquet file or a Hub dataset id.
 
     `format="auto"` detects the format from the first row; every row is then checked against
     it. `turn` picks the first (the paper's choice) or last assistant reply of a conversation.
     `dedupe` drops exact (prompt, real) repeats, keeping the first; `max_rows` keeps the
     first N examples after dedupe (reading stops there). `counts`, if given, receives the
-    number of duplicates dropped.
+    number of duplicates dropped. `preference` (DPO) also reads each row's rejected response
+    (formats trl and spin, see PREFERENCE_FIELDS); a row without one is an error.
     """
     _check_options(format, turn, max_rows)
     name, rows = _open_source(source, split)
@@ -411,8 +442,8 @@ def load_examples(source: str, *, split: str = "train", format: str = "auto", tu
     for row_no, row in rows:
         at = _At(name, row_no)
         fmt = fmt or detect_format(row, name, row_no)
-        ex = _to_example(row, fmt, how, turn, at)
-        key = (json.dumps(ex.prompt, ensure_ascii=False), ex.real)
+        ex = _to_example(row, fmt, how, turn, at, preference)
+        key = (json.dumps(ex.prompt, ensure_ascii=False), ex.real, ex.rejected)
         if dedupe and key in seen:
             dropped += 1
             continue

@@ -45,11 +45,17 @@ def pair_groups(tokenizer, rows: list[dict], cfg: Config) -> list[tuple[list[int
 
 
 def score_files(model_path: str, generation_files: list[Path], out: Path, cfg: Config, desc: str = "score") -> dict:
-    """The stage: read pairs from generation files, score under `model_path`, write `out`.
+    """The stage: read pairs from generation files, score under `model_path`, write `out`."""
+    rows = [row for path in generation_files for row in read_jsonl(path)]
+    return score_rows(model_path, rows, out, cfg, desc, [str(p) for p in generation_files])
+
+
+def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: str = "score",
+               sources: list[str] | None = None) -> dict:
+    """Score generation-format rows (id, prompt, real, generated, finish) under `model_path`; write `out`.
 
     Pairs whose generated response is empty are dropped (counted and logged). Rows are scored
     in fixed chunks appended to `out`.partial, so a killed stage resumes after the last chunk."""
-    rows = [row for path in generation_files for row in read_jsonl(path)]
     empty = [r for r in rows if not r["generated"].strip()]
     if empty:
         log.warning("%s: %d of %d generated responses are empty (the model stopped at once); they are reported "
@@ -79,8 +85,8 @@ def score_files(model_path: str, generation_files: list[Path], out: Path, cfg: C
     if dist.is_main():
         write_jsonl(out, scored)
     n = max(len(scored), 1)
-    stats = {"pairs": len(scored), "dropped_empty": len(empty), "from": [str(p) for p in generation_files],
+    stats = {"pairs": len(scored), "dropped_empty": len(empty), "from": sources or [],
              "mean_ref_real_logp": sum(r["ref_real_logp"] for r in scored) / n,
              "mean_ref_generated_logp": sum(r["ref_generated_logp"] for r in scored) / n}
-    log.info("%s: %d pairs from %d generation file(s)", desc, len(scored), len(generation_files))
+    log.info("%s: %d pairs from %s", desc, len(scored), ", ".join(sources or []) or "the given rows")
     return stats

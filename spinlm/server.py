@@ -29,6 +29,9 @@ builds sampling from the checkpoint's generation_config: it samples only if that
 Token counts exclude the EOS, as in the local backend: servers count the stop token in
 `usage.completion_tokens`, so one is taken off rows that stopped.
 
+`chat()` sends one `/v1/chat/completions` request through the same retrying client; `spinlm judge`
+uses it to reach its judge model (spinlm/judge.py).
+
 Only the standard library is used for HTTP, so no client package is needed.
 """
 
@@ -84,6 +87,8 @@ class Endpoint:
     headers: dict  # may hold the API key: never log or save it
     timeout_s: float
     retries: int
+    role: str = "generation server"  # how error messages name it (the judge uses "judge server")
+    retries_setting: str = "generation.retries"
 
 
 def generate_server(tokenizer, prompts: list[list[int]], seeds: list[int], cfg: Config, model_path: str,
@@ -106,21 +111,27 @@ def generate_server(tokenizer, prompts: list[list[int]], seeds: list[int], cfg: 
             bar.close()
 
 
-def _auth_header(api_key_env: str | None) -> dict:
+def _auth_header(api_key_env: str | None, setting: str = "generation.api_key_env") -> dict:
+    """The Bearer header from the variable named by `setting`; the key is never logged or saved."""
     if not api_key_env:
         return {}
     key = os.environ.get(api_key_env)
     if not key:
-        raise UserError(f"generation.api_key_env names the environment variable {api_key_env}, which is not set "
+        raise UserError(f"{setting} names the environment variable {api_key_env}, which is not set "
                         "or empty: export it with the server's API key")
     return {"Authorization": f"Bearer {key}"}
+
+
+def base_url(url: str) -> str:
+    """A server's base URL: without a trailing slash or /v1 (OpenAI clients' base_url style)."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
 @contextmanager
 def _server(g: GenerationConfig, model_path: str) -> Iterator[str]:
     if g.server_url:
-        url = g.server_url.rstrip("/")
-        yield url[: -len("/v1")] if url.endswith("/v1") else url  # OpenAI clients' base_url style
+        yield base_url(g.server_url)
     else:
         assert g.server_command, "validate() requires server_url or server_command"
         with managed_server(g.server_command, model_path, g.server_start_timeout_s) as url:
@@ -176,6 +187,21 @@ def _complete(endpoint: Endpoint, prompt: list[int] | str, seed: int, g: Generat
         raise UserError(f"the generation server at {endpoint.url} rejected a completion request ({e})") from e
 
 
+def chat(endpoint: Endpoint, messages: list[dict], max_tokens: int, temperature: float = 0.0) -> str:
+    """One `/v1/chat/completions` request (non-streaming) with retries; the reply's text."""
+    body = {"model": endpoint.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+            "stream": False}
+    try:
+        answer = request_with_retries(endpoint, "/v1/chat/completions", body)
+    except _Rejected as e:
+        raise UserError(f"the {endpoint.role} at {endpoint.url} rejected a chat request ({e})") from e
+    try:
+        content = answer["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise UserError(f"the {endpoint.role}'s answer is not an OpenAI chat completion: {str(answer)[:500]}") from None
+    return content or ""
+
+
 def request_with_retries(endpoint: Endpoint, path: str, body: dict) -> dict:
     """POST JSON; retry transient failures with exponential backoff (0.5 s, 1 s, 2 s, ... at most 30 s)."""
     tries = endpoint.retries + 1
@@ -186,8 +212,8 @@ def request_with_retries(endpoint: Endpoint, path: str, body: dict) -> dict:
             reason = e
         if attempt + 1 < tries:
             time.sleep(min(0.5 * 2 ** attempt, 30.0))
-    raise UserError(f"the generation server at {endpoint.url} is unreachable or failing after {tries} "
-                    f"{'try' if tries == 1 else 'tries'} (generation.retries={endpoint.retries}): {reason}. "
+    raise UserError(f"the {endpoint.role} at {endpoint.url} is unreachable or failing after {tries} "
+                    f"{'try' if tries == 1 else 'tries'} ({endpoint.retries_setting}={endpoint.retries}): {reason}. "
                     "Check that the server is running and reachable at that address.")
 
 
@@ -349,8 +375,7 @@ def preflight(g: GenerationConfig) -> None:
     variable, that an unmanaged server answers at all, that a managed command exists."""
     _auth_header(g.api_key_env)
     if g.server_url:
-        url = g.server_url.rstrip("/")
-        url = url[: -len("/v1")] if url.endswith("/v1") else url
+        url = base_url(g.server_url)
         try:
             with _opener(url).open(url + "/health", timeout=10):
                 pass
