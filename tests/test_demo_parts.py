@@ -180,3 +180,33 @@ def test_build_model_rejects_bad_heads(tmp_path, tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     with pytest.raises(UserError):
         build_model(tok, tmp_path, hidden_size=30, num_heads=4)
+
+
+def test_sweep_table_selects_on_validation_and_reports_test(tmp_path):
+    """The sweep's ranking uses validation accuracy only; test columns are reported as they are."""
+    from spinlm.demo.sweep import _name, collect, table
+    from spinlm.io import write_json
+
+    def summary(val: list[float], test: list[float], cont: tuple[float, float] | None = None) -> list[dict]:
+        names = ["sft"] + [f"iteration-{i}" for i in range(len(val) - 1)]
+        rows = [{"name": n, "metrics": {"accuracy": t}, "val_metrics": {"accuracy": v}}
+                for n, v, t in zip(names, val, test)]
+        if cont:
+            rows.append({"name": "continued-sft", "metrics": {"accuracy": cont[1]}, "val_metrics": {"accuracy": cont[0]}})
+        return rows
+
+    a = {"beta": 0.1, "learning_rate": 1e-5, "sft_weight": 0.0, "drop_dead_pairs": False}
+    b = {"beta": 5.0, "learning_rate": 5e-5, "sft_weight": 1.0, "drop_dead_pairs": True}
+    jobs = []
+    for knobs, seed, val, test in ((a, 0, [0.9, 0.92, 0.91], [0.8, 0.99, 0.99]), (a, 1, [0.9, 0.93, 0.9], [0.8, 0.98, 0.9]),
+                                   (b, 0, [0.9, 0.95, 0.96], [0.8, 0.7, 0.71]), (b, 1, [0.9, 0.94, 0.97], [0.8, 0.72, 0.7])):
+        name = f"{_name(knobs)}-seed{seed}"
+        write_json(tmp_path / "runs" / name / "summary.json", summary(val, test, (0.98, 0.97) if knobs is a else None))
+        jobs.append((name, knobs, seed, {}))
+    results = collect(tmp_path, jobs, failed=[])
+    assert results["runs"]["beta5-lr5e-05-sftw1-drop-seed1"]["best_iteration"] == "iteration-1"
+    text = table(results, 2, [0, 1])
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert rows[0].startswith("| 1 | 5 | 5e-05 | 1 | drop | 0.965 ± 0.005 | 0.705 ± 0.005 |")  # best on validation
+    assert rows[1].startswith("| 2 | 0.1 | 1e-05 | 0 | keep | 0.925 ± 0.005 | 0.985 ± 0.005 |")  # better on test
+    assert "continued SFT at equal steps: test 0.970 ± 0.000" in text
