@@ -31,7 +31,7 @@ from .io import fault_point, read_jsonl, write_json
 from .lora import merged
 from .loss import real_nll_per_token, spin_loss, spin_rewards
 from .modeling import load_tokenizer
-from .packing import prepare, response_logps
+from .packing import pack, prepare, response_logps
 from .score import encode_pair, limits
 from .training import epoch_steps, linear_schedule, load_trainable, make_accelerator, make_optimizer
 
@@ -157,14 +157,15 @@ def train_step(accelerator, model, optimizer, scheduler, micro: list[list[dict]]
     `n_pairs` pairs of all processes. Guards non-finite values; applies the grad-norm skip policy."""
     tc, world = cfg.train, accelerator.num_processes
     metrics, count = {}, 0
-    for j, batch in enumerate(micro):
-        sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
-        with sync:
-            losses, per_pair = batch_losses(model, batch, pad, budget, beta, cfg.spin.loss_type, cfg.spin.sft_weight)
+    parts = [part for batch in micro for part in _rows(batch, budget, cfg.packing.backward_per_row)]
+    for j, part in enumerate(parts):
+        sync = contextlib.nullcontext() if j == len(parts) - 1 else accelerator.no_sync(model)
+        with sync:  # gradients of all parts add up; DDP all-reduces once, after the last
+            losses, per_pair = batch_losses(model, part, pad, budget, beta, cfg.spin.loss_type, cfg.spin.sft_weight)
             accelerator.backward(losses.sum() * world / n_pairs)
         for key, value in per_pair.items():
             metrics.setdefault(key, []).append(value)
-        count += len(batch)
+        count += len(part)
     metrics = _mean_over_processes(accelerator, metrics, count)
     _guard(torch.tensor(metrics["loss"]), "loss", state["step"] + 1, iteration, ckpt_dir)
     norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
@@ -180,6 +181,14 @@ def train_step(accelerator, model, optimizer, scheduler, micro: list[list[dict]]
     optimizer.zero_grad()
     state["step"] += 1
     return metrics
+
+
+def _rows(batch: list[dict], budget: int | None, per_row: bool) -> list[list[dict]]:
+    """The micro-batch as the packed rows it forms (one forward and backward each), or whole."""
+    if not (per_row and budget):
+        return [batch]
+    return [[batch[i] for i in row] for row in pack([(b["prompt"], [b["real"], b["generated"]]) for b in batch],
+                                                    budget)]
 
 
 def heldout_check(accelerator, model, tokenizer, heldout: list[Example], cfg: Config, state: dict,

@@ -64,3 +64,25 @@ def test_empty_generations_are_reported_and_not_trained_on(tiny_model, task_data
     assert len(scored) == len(rows) - 2 and {rows[1]["id"], rows[4]["id"]}.isdisjoint(r["id"] for r in scored)
     assert "2 of %d generated responses are empty" % len(rows) in caplog.text
     assert json.loads(json.dumps(scored[0]))["ref_real_logp"] < 0
+
+
+def test_backward_per_packed_row_gives_the_same_update(tiny_model, pairs, tmp_path):
+    """packing.backward_per_row splits a micro-batch into its packed rows, one forward and backward
+    each: the summed gradients, hence the weights after training, equal one backward per micro-batch."""
+    args = ["train", "--model", str(tiny_model), "--pairs", str(pairs), "--train.batch_size=16",
+            "--packing.max_tokens=96", "--train.learning_rate=1e-3", "--train.max_steps=3", *COMMON]
+    assert main([*args, "--out", str(tmp_path / "rows"), "--packing.backward_per_row=true"]) == 0
+    assert main([*args, "--out", str(tmp_path / "whole"), "--packing.backward_per_row=false"]) == 0
+    a, b = load_file(str(tmp_path / "rows" / "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
+    start = load_file(str(tiny_model / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4
+    from spinlm.config import Config
+    from spinlm.modeling import load_tokenizer
+    from spinlm.packing import pack
+    from spinlm.train import pair_items
+
+    cfg = Config()
+    cfg.data.max_prompt_length, cfg.data.max_length = 64, 128
+    items = pair_items(load_tokenizer(str(tiny_model), cfg.model), read_jsonl(pairs)[:16], cfg)
+    assert len(pack([(i["prompt"], [i["real"], i["generated"]]) for i in items], 96)) > 2  # really split
