@@ -75,10 +75,12 @@ def peer_spinlm(work: Path, args) -> dict:
                               "--data.max_prompt_length=2048", "--eval.batch_size=16",
                               f"--run.log_every=1000", *args.spinlm_flags])
     pairs = work / "spinlm-pairs.jsonl"
+    out = work / "spinlm-model"
+    for stale in [*work.glob("spinlm-pairs.jsonl.partial*"), out.with_name(out.name + ".checkpoints")]:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()  # a fresh run, not a resumed one
     start = time.perf_counter()
     score_files(cfg.model.name_or_path, [work / "generations.jsonl"], pairs, cfg)
     scored = time.perf_counter()
-    out = work / "spinlm-model"
     shutil.rmtree(out, ignore_errors=True)
     result = train(cfg.model.name_or_path, pairs, out, cfg, 0)
     end = time.perf_counter()
