@@ -76,7 +76,7 @@ def peer_spinlm(work: Path, args) -> dict:
                               f"--run.log_every=1000", *args.spinlm_flags])
     pairs = work / "spinlm-pairs.jsonl"
     out = work / "spinlm-model"
-    for stale in [*work.glob("spinlm-pairs.jsonl.partial*"), out.with_name(out.name + ".checkpoints")]:
+    for stale in [*work.glob("spinlm-pairs.jsonl.partial*"), *work.glob("spinlm-model.checkpoints")]:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()  # a fresh run, not a resumed one
     start = time.perf_counter()
     score_files(cfg.model.name_or_path, [work / "generations.jsonl"], pairs, cfg)
