@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -53,3 +58,43 @@ def pairs(tiny_model, task_data, tmp_path_factory) -> Path:
     assert main(["score", "--model", str(tiny_model), "--generations", str(d / "gens.jsonl"), "--out",
                  str(d / "pairs.jsonl"), *COMMON]) == 0
     return d / "pairs.jsonl"
+
+
+@contextmanager
+def scripted_server(answer, delay_s: float = 0.0):
+    """A real loopback HTTP server for tests of HTTP clients: answer(n, headers, body) -> (status,
+    payload) for the n-th POST. state["requests"] holds (path, headers, body) of each request;
+    state["max_in_flight"] the most requests served at once (each held `delay_s`)."""
+    state = {"requests": [], "in_flight": 0, "max_in_flight": 0}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                state["requests"].append((self.path, dict(self.headers), body))
+                state["in_flight"] += 1
+                state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
+                n = len(state["requests"])
+            time.sleep(delay_s)
+            status, payload = answer(n, self.headers, body)
+            with lock:
+                state["in_flight"] -= 1
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", state
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -9,10 +9,7 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from spinlm.io import read_json, read_jsonl
 from spinlm.judge import parse_grade, parse_verdict
 from spinlm.server import free_port, stop_process_group
 
-from conftest import COMMON
+from conftest import COMMON, scripted_server
 
 TRANSFORMERS = str(Path(sys.executable).parent / "transformers")
 GEN = [*COMMON, "--generation.max_new_tokens=6", "--eval.batch_size=8"]
@@ -35,38 +32,6 @@ QUESTIONS = [
     {"question_id": 82, "category": "writing", "turns": ["Write a line. g=6", "Shorter. g=x"]},
     {"question_id": 83, "category": "writing", "turns": ["Name a colour. g=8"], "reference": ["Blue."]},
 ]
-
-
-@contextmanager
-def _judge_server(answer):
-    """A real loopback HTTP server; answer(n, headers, body) -> (status, payload) for the n-th request."""
-    state = {"requests": []}
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with lock:
-                state["requests"].append((self.path, dict(self.headers), body))
-                n = len(state["requests"])
-            status, payload = answer(n, self.headers, body)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +87,7 @@ def test_single_grading_per_category_unparsable_and_retry(other_model, tmp_path,
             return 401, {"error": {"message": "bad key"}}
         return (503, {"detail": "busy"}) if n == 1 else _grader(n, headers, body)
 
-    with _judge_server(answer) as (url, state):
+    with scripted_server(answer) as (url, state):
         code = main(_argv(other_model, _write_questions(tmp_path), url + "/v1", tmp_path / "out",
                           "--api-key-env=JUDGE_KEY", "--concurrency=1"))
     out = capsys.readouterr()
@@ -153,18 +118,18 @@ def test_rerun_resumes_from_the_cache(tiny_model, tmp_path, capsys, monkeypatch)
     def failing(n, headers, body):  # the 4th request is refused (4xx: not retried): the command fails
         return (400, {"error": {"message": "quota exceeded"}}) if n == 4 else _grader(n, headers, body)
 
-    with _judge_server(failing) as (url, state):
+    with scripted_server(failing) as (url, state):
         code = main(_argv(tiny_model, questions, url, tmp_path / "out", "--concurrency=1"))
     err = capsys.readouterr().err
     assert code == 2 and "quota exceeded" in err and "Traceback" not in err
     import spinlm.judge
 
     monkeypatch.setattr(spinlm.judge, "_load", lambda *a: pytest.fail("answers must come from the cache"))
-    with _judge_server(_grader) as (url, state):
+    with scripted_server(_grader) as (url, state):
         assert main(_argv(tiny_model, questions, url, tmp_path / "out")) == 0
     assert len(state["requests"]) == 5 - 3  # three judgments were cached before the failure
     assert read_json(tmp_path / "out" / "judge.json")["scored"] == 4
-    with _judge_server(_grader) as (url, state):
+    with scripted_server(_grader) as (url, state):
         assert main(_argv(tiny_model, questions, url, tmp_path / "out")) == 0
     assert state["requests"] == []  # everything cached
 
@@ -188,7 +153,7 @@ def test_pairwise_both_orders(tiny_model, other_model, tmp_path, capsys):
         a, b = _digest(_last_reply(content, "A")), _digest(_last_reply(content, "B"))
         return _reply("[[A]]" if a < b else "[[B]]" if b < a else "[[C]]")
 
-    with _judge_server(position_blind) as (url, state):
+    with scripted_server(position_blind) as (url, state):
         assert main(_argv(tiny_model, questions, url, tmp_path / "out", "--pairwise",
                           "--model-b", str(other_model))) == 0
     assert len(state["requests"]) == 2 * 5
@@ -204,7 +169,7 @@ def test_pairwise_both_orders(tiny_model, other_model, tmp_path, capsys):
     assert s["loss_rate"] == pytest.approx(outcomes.count("b") / 5)
     assert s["tie_rate"] == pytest.approx(outcomes.count("tie") / 5)
 
-    with _judge_server(lambda n, h, body: _reply("[[A]]")) as (url, state):  # pure position bias
+    with scripted_server(lambda n, h, body: _reply("[[A]]")) as (url, state):  # pure position bias
         assert main(_argv(tiny_model, questions, url, tmp_path / "biased", "--pairwise",
                           "--model-b", str(other_model))) == 0
     s = read_json(tmp_path / "biased" / "judge.json")

@@ -3,7 +3,6 @@ here, and small HTTP servers run by the test itself that misbehave in scripted w
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -11,10 +10,8 @@ import shlex
 import socket
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,8 @@ from spinlm.errors import UserError
 from spinlm.generate import generate_file
 from spinlm.io import read_jsonl
 from spinlm.server import free_port, stop_process_group
+
+from conftest import scripted_server
 
 TRANSFORMERS = str(Path(sys.executable).parent / "transformers")
 MAX_NEW = 8
@@ -173,44 +172,6 @@ def test_managed_server_that_dies_shows_its_output(task_data, tiny_model, tmp_pa
 # ---------------------------------------------------------------- scripted HTTP servers
 
 
-@contextmanager
-def _scripted_server(answer, delay_s: float = 0.0):
-    """A real loopback HTTP server; answer(n, headers, body) -> (status, payload) for the n-th request."""
-    state = {"requests": [], "in_flight": 0, "max_in_flight": 0}
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with lock:
-                state["requests"].append((dict(self.headers), body))
-                state["in_flight"] += 1
-                state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
-                n = len(state["requests"])
-            time.sleep(delay_s)
-            status, payload = answer(n, self.headers, body)
-            with lock:
-                state["in_flight"] -= 1
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", state
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def _completion(body, finish="stop"):
     return 200, {"choices": [{"text": f"answer {body['seed'] % 1000}", "finish_reason": finish}],
                  "usage": {"completion_tokens": 4}}
@@ -234,7 +195,7 @@ def test_503_is_retried_then_succeeds(task_data, tiny_model, tmp_path, examples)
     def answer(n, headers, body):
         return (503, {"detail": "loading"}) if n <= 2 else _completion(body)
 
-    with _scripted_server(answer) as (url, st):
+    with scripted_server(answer) as (url, st):
         cfg = _cfg(tiny_model, tmp_path, f"--generation.server_url={url}", "--generation.retries=2")
         generate_file(str(tiny_model), examples[:3], tmp_path / "gen.jsonl", cfg, 0)
     rows = read_jsonl(tmp_path / "gen.jsonl")
@@ -246,12 +207,12 @@ def test_503_is_retried_then_succeeds(task_data, tiny_model, tmp_path, examples)
 
 def test_400_shows_the_servers_message_without_retrying(task_data, tiny_model, tmp_path, capsys):
     message = "max_tokens is too large for this model"
-    with _scripted_server(lambda n, h, body: (400, {"error": {"message": message}})) as (url, state):
+    with scripted_server(lambda n, h, body: (400, {"error": {"message": message}})) as (url, state):
         code, err = _cli(_generate_cli(tiny_model, task_data, tmp_path, url, "--generation.retries=3"), capsys)
     assert code == 2
     assert message in err and "HTTP 400" in err and "Traceback" not in err
     # Once as token ids, once as text (servers that take only text prompts answer 400 to ids); no retries.
-    prompts = [body["prompt"] for _, body in state["requests"]]
+    prompts = [body["prompt"] for _, _, body in state["requests"]]
     assert len(prompts) == 2 and isinstance(prompts[0], list) and isinstance(prompts[1], str)
 
 
@@ -259,17 +220,17 @@ def test_text_prompts_when_the_server_rejects_token_ids(tiny_model, tmp_path, ex
     def answer(n, headers, body):
         return (400, {"detail": "prompt must be a string."}) if isinstance(body["prompt"], list) else _completion(body)
 
-    with _scripted_server(answer) as (url, state):
+    with scripted_server(answer) as (url, state):
         cfg = _cfg(tiny_model, tmp_path, f"--generation.server_url={url}")
         generate_file(str(tiny_model), examples[:4], tmp_path / "gen.jsonl", cfg, 0)
-    kinds = [type(body["prompt"]).__name__ for _, body in state["requests"]]
+    kinds = [type(body["prompt"]).__name__ for _, _, body in state["requests"]]
     assert kinds == ["list", "str", "str", "str", "str"]  # only the first row ever goes as ids
-    assert all(body["prompt"].endswith("<|assistant|>") for _, body in state["requests"][1:])
+    assert all(body["prompt"].endswith("<|assistant|>") for _, _, body in state["requests"][1:])
 
 
 def test_concurrency_bound(tiny_model, tmp_path, task_data):
     examples = load_examples(str(task_data["train"]), max_rows=13)
-    with _scripted_server(lambda n, h, body: _completion(body, "length"), delay_s=0.1) as (url, state):
+    with scripted_server(lambda n, h, body: _completion(body, "length"), delay_s=0.1) as (url, state):
         cfg = _cfg(tiny_model, tmp_path, f"--generation.server_url={url}", "--generation.concurrency=3")
         generate_file(str(tiny_model), examples, tmp_path / "gen.jsonl", cfg, 0)
     assert len(state["requests"]) == 13
@@ -288,7 +249,7 @@ def test_api_key_is_sent_and_never_written(task_data, tiny_model, tmp_path, caps
             return 401, {"detail": "bad key"}
         return _completion(body)
 
-    with caplog.at_level(logging.DEBUG), _scripted_server(answer) as (url, state):
+    with caplog.at_level(logging.DEBUG), scripted_server(answer) as (url, state):
         code, err = _cli(_generate_cli(tiny_model, task_data, tmp_path, url,
                                        "--generation.api_key_env=SPINLM_TEST_KEY"), capsys)
     assert code == 0, err
