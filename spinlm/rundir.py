@@ -221,8 +221,8 @@ def select_best(entries: list[dict]) -> dict | None:
     if baseline and baseline[split].get(metric) is not None:
         statement += (f" Continued SFT at equal steps: {where} {metric} {baseline[split][metric]:.4f} "
                       f"({baseline[split][metric] - start[split][metric]:+.4f} vs the start).")
-    return {"name": best["name"], "model": best["model"], "metric": metric, "split": split.replace("_metrics", "")
-            .replace("metrics", "eval"), "value": best[split][metric], "start": start["name"],
+    return {"name": best["name"], "model": best["model"], "metric": metric, "split": "val" if split == "val_metrics" else "eval",
+            "value": best[split][metric], "start": start["name"],
             "start_value": start[split][metric], "improved": best is not start, "delta": delta,
             "statement": statement}
 
