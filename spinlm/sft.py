@@ -58,7 +58,7 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     (every train.checkpoint_every steps) and the best model so far live in `out`.checkpoints,
     so a killed SFT resumes where it stopped."""
     sc = cfg.sft
-    accelerator = make_accelerator(cfg.train.mixed_precision, 1)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
     set_seed(cfg.run.seed, deterministic=cfg.run.deterministic)
     tokenizer = load_tokenizer(model_path, cfg.model)
     model = load_trainable(model_path, cfg.model, accelerator, cfg.train.gradient_checkpointing, cfg.peft)

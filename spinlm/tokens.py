@@ -67,7 +67,3 @@ def encode_example(tokenizer, prompt: list[dict], responses: list[tuple[str, boo
     prompt_ids = encode_prompt(tokenizer, prompt, limits.max_prompt_length)
     room = limits.max_length - len(prompt_ids)
     return prompt_ids, [encode_response(tokenizer, text, eos)[:room] for text, eos in responses]
-
-
-def prompt_too_long(tokenizer, messages: list[dict], max_prompt_length: int) -> bool:
-    return len(encode_prompt(tokenizer, messages)) > max_prompt_length

@@ -82,7 +82,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     Checkpoints go to `out`.checkpoints (kept until the stage is marked done). With
     train.eval_every and `heldout` examples, the best checked weights are the ones saved."""
     lr, beta, tc = cfg.per_iteration("learning_rate", iteration), cfg.per_iteration("beta", iteration), cfg.train
-    accelerator = make_accelerator(tc.mixed_precision, 1)
+    accelerator = make_accelerator(tc.mixed_precision)
     seed = cfg.run.seed + iteration
     set_seed(seed, deterministic=cfg.run.deterministic)
     tokenizer = load_tokenizer(model_path, cfg.model)

@@ -11,13 +11,14 @@ from .lora import add_adapter
 from .modeling import load_model
 
 
-def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int) -> Accelerator:
-    """auto: bf16 autocast on a GPU that supports it (fp32 master weights), fp32 elsewhere."""
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """auto: bf16 autocast on a GPU that supports it (fp32 master weights), fp32 elsewhere.
+    Gradient accumulation is done by the training loops themselves (no_sync per micro-batch)."""
     if mixed_precision == "auto":
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         mixed_precision = "bf16" if cuda_bf16 else "no"
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
-                       cpu=not torch.cuda.is_available())  # cpu=True: torchrun's gloo group on CPU-only machines
+    # cpu=True on CPU-only machines, or torchrun's processes do not join one gloo group
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def load_trainable(model_path: str, model_cfg, accelerator: Accelerator, checkpointing: bool, peft_cfg=None):
