@@ -103,8 +103,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     steps = min(per_epoch * tc.epochs, tc.max_steps or math.inf)
     optimizer = make_optimizer(tc.optimizer, model, lr, tc.weight_decay)
     scheduler = linear_schedule(optimizer, accelerator, steps, tc.warmup_ratio)
-    state = {"step": 0, "history": [], "window": [], "skipped": 0, "checks": [], "best": None, "stale": 0,
-             "warnings": 0}
+    state = {"step": 0, "history": [], "window": [], "skipped": 0, "checks": [], "warnings": 0}
     ckpt_dir = out.with_name(out.name + ".checkpoints")
     last = checkpoint.latest(ckpt_dir)
     if last is not None:
@@ -196,20 +195,19 @@ def heldout_check(accelerator, model, tokenizer, heldout: list[Example], cfg: Co
     """Score the held-out metric now; keep the weights if they are the best of the iteration.
     Returns True when train.patience checks in a row brought no improvement."""
     name, value = heldout_metric(accelerator.unwrap_model(model), tokenizer, heldout, cfg)
-    state["checks"].append({"step": state["step"], "metric": name, "value": value})
-    better = state["best"] is None or (value > state["best"] if name == "accuracy" else value < state["best"])
-    if better:
-        state["best"], state["stale"] = value, 0
+    checks = state["checks"]
+    checks.append({"step": state["step"], "metric": name, "value": value})
+    best = _best(checks)  # ties go to the earlier check: only a strict improvement is better
+    if best is checks[-1]:
         if accelerator.is_main_process:
-            best = ckpt_dir / "best"
-            best.mkdir(parents=True, exist_ok=True)
-            save_model(accelerator.unwrap_model(model), str(best / "model.tmp"))
-            os.replace(best / "model.tmp", best / "model.safetensors")
+            keep = ckpt_dir / "best"
+            keep.mkdir(parents=True, exist_ok=True)
+            save_model(accelerator.unwrap_model(model), str(keep / "model.tmp"))
+            os.replace(keep / "model.tmp", keep / "model.safetensors")
         accelerator.wait_for_everyone()
-    else:
-        state["stale"] += 1
-    log.info("step %d: held-out %s %.4f%s", state["step"], name, value, " (best so far)" if better else "")
-    return bool(cfg.train.patience) and state["stale"] >= cfg.train.patience
+    log.info("step %d: held-out %s %.4f%s", state["step"], name, value, " (best so far)" if best is checks[-1] else "")
+    stale = len(checks) - 1 - checks.index(best)  # checks since the best one
+    return bool(cfg.train.patience) and stale >= cfg.train.patience
 
 
 def heldout_metric(model, tokenizer, examples: list[Example], cfg: Config) -> tuple[str, float]:
