@@ -1,5 +1,5 @@
-"""The `spinlm` command: the whole loop (`run`, `demo`), each stage on its own, and `report` / `lm-eval`
-on what a run made.
+"""The `spinlm` command: the whole loop (`run`, `demo`), each stage on its own, `report` / `lm-eval`
+on what a run made, and `experiment` (the paper's claims at CPU scale).
 
 Exit codes: 0 success, 2 a mistake in the user's input (one message, no traceback),
 3 training stopped by a guard (non-finite loss or gradient), 1 a bug in spinlm (with traceback), 130 interrupted.
@@ -96,7 +96,29 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="Report directory (default RUN_DIR/report).")
     _add_lm_eval(sub)
     _add_judge(add)
+    _add_experiment(sub)
     return p
+
+
+def _add_experiment(sub) -> None:
+    from .experiment import EXPERIMENTS
+
+    import textwrap
+
+    about = ("The paper's claims reproduced small, one command each (the plots need `pip install "
+             "'spinlm[report]'`). Every --section.key=value flag applies to each SPIN run of the experiment.")
+    listing = "\n".join(textwrap.fill(f"{k}: {e.summary}", 100, initial_indent="  ", subsequent_indent="    ")
+                         for k, e in EXPERIMENTS.items())
+    sp = sub.add_parser("experiment", help="Run one of the paper's claims at CPU scale (results.md, .json, PNG).",
+                        description=textwrap.fill(about, 100) + "\n\n" + listing, epilog=_epilog(),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("name", choices=list(EXPERIMENTS), help="Which experiment.")
+    sp.add_argument("--out", help="Output directory (default runs/experiment-NAME); re-running resumes it.")
+    sp.add_argument("--seeds", type=int, nargs="+", help="Seeds (default: the experiment's, see RESULTS.md).")
+    sp.add_argument("--iterations", type=int, help="SPIN iterations per run (default: the experiment's).")
+    sp.add_argument("--workers", type=int, default=2, help="Runs side by side, one thread each (default 2).")
+    sp.add_argument("--quick", action="store_true", help="A tiny task and model: the whole experiment in about "
+                    "a minute, to try it out (the numbers mean nothing).")
 
 
 def _add_judge(add) -> None:
@@ -196,6 +218,8 @@ def dispatch(args, overrides: list[str]) -> None:
         from .demo.run import demo
 
         demo(args.out, overrides, force=args.force)
+    elif args.command == "experiment":
+        _experiment(args, overrides)
     elif args.command in ("report", "lm-eval"):
         if overrides:
             raise UserError(f"spinlm {args.command}: unknown arguments {' '.join(overrides)}")
@@ -254,6 +278,23 @@ def dispatch_stage(args, overrides: list[str]) -> None:
         examples = _examples(cfg, args.data, cfg.data.eval_split)
         pairs = read_jsonl(args.pairs) if args.pairs else None
         _atomic(args.out, lambda tmp: write_main(tmp, evaluate(args.model, examples, cfg, pairs, args.beta)))
+
+
+def _experiment(args, overrides: list[str]) -> None:
+    from .experiment import EXPERIMENTS
+    from .experiment.common import Setup, base_config, resolved
+    from .report import require_matplotlib
+
+    exp = EXPERIMENTS[args.name]
+    setup = Setup(Path(args.out or f"runs/experiment-{args.name}"), list(args.seeds or exp.seeds),
+                  exp.iterations if args.iterations is None else args.iterations, args.workers, args.quick, overrides)
+    if setup.iterations <= 0 or setup.workers <= 0:
+        raise UserError(f"spinlm experiment: --iterations and --workers must be > 0; got {setup.iterations}, "
+                        f"{setup.workers}")
+    require_matplotlib()
+    resolved(base_config(setup), overrides)  # a bad flag is refused before anything runs
+    setup.out.mkdir(parents=True, exist_ok=True)
+    exp.run(setup)
 
 
 def _dpo(args, cfg) -> None:

@@ -93,10 +93,12 @@ def length_batches(lengths: list[int], max_new_tokens: int, batch_size: int, bat
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
              batch_tokens: int | None = None, seeds: list[int] | None = None, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, progress: bool = True, desc: str = "generate",
-             rowlog: RowLog | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+             rowlog: RowLog | None = None, shard: tuple[int, int] = (0, 1), keep_ids: bool = False) -> list[dict]:
     """Responses for token-id prompts, in input order; greedy when `seeds` is None.
 
-    Each result: {"text", "tokens" (count, EOS excluded), "finish": "eos" | "length"}.
+    Each result: {"text", "tokens" (count, EOS excluded), "finish": "eos" | "length"}, and with
+    `keep_ids` "ids": the sampled token ids themselves (EOS excluded; re-encoding the text need not
+    give them back).
     With a `rowlog`, each finished batch is appended to it durably and batches it already
     holds are not generated again (the batches are the same on every attempt). With
     `shard=(rank, world)` only every world-th batch is generated; the other rows stay {}.
@@ -127,7 +129,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         out = model.generate(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
                              generation_config=gen_config, logits_processor=processors)
         for row, i in enumerate(idx):
-            results[i] = _decode(tokenizer, out[row, width:].tolist(), eos)
+            results[i] = _decode(tokenizer, out[row, width:].tolist(), eos, keep_ids)
         if rowlog is not None:
             rowlog.add([(i, results[i]) for i in idx])
             fault_point("generate-batch")
@@ -136,11 +138,12 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     return results
 
 
-def _decode(tokenizer, ids: list[int], eos: list[int]) -> dict:
+def _decode(tokenizer, ids: list[int], eos: list[int], keep_ids: bool = False) -> dict:
     stop = next((k for k, t in enumerate(ids) if t in eos), None)
     body = ids if stop is None else ids[:stop]
-    return {"text": tokenizer.decode(body, skip_special_tokens=True), "tokens": len(body),
-            "finish": "length" if stop is None else "eos"}
+    result = {"text": tokenizer.decode(body, skip_special_tokens=True), "tokens": len(body),
+              "finish": "length" if stop is None else "eos"}
+    return {**result, "ids": body} if keep_ids else result
 
 
 def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Config, iteration: int,

@@ -83,11 +83,21 @@ def continued_sft(stage: Stage, run_dir: Path, start: str, data: Checked, cfg: C
     """RUN/continued-sft: `start` fine-tuned on the real responses for as many optimizer steps of
     train.batch_size examples as the SPIN iterations took together (equal steps and examples;
     SPIN's steps also run the generated responses, so SPIN spends about twice the tokens)."""
-    steps = sum((read_json(run_dir / f"iteration-{t}" / "model" / "spinlm_train.json") or {}).get("steps", 0)
-                for t in range(cfg.spin.iterations))
+    steps = sum(iteration_steps(run_dir, cfg.spin.iterations))
+    sft_for_steps(stage, run_dir / "continued-sft", start, data, cfg, steps)
+
+
+def iteration_steps(run_dir: Path, iterations: int) -> list[int]:
+    """Optimizer steps each finished iteration of a run took (0 where none is recorded)."""
+    return [(read_json(run_dir / f"iteration-{t}" / "model" / "spinlm_train.json") or {}).get("steps", 0)
+            for t in range(iterations)]
+
+
+def sft_for_steps(stage: Stage, where: Path, start: str, data: Checked, cfg: Config, steps: int) -> None:
+    """where/model: `start` fine-tuned on the real responses for `steps` optimizer steps of
+    train.batch_size examples (sft.learning_rate, no early stopping); where/metrics.json: its metrics."""
     baseline = copy.deepcopy(cfg)
     baseline.sft.batch_size, baseline.sft.patience = cfg.train.batch_size, 0
     baseline.sft.epochs = max(1, math.ceil(steps * cfg.train.batch_size / max(len(data.train), 1)))
-    where = run_dir / "continued-sft"
-    stage("continued-sft", where / "model", lambda out: sft(start, data.train, [], out, baseline, max_steps=steps))
+    stage(where.name, where / "model", lambda out: sft(start, data.train, [], out, baseline, max_steps=steps))
     evaluate_stage(stage, str(where / "model"), where, data, cfg, pairs=None, beta=None)

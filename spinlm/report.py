@@ -120,7 +120,7 @@ def require_matplotlib() -> None:
         raise UserError(f"spinlm report draws its plots with matplotlib, which is not installed: {INSTALL}") from None
 
 
-def _figure(rows: int, cols: int):
+def figure(rows: int, cols: int):
     """A Figure on the Agg canvas (no pyplot, no display, no global backend switch)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -153,7 +153,7 @@ def plot_metrics(run: dict, out: Path) -> str:
                                         ("sampled, training prompts", sampled_tokens)]),
               ("Share hitting max_new_tokens", [("greedy, held-out", got("greedy_hit_max_new_tokens")),
                                                 ("sampled, training prompts", sampled_hits)])]
-    fig, axes = _figure(2, 3)
+    fig, axes = figure(2, 3)
     for ax, (title, series) in zip(axes, panels):
         drawn = [_series(ax, names, values, label) for label, values in series]
         _finish(ax, title, names, any(drawn), legend=len(series) > 1)
@@ -178,7 +178,7 @@ def plot_training(run: dict, out: Path) -> str | None:
     logs = [(name, rows) for name, rows in logs if rows]
     if not logs:
         return None
-    fig, axes = _figure(2, 2)
+    fig, axes = figure(2, 2)
     panels = [("Loss", [("loss", "-")]), ("Rewards: real (solid), generated (dashed)",
                                            [("rewards/real", "-"), ("rewards/generated", "--")]),
               ("Reward margin", [("rewards/margin", "-")]), ("Reward accuracy", [("rewards/accuracy", "-")])]
@@ -208,7 +208,7 @@ def plot_sft(run: dict, out: Path) -> str | None:
     rows = [r for r in run["models"][0]["train"].get("history") or [] if _finite(r.get("heldout_nll"))]
     if run["models"][0]["name"] != "sft" or not rows:
         return None
-    fig, (ax,) = _figure(1, 1)
+    fig, (ax,) = figure(1, 1)
     ax.plot([r["step"] for r in rows], [r["heldout_nll"] for r in rows], marker="o")
     ax.set_title("SFT: held-out NLL per token", fontsize=10)
     _steps_axis(ax)

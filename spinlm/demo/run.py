@@ -48,17 +48,17 @@ def defaults(out: Path) -> dict:
     }
 
 
-def _build_inputs(out: Path) -> None:
+def _build_inputs(out: Path, task: dict = TASK, model: dict = MODEL) -> None:
     """Task data and base model, each built once (temp dir, rename, marker)."""
     data, base = out / "data", out / "base"
     if not is_done(data):
-        produce(data, lambda tmp: write_splits(tmp, **TASK))
-        mark_done(data, {"task": TASK})
+        produce(data, lambda tmp: write_splits(tmp, **task))
+        mark_done(data, {"task": task})
     if not is_done(base):
         texts = [v for line in (data / "train.jsonl").read_text(encoding="utf-8").splitlines()
                  for k, v in json.loads(line).items() if k in ("prompt", "response")]
-        produce(base, lambda tmp: build_tiny(tmp, texts, **MODEL))
-        mark_done(base, {"model": MODEL})
+        produce(base, lambda tmp: build_tiny(tmp, texts, **model))
+        mark_done(base, {"model": model})
         log.info("built the demo tokenizer and model in %s", base)
 
 

@@ -18,28 +18,16 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import yaml
-
 from .. import config
+from ..experiment.common import run_one
 from ..io import read_json
 from .run import _build_inputs, defaults
 
 GRID = {"beta": [0.1, 1.0, 5.0], "learning_rate": [1e-5, 5e-5], "sft_weight": [0.0, 1.0],
         "drop_dead_pairs": [False, True]}
-
-
-def _run(cfg: dict, path: Path, threads: int = 1) -> int:
-    """One `spinlm run` in its own process (one thread each when several run side by side)."""
-    path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-    with open(path.with_suffix(".log"), "w") as log:
-        return subprocess.run([sys.executable, "-m", "spinlm", "run", str(path)], env=env, stdout=log,
-                              stderr=subprocess.STDOUT).returncode
 
 
 def _config(base: dict, sft_model: Path, run_dir: Path, iterations: int, seed: int, **knobs) -> dict:
@@ -69,7 +57,7 @@ def sweep(out: Path, workers: int, iterations: int, seeds: list[int]) -> dict:
     sft_cfg["spin"]["iterations"] = 1
     sft_cfg["eval"]["continued_sft"] = False
     config.validate(config.build(None, None, base=sft_cfg))
-    assert _run(sft_cfg, out / "sft-run.yaml", threads=os.cpu_count() or 1) == 0, f"SFT run failed: see {out / 'sft-run.log'}"
+    assert run_one(sft_cfg, out / "sft-run.yaml", threads=os.cpu_count() or 1) == 0, f"SFT run failed: see {out / 'sft-run.log'}"
     sft_model = out / "sft-run" / "sft" / "model"
     jobs = []
     for seed, values in itertools.product(seeds, itertools.product(*GRID.values())):
@@ -80,7 +68,7 @@ def sweep(out: Path, workers: int, iterations: int, seeds: list[int]) -> dict:
         jobs.append((name, knobs, seed, cfg))
     (out / "runs").mkdir(exist_ok=True)
     with ThreadPoolExecutor(workers) as pool:
-        codes = list(pool.map(lambda j: _run(j[3], out / "runs" / f"{j[0]}.yaml"), jobs))
+        codes = list(pool.map(lambda j: run_one(j[3], out / "runs" / f"{j[0]}.yaml", threads=1), jobs))
     failed = [j[0] for j, c in zip(jobs, codes) if c != 0]
     results = collect(out, jobs, failed)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -1,0 +1,38 @@
+"""The paper's claims at CPU scale, one command each: `spinlm experiment NAME`.
+
+    spinlm experiment spin-vs-sft  [--out DIR] [--seeds 0 1 2] [--iterations 3] [--workers 2] [--quick]
+    spinlm experiment convergence  [--out DIR] [--seeds 0 1]   [--iterations 4]
+    spinlm experiment loss-beta    [--out DIR] [--seeds 0 1]   [--iterations 2]
+
+Each builds its inputs under OUT (the demo's task, tokenizer and tiny Llama: no network), runs
+ordinary `spinlm run` directories side by side (re-running the same command resumes), and writes
+OUT/results.md, OUT/results.json and a PNG plot. Any --section.key=value flag applies to every
+SPIN run of the experiment. --quick runs the same experiment on a tiny task and model (a test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import convergence, loss_beta, spin_vs_sft
+from .common import Setup
+
+
+@dataclass(frozen=True)
+class Experiment:
+    run: Callable[[Setup], dict]
+    seeds: tuple[int, ...]
+    iterations: int
+    summary: str
+
+
+EXPERIMENTS = {
+    "spin-vs-sft": Experiment(spin_vs_sft.experiment, (0, 1, 2), 3,
+                              "SPIN vs continued SFT at equal optimizer steps, per iteration, on the demo task"),
+    "convergence": Experiment(convergence.experiment, (0, 1), 4,
+                              "a teacher model as the true distribution: KL(teacher || student) per iteration, "
+                              "SPIN loss and margin vs their fixed point"),
+    "loss-beta": Experiment(loss_beta.experiment, (0, 1), 2,
+                            "sigmoid vs hinge loss at beta 0.1 and 5, the paper's loss alone"),
+}

@@ -1,0 +1,155 @@
+"""SPIN vs continued SFT at equal steps (the paper's Table 5 claim: more SFT on the same data
+stalls, SPIN keeps improving), on the demo task, several seeds.
+
+    spinlm experiment spin-vs-sft [--out runs/experiment-spin-vs-sft] [--seeds 0 1 2] [--iterations 3]
+
+One SFT start (the demo's: early stopping on validation NLL). Per seed, the demo's SPIN run
+from it, and the baseline: the same start fine-tuned further on the same real responses for as
+many optimizer steps (of train.batch_size examples) as SPIN iterations 0..t took together, for
+every t. Each point is evaluated on the test and validation splits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+from ..io import marker, read_json
+from ..loop import iteration_steps, sft_for_steps
+from ..rundir import Stage
+from ..validate import check
+from .common import (Setup, band, base_config, build_inputs, fine_tune, fmt, mean_sd, resolved, run_all, spin_config,
+                     summary, write_results)
+
+log = logging.getLogger("spinlm")
+
+
+def experiment(setup: Setup) -> dict:
+    out = setup.out
+    base = base_config(setup)
+    build_inputs(setup)
+    start = fine_tune(base, base["model"]["name_or_path"], out / "sft")
+    jobs = {f"seed{s}": spin_config(base, start, out / "runs" / f"seed{s}", s, setup.overrides,
+                                    eval={"continued_sft": True}) for s in setup.seeds}
+    failed = run_all(out / "runs", jobs, setup.workers)
+    for name in jobs:
+        if name not in failed:
+            baselines(Path(jobs[name]["run"]["dir"]), start, jobs[name])
+    results = collect(jobs, failed)
+    write_results(out, results, table(results, setup))
+    plot(results, out / "spin-vs-sft.png")
+    return results
+
+
+def baselines(run_dir: Path, start: Path, cfg_dict: dict) -> None:
+    """RUN/continued-sft-{t}: continued SFT for the steps of iterations 0..t (the run's own
+    continued-sft/ already covers all T iterations)."""
+    cfg = resolved(cfg_dict)
+    cumulative = list(itertools.accumulate(iteration_steps(run_dir, cfg.spin.iterations)))
+    data = check(cfg)
+    for t, steps in enumerate(cumulative[:-1]):
+        sft_for_steps(Stage(run_dir), run_dir / f"continued-sft-{t}", str(start), data, cfg, steps)
+
+
+def _point(entry: dict, seconds: float) -> dict:
+    m, v = entry["metrics"], entry["val_metrics"]
+    return {"test_accuracy": m.get("accuracy"), "test_nll": m.get("nll_per_token"), "val_accuracy": v.get("accuracy"),
+            "seconds": seconds}
+
+
+def collect(jobs: dict[str, dict], failed: list[str]) -> dict:
+    """Per seed: the start, then per iteration t the SPIN model and the equal-steps baseline."""
+    seeds = {}
+    for name, cfg in jobs.items():
+        if name in failed:
+            continue
+        run_dir = Path(cfg["run"]["dir"])
+        entries = summary(run_dir)
+        iterations = cfg["spin"]["iterations"]
+        steps = list(itertools.accumulate(iteration_steps(run_dir, iterations)))
+        spin_s = list(itertools.accumulate(sum(v for k, v in entries[f"iteration-{t}"]["seconds"].items()
+                                               if k != "evaluate") for t in range(iterations)))
+        rows = []
+        for t in range(iterations):
+            where = "continued-sft" if t == iterations - 1 else f"continued-sft-{t}"
+            base_entry = summary_entry(run_dir, where, entries)
+            rows.append({"iteration": t, "steps": steps[t], "spin": _point(entries[f"iteration-{t}"], spin_s[t]),
+                         "continued_sft": _point(base_entry, base_entry["seconds"].get("train", 0.0))})
+        seeds[name] = {"seed": cfg["run"]["seed"], "start": _point(entries["sft"], 0.0), "iterations": rows,
+                       "best": summary_best(run_dir)}
+    return {"seeds": seeds, "failed": failed}
+
+
+def summary_entry(run_dir: Path, where: str, entries: dict) -> dict:
+    """The summary-style entry of a baseline directory (the last one is in summary.json)."""
+    if where in entries:
+        return entries[where]
+    saved = read_json(run_dir / where / "metrics.json", {})
+    seconds = read_json(marker(run_dir / where / "model"), {}).get("seconds", 0.0)
+    return {"name": where, "metrics": saved.get("eval", {}), "val_metrics": saved.get("val") or {},
+            "seconds": {"train": seconds}}
+
+
+def summary_best(run_dir: Path) -> str | None:
+    return (read_json(run_dir / "best.json") or {}).get("name")
+
+
+def _column(results: dict, t: int | None, side: str, key: str) -> list[float]:
+    out = []
+    for r in results["seeds"].values():
+        point = r["start"] if t is None else r["iterations"][t][side]
+        if point[key] is not None:
+            out.append(point[key])
+    return out
+
+
+def table(results: dict, setup: Setup) -> str:
+    seeds = list(results["seeds"].values())
+    if not seeds:
+        return "No run finished; see the logs in runs/.\n"
+    iterations = len(seeds[0]["iterations"])
+    lines = [f"SPIN vs continued SFT at equal optimizer steps: {len(seeds)} seeds ({', '.join(str(s['seed']) for s in seeds)}), "
+             f"{iterations} SPIN iterations; mean ± sd over seeds. *Steps*: optimizer steps of SPIN iterations 0..t "
+             "together, which the continued-SFT model also took (32 examples a step; a SPIN step also runs the 32 "
+             "generated responses). *Seconds*: SPIN's generate + score + train time of iterations 0..t; continued "
+             "SFT's training time.", "",
+             f"Start (SFT): test accuracy {fmt(_column(results, None, '', 'test_accuracy'))}, "
+             f"NLL/token {fmt(_column(results, None, '', 'test_nll'), 4)}.", "",
+             "| after iteration | steps | SPIN test acc | continued SFT test acc | SPIN - SFT (paired) | "
+             "SPIN val acc | SFT val acc | SPIN NLL/token | SFT NLL/token | SPIN s | SFT s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in range(iterations):
+        steps = [r["iterations"][t]["steps"] for r in seeds]
+        diff = [r["iterations"][t]["spin"]["test_accuracy"] - r["iterations"][t]["continued_sft"]["test_accuracy"]
+                for r in seeds if r["iterations"][t]["spin"]["test_accuracy"] is not None]
+        c = lambda side, key, d=3: fmt(_column(results, t, side, key), d)  # noqa: E731
+        lines.append(f"| {t} | {steps[0] if len(set(steps)) == 1 else fmt(steps, 0)} | {c('spin', 'test_accuracy')} | {c('continued_sft', 'test_accuracy')} | "
+                     f"{fmt(diff)} | {c('spin', 'val_accuracy')} | {c('continued_sft', 'val_accuracy')} | "
+                     f"{c('spin', 'test_nll', 4)} | {c('continued_sft', 'test_nll', 4)} | {c('spin', 'seconds', 0)} | "
+                     f"{c('continued_sft', 'seconds', 0)} |")
+    lines += ["", "Chosen on validation by each run (RUN/best, the start included): "
+              + ", ".join(f"seed {r['seed']}: {r['best']}" for r in seeds) + "."]
+    if results["failed"]:
+        lines += ["", f"Failed runs (see their logs): {', '.join(results['failed'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    from ..report import figure
+
+    seeds = list(results["seeds"].values())
+    if not seeds:
+        return
+    iterations = range(len(seeds[0]["iterations"]))
+    xs = [0] + [mean_sd([r["iterations"][t]["steps"] for r in seeds])[0] for t in iterations]
+    fig, (acc, nll) = figure(1, 2)
+    for side, label in (("spin", "SPIN (after iteration t)"), ("continued_sft", "continued SFT, equal steps")):
+        for ax, key in ((acc, "test_accuracy"), (nll, "test_nll")):
+            per = [_column(results, None, "", key)] + [_column(results, t, side, key) for t in iterations]
+            band(ax, xs, per, label)
+    for ax, title in ((acc, "test accuracy (greedy, exact answer)"), (nll, "test NLL per token (real responses)")):
+        ax.set_xlabel("optimizer steps from the SFT start")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)

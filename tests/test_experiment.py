@@ -1,0 +1,164 @@
+"""`spinlm experiment NAME --quick`, run as a user runs it, and the KL estimator of the convergence
+experiment checked by hand and against a plain unpacked computation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from spinlm.experiment.convergence import kl_estimate
+from spinlm.io import read_json, read_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def experiment(name: str, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spinlm", "experiment", name, "--quick", "--out", str(out), *flags],
+                          capture_output=True, text=True, timeout=900)
+
+
+def assert_png(path: Path) -> None:
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = imread(path).shape
+    assert height > 100 and width > 100
+
+
+def test_kl_estimate_by_hand():
+    # prompt 1: log-ratios 0.5 and 0.5 -> 0.5; prompt 2: 1.0; prompt 3 has no complete sample (skipped)
+    est = kl_estimate([[-1.0, -2.0], [-0.5], []], [[-1.5, -2.5], [-1.5], []])
+    assert est["kl"] == pytest.approx(0.75)
+    assert est["se"] == pytest.approx(statistics.stdev([0.5, 1.0]) / math.sqrt(2))
+    assert (est["prompts"], est["samples"]) == (2, 3)
+    assert kl_estimate([[-3.0, -1.0]], [[-3.0, -1.0]])["kl"] == 0.0
+
+
+def test_generate_keeps_the_sampled_ids(tiny_model):
+    from spinlm.config import Config
+    from spinlm.generate import generate
+    from spinlm.modeling import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model), Config().model)
+    model = load_model(str(tiny_model), Config().model).eval()
+    prompts = [tok("What is 2+2?", add_special_tokens=False)["input_ids"], tok("Hi", add_special_tokens=False)["input_ids"]]
+    plain = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, seeds=[1, 2], progress=False)
+    kept = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, seeds=[1, 2], progress=False, keep_ids=True)
+    for p, k in zip(plain, kept):
+        assert {key: k[key] for key in p} == p  # the same draws
+        assert len(k["ids"]) == k["tokens"] and tok.decode(k["ids"], skip_special_tokens=True) == k["text"]
+
+
+def test_loss_beta_reaches_training_and_resumes(tmp_path):
+    out = tmp_path / "lb"
+    proc = experiment("loss-beta", out, "--seeds", "0", "--iterations", "1", "--run.log_every=1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = read_json(out / "results.json")
+    assert sorted(results["runs"]) == sorted(f"{loss}-beta{beta:g}-seed0" for loss in ("sigmoid", "hinge")
+                                             for beta in (0.1, 5.0))
+    for name, r in results["runs"].items():
+        log = read_json(out / "runs" / name / "iteration-0" / "model" / "spinlm_train.json")
+        assert log["beta"] == r["beta"]
+        # step 1 runs the reference weights: the loss at a zero margin is log 2 (logistic) or 1 (hinge)
+        assert log["history"][0]["step"] == 1
+        assert log["history"][0]["loss"] == pytest.approx(math.log(2) if r["loss_type"] == "sigmoid" else 1.0, abs=1e-4)
+        cfg = yaml.safe_load((out / "runs" / f"{name}.yaml").read_text())
+        assert (cfg["spin"]["sft_weight"], cfg["train"]["eval_every"], cfg["run"]["log_every"]) == (0.0, 0, 1)
+        assert [m["model"] for m in r["models"]] == ["sft", "iteration-0"]
+    md = (out / "results.md").read_text()
+    assert md.count("| sigmoid |") == 2 and md.count("| hinge |") == 2
+    assert_png(out / "loss-beta.png")
+    # re-running the same command resumes: nothing is trained again, the results are the same
+    marker = out / "runs" / "hinge-beta5-seed0" / "iteration-0" / "model.done"
+    before = marker.read_text()
+    again = experiment("loss-beta", out, "--seeds", "0", "--iterations", "1", "--run.log_every=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert marker.read_text() == before
+    assert read_json(out / "results.json") == results
+
+
+def test_spin_vs_sft_baselines_take_the_iterations_steps(tmp_path):
+    out = tmp_path / "sv"
+    proc = experiment("spin-vs-sft", out, "--seeds", "0", "1", "--iterations", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = read_json(out / "results.json")
+    assert sorted(results["seeds"]) == ["seed0", "seed1"] and not results["failed"]
+    for name, r in results["seeds"].items():
+        run = out / "runs" / name
+        steps = [read_json(run / f"iteration-{t}" / "model" / "spinlm_train.json")["steps"] for t in range(2)]
+        assert all(s > 0 for s in steps)
+        cumulative = list(itertools.accumulate(steps))
+        assert [row["steps"] for row in r["iterations"]] == cumulative
+        for t, where in enumerate(["continued-sft-0", "continued-sft"]):
+            assert read_json(run / where / "model" / "spinlm_sft.json")["steps"] == cumulative[t]
+            saved = read_json(run / where / "metrics.json")["eval"]
+            assert r["iterations"][t]["continued_sft"]["test_nll"] == saved["nll_per_token"]
+        assert r["iterations"][1]["spin"]["test_nll"] == read_json(run / "iteration-1" / "metrics.json")["eval"][
+            "nll_per_token"]
+    md = (out / "results.md").read_text()
+    assert "| 0 | " in md and "| 1 | " in md and "SPIN - SFT (paired)" in md
+    assert_png(out / "spin-vs-sft.png")
+
+
+def _plain_logps(model_dir: Path, rows: list[dict]) -> list[list[float]]:
+    """Summed log-probs of every complete sample by one padded forward per sequence (no packing)."""
+    from spinlm.config import Config
+    from spinlm.logprobs import sequence_logps
+    from spinlm.modeling import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(model_dir), Config().model)
+    model = load_model(str(model_dir), Config().model, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for r in rows:
+            seqs = [(r["prompt_ids"], s["ids"] + [tok.eos_token_id]) for s in r["samples"] if s["finish"] == "eos"]
+            out.append(sequence_logps(model, seqs, tok.pad_token_id)[0].tolist() if seqs else [])
+    return out
+
+
+def test_convergence_kl_matches_a_plain_computation(tmp_path):
+    out = tmp_path / "cv"
+    proc = experiment("convergence", out, "--seeds", "0", "--iterations", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = read_json(out / "results.json")
+    assert results["teacher_vs_itself"]["kl"] == 0.0
+    rows = read_jsonl(out / "teacher-data" / "kl.jsonl")
+    complete = [s for r in rows for s in r["samples"] if s["finish"] == "eos"]
+    assert results["data"]["kl_samples"]["complete"] == len(complete) > 0
+    teacher = _plain_logps(out / "teacher", rows)
+    stored = [[s["teacher_logp"] for s in r["samples"] if s["finish"] == "eos"] for r in rows]
+    for a, b in zip(itertools.chain(*teacher), itertools.chain(*stored)):
+        assert a == pytest.approx(b, abs=1e-4)
+    run = out / "runs" / "seed0"
+    by_model = {m["model"]: m for m in results["runs"]["seed0"]["models"]}
+    assert list(by_model) == ["sft", "iteration-0", "continued-sft"]
+    for name in by_model:
+        reference = kl_estimate(teacher, _plain_logps(run / name / "model", rows))
+        assert by_model[name]["kl"] == pytest.approx(reference["kl"], abs=1e-4)
+        assert by_model[name]["se"] == pytest.approx(reference["se"], abs=1e-4)
+        assert by_model[name]["kl"] > 0  # a different model than the teacher
+    # the student's SFT data are the teacher's own complete draws
+    train = read_jsonl(out / "teacher-data" / "train.jsonl")
+    assert len(train) == results["data"]["train"]["kept"] and all(r["response"].strip() for r in train)
+    assert "Seed 0:" in (out / "results.md").read_text()
+    assert_png(out / "convergence.png")
+
+
+def test_bad_flags_are_refused_before_anything_runs(tmp_path):
+    out = tmp_path / "bad"
+    proc = experiment("loss-beta", out, "--train.learnig_rate=1")
+    assert proc.returncode == 2
+    assert "spinlm: error:" in proc.stderr and "train.learning_rate" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+    proc = experiment("convergence", out, "--iterations", "0")
+    assert proc.returncode == 2 and "--iterations" in proc.stderr and not out.exists()
+    proc = subprocess.run([sys.executable, "-m", "spinlm", "experiment", "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "spin-vs-sft" in proc.stderr
