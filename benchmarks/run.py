@@ -266,6 +266,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     make_inputs(work, size, args.pairs or size["pairs"])
     tokens = count_tokens(work)
+    matmul_before = matmul_gflops(args.threads)
     peers = ["spinlm", "trl_live", "trl_precompute", "generate_spinlm", "generate_naive"]
     runs: dict = {p: [] for p in peers}
     for _ in range(args.repeats):
@@ -276,7 +277,9 @@ def main() -> None:
             "threads": args.threads, "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
             "smoke": args.smoke, "batch_size": BATCH, "beta": BETA, "learning_rate": LR, "loss": "sigmoid",
             "max_new_tokens": args.max_new_tokens, "spinlm_flags": args.spinlm_flags}
-    res = summarize(runs, tokens, matmul_gflops(args.threads), meta)
+    # the peak is the better of two readings, before and after the peers (the machine's speed drifts)
+    meta["matmul_gflops_readings"] = [matmul_before, matmul_gflops(args.threads)]
+    res = summarize(runs, tokens, max(meta["matmul_gflops_readings"]), meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2) + "\n")

@@ -236,12 +236,12 @@ def plot(results: dict, path: Path) -> None:
     for r in runs:
         models = [m for m in r["models"] if m["model"] != "continued-sft"]
         xs = list(range(len(models)))
-        kl_ax.errorbar(xs, [m["kl"] for m in models], yerr=[m["se"] for m in models], marker="o", capsize=3,
-                       label=f"SPIN, seed {r['seed']}")
+        drawn = kl_ax.errorbar(xs, [m["kl"] for m in models], yerr=[m["se"] for m in models], marker="o", capsize=3,
+                               label=f"SPIN, seed {r['seed']}")
         cont = next((m for m in r["models"] if m["model"] == "continued-sft"), None)
-        if cont:
-            kl_ax.errorbar([xs[-1] + 0.15], [cont["kl"]], yerr=[cont["se"]], marker="s", capsize=3,
-                           label=f"continued SFT (equal steps), seed {r['seed']}")
+        if cont:  # beside the last iteration, in the seed's colour
+            kl_ax.errorbar([xs[-1] + 0.15], [cont["kl"]], yerr=[cont["se"]], marker="s", capsize=3, linestyle="none",
+                           color=drawn.lines[0].get_color(), label=f"continued SFT (equal steps), seed {r['seed']}")
         spin = models[1:]
         loss_ax.plot(xs[1:], [m["train_loss_last"] for m in spin], marker="o", label=f"seed {r['seed']}")
         margin_ax.plot(xs[1:], [m["reward_margin"] for m in spin], marker="o", label=f"seed {r['seed']}")
