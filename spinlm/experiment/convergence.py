@@ -28,6 +28,7 @@ import torch
 
 from ..generate import generate, row_seed
 from ..config import Config
+from ..demo.build import build_model
 from ..io import is_done, mark_done, produce, read_json, read_jsonl, write_json, write_jsonl
 from ..modeling import load_model, load_tokenizer
 from ..packing import prepare, score_groups
@@ -152,8 +153,6 @@ def model_kl(model_dir: str, data: Path, cfg) -> dict:
 def student_base(teacher: Path, out: Path, shape: dict) -> Path:
     """An untrained, smaller Llama with the teacher's tokenizer (built once)."""
     if not is_done(out):
-        from ..demo.build import build_model
-
         produce(out, lambda tmp: build_model(load_tokenizer(str(teacher), Config().model), tmp, **shape))
         mark_done(out, {"model": shape})
     return out
