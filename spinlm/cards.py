@@ -44,6 +44,11 @@ def _about(run: dict, m: dict) -> list[str]:
     if m["name"] == "sft":
         return [f"Supervised fine-tuning of `{cfg['model']['name_or_path']}` on the real responses, the start "
                 f"model of a {PAPER} run made with spinlm {__version__}.", "", "## Data", "", *lines]
+    if m["name"] == "continued-sft":
+        steps = (m["train"] or {}).get("steps")
+        return [f"The baseline of a {PAPER} run made with spinlm {__version__}: the run's start model "
+                f"`{_start(run, 0)}` fine-tuned further on the real responses (continued SFT) for {steps} optimizer "
+                "steps, as many as all SPIN iterations took together.", "", "## Data", "", *lines]
     t = int(m["name"].rsplit("-", 1)[1])
     window = range(max(0, t - int(cfg.get("spin", {}).get("mix_window", 1)) + 1), t + 1)
     return [f"Iteration {t} of {PAPER}, made with spinlm {__version__}: the model p_{t + 1}, trained from and "
@@ -66,7 +71,7 @@ def card_text(run: dict, m: dict) -> str:
     front = {"library_name": "transformers", "tags": TAGS}
     if base := hub_id(cfg.get("model", {}).get("name_or_path")):
         front["base_model"] = base
-    sections = SECTIONS["sft" if m["name"] == "sft" else "iteration"]
+    sections = SECTIONS["sft" if m["name"] in ("sft", "continued-sft") else "iteration"]
     train = {k: v for k, v in (m["train"] or {}).items() if not isinstance(v, (list, dict))}
     final = {k: v for k, v in ((m["train"] or {}).get("final") or {}).items() if k not in ("step", "lr", "elapsed_s")}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",

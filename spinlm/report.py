@@ -82,8 +82,11 @@ def _model_entry(run_dir: Path, name: str, summary: list[dict] | None) -> dict:
 # ---------------------------------------------------------------- the verdict
 
 def verdict(entries: list[dict]) -> list[str]:
-    """One line per compared metric: the last and the best iteration against the SFT start."""
-    start, iters = entries[0]["metrics"], [e for e in entries[1:] if e["metrics"]]
+    """One line per compared metric: the last and the best iteration against the SFT start; the
+    continued-SFT baseline, when the run has one, on a line of its own (it is no iteration)."""
+    baseline = next((e for e in entries if e["name"] == "continued-sft" and e["metrics"]), None)
+    start = entries[0]["metrics"]
+    iters = [e for e in entries[1:] if e["metrics"] and e["name"] != "continued-sft"]
     if not start or not iters:
         return ["- No comparison: the SFT start and at least one iteration need held-out metrics "
                 "(`eval.enabled` and `data.eval`)."]
@@ -98,6 +101,10 @@ def verdict(entries: list[dict]) -> list[str]:
                  for kind, e in (("last", measured[-1]), ("best", best))]
         lines.append(f"- **{label}** ({'higher' if higher else 'lower'} is better): SFT start "
                      f"{start[key]:{fmt}}; {parts[0]}; {parts[1]}.")
+    if baseline:
+        got = [f"{label.lower()} {baseline['metrics'][key]:{fmt}}" for key, label, _, fmt in VERDICT
+               if _finite(baseline["metrics"].get(key))]
+        lines.append(f"- **Continued SFT at equal steps** (the baseline, not an iteration): {', '.join(got)}.")
     return lines
 
 

@@ -144,3 +144,23 @@ def test_help_of_report_and_lm_eval(capsys):
         assert e.value.code == 0
         text = capsys.readouterr().out
         assert all(w in text for w in words), cmd
+
+
+def test_continued_sft_is_the_baseline_not_an_iteration(tmp_path):
+    """A run with eval.continued_sft (the demo's): the verdict compares iterations only and names the
+    baseline on its own line; its model card says what it is."""
+    from spinlm.cards import card_text
+    from spinlm.report import verdict
+
+    entries = [{"name": "sft", "metrics": {"accuracy": 0.5, "nll_per_token": 0.3}},
+               {"name": "iteration-0", "metrics": {"accuracy": 0.6, "nll_per_token": 0.2}},
+               {"name": "continued-sft", "metrics": {"accuracy": 0.9, "nll_per_token": 0.1}}]
+    lines = verdict(entries)
+    assert "last iteration (iteration-0) 0.600 (+0.100: improved)" in lines[0]
+    assert "continued-sft" not in lines[0] + lines[1]
+    assert lines[2] == ("- **Continued SFT at equal steps** (the baseline, not an iteration): task accuracy 0.900, "
+                        "nll per token 0.1000.")
+    run = {"dir": tmp_path, "config": {"model": {"name_or_path": "base"}, "data": {"train": "t.jsonl"}},
+           "models": [{"name": "sft", "model": tmp_path / "sft" / "model"}]}
+    card = card_text(run, {"name": "continued-sft", "train": {"steps": 783}, "metrics": {"accuracy": 0.9}})
+    assert "fine-tuned further on the real responses (continued SFT) for 783 optimizer steps" in card
