@@ -37,7 +37,7 @@ def experiment(setup: Setup) -> dict:
         if name not in failed:
             baselines(Path(jobs[name]["run"]["dir"]), start, jobs[name])
     results = collect(jobs, failed)
-    write_results(out, results, table(results, setup))
+    write_results(out, results, table(results))
     plot(results, out / "spin-vs-sft.png")
     return results
 
@@ -104,7 +104,7 @@ def _column(results: dict, t: int | None, side: str, key: str) -> list[float]:
     return out
 
 
-def table(results: dict, setup: Setup) -> str:
+def table(results: dict) -> str:
     seeds = list(results["seeds"].values())
     if not seeds:
         return "No run finished; see the logs in runs/.\n"
