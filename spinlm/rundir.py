@@ -170,22 +170,26 @@ def _seconds(path: Path) -> float:
     return (read_json(marker(path), {}) or {}).get("seconds", 0.0) if is_done(path) else 0.0
 
 
+def model_entry(run_dir: Path, name: str, start_model: str) -> dict:
+    """The summary entry of RUN/NAME: its model, held-out ("metrics") and validation metrics, and
+    the seconds of its stages (`start_model` stands in when RUN/sft has no model of its own)."""
+    d = run_dir / name
+    seconds = {"sft": _seconds(d / "model"), "generate": _seconds(d / "generations.jsonl")
+               + _seconds(d / "eval-generations.jsonl"),
+               "score": _seconds(d / "pairs.jsonl") + _seconds(d / "eval-pairs.jsonl"),
+               "train": _seconds(d / "model") if name != "sft" else 0.0, "evaluate": _seconds(d / "metrics.json")}
+    if name != "sft":
+        seconds.pop("sft")
+    saved = read_json(d / "metrics.json", {})
+    return {"name": name, "model": str(d / "model") if (d / "model").exists() else start_model,
+            "metrics": saved.get("eval", {}), "val_metrics": saved.get("val") or {}, "seconds": seconds}
+
+
 def summarize(run_dir: Path, cfg: Config) -> list[dict]:
     """RUN/summary.json: one entry per evaluated model (SFT, then each iteration)."""
-    entries = []
     names = ["sft"] + [f"iteration-{t}" for t in range(cfg.spin.iterations)]
     names += ["continued-sft"] if (run_dir / "continued-sft" / "metrics.json").exists() else []
-    for name in names:
-        d = run_dir / name
-        seconds = {"sft": _seconds(d / "model"), "generate": _seconds(d / "generations.jsonl")
-                   + _seconds(d / "eval-generations.jsonl"),
-                   "score": _seconds(d / "pairs.jsonl") + _seconds(d / "eval-pairs.jsonl"),
-                   "train": _seconds(d / "model") if name != "sft" else 0.0, "evaluate": _seconds(d / "metrics.json")}
-        if name != "sft":
-            seconds.pop("sft")
-        saved = read_json(d / "metrics.json", {})
-        entries.append({"name": name, "model": str(d / "model") if (d / "model").exists() else cfg.model.name_or_path,
-                        "metrics": saved.get("eval", {}), "val_metrics": saved.get("val") or {}, "seconds": seconds})
+    entries = [model_entry(run_dir, name, cfg.model.name_or_path) for name in names]
     best = select_best(entries)
     if dist.is_main():
         write_json(run_dir / "summary.json", entries)

@@ -15,9 +15,9 @@ import itertools
 import logging
 from pathlib import Path
 
-from ..io import marker, read_json
+from ..io import read_json
 from ..loop import iteration_steps, sft_for_steps
-from ..rundir import Stage
+from ..rundir import Stage, model_entry
 from ..validate import check
 from .common import (Setup, band, base_config, build_inputs, fine_tune, fmt, mean_sd, resolved, run_all, spin_config,
                      summary, write_results)
@@ -73,22 +73,12 @@ def collect(jobs: dict[str, dict], failed: list[str]) -> dict:
         rows = []
         for t in range(iterations):
             where = "continued-sft" if t == iterations - 1 else f"continued-sft-{t}"
-            base_entry = summary_entry(run_dir, where, entries)
+            base_entry = entries.get(where) or model_entry(run_dir, where, cfg["model"]["name_or_path"])
             rows.append({"iteration": t, "steps": steps[t], "spin": _point(entries[f"iteration-{t}"], spin_s[t]),
                          "continued_sft": _point(base_entry, base_entry["seconds"].get("train", 0.0))})
         seeds[name] = {"seed": cfg["run"]["seed"], "start": _point(entries["sft"], 0.0), "iterations": rows,
                        "best": summary_best(run_dir)}
     return {"seeds": seeds, "failed": failed}
-
-
-def summary_entry(run_dir: Path, where: str, entries: dict) -> dict:
-    """The summary-style entry of a baseline directory (the last one is in summary.json)."""
-    if where in entries:
-        return entries[where]
-    saved = read_json(run_dir / where / "metrics.json", {})
-    seconds = read_json(marker(run_dir / where / "model"), {}).get("seconds", 0.0)
-    return {"name": where, "metrics": saved.get("eval", {}), "val_metrics": saved.get("val") or {},
-            "seconds": {"train": seconds}}
 
 
 def summary_best(run_dir: Path) -> str | None:
