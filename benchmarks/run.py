@@ -181,8 +181,8 @@ def count_tokens(work: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(work / "model")
     rows = [json.loads(line) for line in (work / "generations.jsonl").read_text().splitlines()]
     p = [len(encode_prompt(tok, r["prompt"])) for r in rows]
-    real = [len(encode_response(tok, r["real"])) for r in rows]
-    gen = [len(encode_response(tok, r["generated"])) for r in rows]
+    real = [len(encode_response(tok, r["prompt"], r["real"])) for r in rows]
+    gen = [len(encode_response(tok, r["prompt"], r["generated"])) for r in rows]
     model = AutoModelForCausalLM.from_pretrained(work / "model")
     params = sum(x.numel() for x in model.parameters())
     return {"pairs": len(rows), "prompt_tokens": sum(p), "real_tokens": sum(real), "generated_tokens": sum(gen),

@@ -309,7 +309,17 @@ def _dpo(args, cfg) -> None:
                           preference=True)
     heldout = load_examples(held, split=d.eval_split, format=d.format, turn=d.turn, max_rows=d.max_eval_rows,
                             preference=True) if held else None
-    record = dpo(cfg.model.name_or_path, train, Path(args.out), cfg, heldout)
+    val = []
+    if cfg.train.eval_every > 0:  # in-training checks select on validation pairs, never on the reported held-out ones
+        from .validate import require_validation, validation_split
+
+        if d.val:
+            val = load_examples(d.val, split=d.val_split, format=d.format, turn=d.turn, max_rows=d.max_eval_rows,
+                                preference=True)
+        else:
+            train, val = validation_split(cfg, train, data)
+        require_validation(cfg, val)
+    record = dpo(cfg.model.name_or_path, train, Path(args.out), cfg, heldout, val)
     from . import dist
 
     if dist.is_main():

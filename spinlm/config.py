@@ -56,9 +56,14 @@ class ModelConfig:
 class DataConfig:
     train: str = _f("", "Training data: a .jsonl/.json/.parquet file or a Hub dataset id.")
     train_split: str = _f("train", "Split to use when `train` is a Hub dataset id.")
-    val: str | None = _f(None, "Validation data for SFT early stopping (default: the `eval` data).")
+    val: str | None = _f(None, "Validation data: what SFT early stopping, in-iteration checks (train.eval_every) and "
+                         "RUN/best select on (default: a slice of the training rows, data.val_size).")
     val_split: str = _f("validation", "Split to use when `val` is a Hub dataset id.")
-    eval: str | None = _f(None, "Held-out data for the reported metrics (same formats as `train`).")
+    val_size: float = _f(0.05, "Without data.val: the share (below 1) or number (1 and up) of training rows split off, "
+                         "seeded by run.seed, as validation data (at most data.max_eval_rows; they are not trained "
+                         "on); 0 = none, and then nothing is selected (no early stopping, checks or RUN/best).")
+    eval: str | None = _f(None, "Held-out data for the reported metrics (same formats as `train`); never selected "
+                          "on.")
     eval_split: str = _f("test", "Split to use when `eval` is a Hub dataset id.")
     format: str = _f("auto", "Input format: auto, spin, messages, trl, prompt_response, alpaca.")
     turn: str = _f("first", "Which assistant turn is the real response: first (the paper) or last.")
@@ -126,6 +131,9 @@ class TrainConfig:
                          "data (task accuracy with eval.checker, else NLL of the real responses) and keep the best "
                          "weights of the iteration; 0 = off (the last weights are kept).")
     patience: int = _f(0, "With eval_every: stop the iteration after N checks without improvement; 0 = never.")
+    disable_dropout: bool = _f(True, "Turn the policy's dropout off in SPIN/DPO training (TRL's default): the reference "
+                               "log-probs are computed without dropout, so with it the policy differs from its "
+                               "reference at step 0. SFT keeps the model's dropout; a LoRA adapter keeps peft.dropout.")
     skip_grad_norm_above: float | None = _f(None, "Skip (and count) optimizer updates whose gradient norm, before "
                                             "clipping, exceeds this; null = never skip.")
 
@@ -147,7 +155,8 @@ class SFTConfig:
     enabled: bool = _f(False, "Run supervised fine-tuning on the training data before SPIN.")
     learning_rate: float = _f(2e-5, "Peak learning rate (AdamW).")
     epochs: int = _f(3, "Most epochs.")
-    batch_size: int = _f(16, "Examples per micro-batch.")
+    batch_size: int = _f(16, "Examples per micro-batch (per process).")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     warmup_ratio: float = _f(0.05, "Warm-up share of the steps.")
     weight_decay: float = _f(0.0, "Weight decay.")
     patience: int = _f(0, "Stop after N evaluations without a better held-out NLL; 0 = never stop early.")
@@ -397,7 +406,8 @@ def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
                 "generation.batch_size": cfg.generation.batch_size,
                 "generation.batch_tokens": cfg.generation.batch_tokens, "data.max_length": cfg.data.max_length,
                 "data.max_prompt_length": cfg.data.max_prompt_length, "sft.epochs": cfg.sft.epochs,
-                "sft.batch_size": cfg.sft.batch_size, "sft.learning_rate": cfg.sft.learning_rate,
+                "sft.batch_size": cfg.sft.batch_size,
+                "sft.gradient_accumulation_steps": cfg.sft.gradient_accumulation_steps, "sft.learning_rate": cfg.sft.learning_rate,
                 "generation.temperature": cfg.generation.temperature, "eval.batch_size": cfg.eval.batch_size,
                 "run.log_every": cfg.run.log_every, "packing.max_tokens": cfg.packing.max_tokens}
     problems += [f"{k} must be > 0; got {v}" for k, v in positive.items() if v <= 0]
@@ -416,6 +426,8 @@ def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
             problems.append(f"{key} must be in [0, 1)")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         problems.append("data.max_prompt_length must be smaller than data.max_length")
+    if cfg.data.val_size < 0 or (cfg.data.val_size >= 1 and cfg.data.val_size != int(cfg.data.val_size)):
+        problems.append(f"data.val_size must be a share in [0, 1) or a whole number of rows; got {cfg.data.val_size}")
     if cfg.spin.sft_weight < 0:
         problems.append(f"spin.sft_weight must be >= 0; got {cfg.spin.sft_weight}")
     for key in ("eval_every", "patience"):

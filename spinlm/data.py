@@ -277,16 +277,43 @@ def _select_turn(msgs: list[dict[str, str]], turn: str, at: _At, fld: str,
 
 
 def _from_spin(row: dict, turn: str, at: _At) -> tuple[list, str]:
-    """SPIN data: `real` is [user..., assistant]; `generated` is the old model's pair (ignored)."""
+    """SPIN data: `real` is [user..., assistant]; `generated` is the old model's reply to the same
+    prompt (not read as a response, but checked to answer the same prompt: a row whose two sides
+    disagree about the conversation is an input error, not silently trained on)."""
+    prompt, real = _select_turn(_messages(row["real"], at, "real"), turn, at, "real")
     gen = row.get("generated")
-    if gen is not None and not isinstance(gen, list):
-        raise at.error("generated", f"expected a list of messages, got {_tname(gen)}")
-    return _select_turn(_messages(row["real"], at, "real"), turn, at, "real")
+    if gen is not None:
+        if not isinstance(gen, list):
+            raise at.error("generated", f"expected a list of messages, got {_tname(gen)}")
+        gen_msgs = _messages(gen, at, "generated")
+        picks = [i for i, m in enumerate(gen_msgs) if m["role"] == "assistant"]
+        cut = (picks[0] if turn == "first" else picks[-1]) if picks else len(gen_msgs)
+        _same_prompt(prompt, gen_msgs[:cut], at, "generated", "real")
+    return prompt, real
+
+
+def _same_prompt(expected: list[dict], got: list[dict], at: _At, fld: str, other: str) -> None:
+    """Both sides of a row must answer the same conversation; name the first message that differs."""
+    if got == expected:
+        return
+    k = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+    seen = f"{got[k]['role']} message {got[k]['content'][:60]!r}" if k < len(got) else "nothing"
+    want = f"{expected[k]['role']} message {expected[k]['content'][:60]!r}" if k < len(expected) else "nothing"
+    raise at.error(f"{fld}[{k}]", f"the conversation before this side's reply differs from {other}'s: {want} "
+                                  f"expected, {seen} found; both sides of a pair must answer the same prompt")
 
 
 def _from_messages(row: dict, turn: str, at: _At) -> tuple[list, str]:
-    """UltraChat-style `messages`: a (multi-turn) conversation."""
-    return _select_turn(_messages(row["messages"], at, "messages"), turn, at, "messages")
+    """UltraChat-style `messages`: a (multi-turn) conversation. UltraChat's `prompt` column repeats the
+    first user message; a row where it does not is refused (which one is the prompt?)."""
+    msgs = _messages(row["messages"], at, "messages")
+    prompt_col = row.get("prompt")
+    first_user = next((m["content"] for m in msgs if m["role"] == "user"), None)
+    if isinstance(prompt_col, str) and first_user is not None and prompt_col.strip() != first_user.strip():
+        raise at.error("prompt", f"{prompt_col[:60]!r} differs from the first user message of 'messages' "
+                                 f"({first_user[:60]!r}); in this format 'prompt' repeats it: fix one of them, or "
+                                 "drop the 'prompt' column")
+    return _select_turn(msgs, turn, at, "messages")
 
 
 def _from_trl(row: dict, turn: str, at: _At) -> tuple[list, str]:
@@ -313,13 +340,19 @@ def _trl_response(row: dict, fld: str, turn: str, at: _At) -> tuple[list, str]:
     rmsgs = _messages(value, at, fld)
     # Older exports repeat the prompt inside the response (TRL's "implicit prompt" form).
     repeated = len(rmsgs) > len(pmsgs) and rmsgs[: len(pmsgs)] == pmsgs
+    if not repeated and rmsgs and rmsgs[0]["role"] != "assistant":
+        # a conversation of its own that is not the prompt repeated: it disagrees with `prompt`
+        _same_prompt(pmsgs, rmsgs[: len(pmsgs)], at, fld, "'prompt'")
+        raise at.error(f"{fld}[0]", f"expected the response to start with an assistant message (or to repeat the "
+                                    f"prompt first), got a {rmsgs[0]['role']} message")
     conv = rmsgs if repeated else pmsgs + rmsgs
     base = 0 if repeated else len(pmsgs)
     return _select_turn(conv, turn, at, fld, start=len(pmsgs), base=base, prompt_fld="prompt")
 
 
-def _rejected(row: dict, fmt: str, turn: str, at: _At) -> str:
-    """The second response of a preference row: TRL's `rejected`, or SPIN data's `generated`."""
+def _rejected(row: dict, fmt: str, turn: str, at: _At) -> tuple[list, str]:
+    """(prompt, text) of the second response of a preference row: TRL's `rejected`, or SPIN data's
+    `generated`."""
     fld = PREFERENCE_FIELDS.get(fmt)
     if fld is None:
         raise at.error(None, f"format '{fmt}' has one response per prompt; preference training (DPO) needs two: "
@@ -328,8 +361,8 @@ def _rejected(row: dict, fmt: str, turn: str, at: _At) -> str:
         raise at.error(fld, f"missing; preference training (DPO) needs the {fld} response of every row "
                             f"(format '{fmt}'), this row has {sorted(row)}")
     if fmt == "trl":
-        return _trl_response(row, fld, turn, at)[1]
-    return _select_turn(_messages(row[fld], at, fld), turn, at, fld)[1]
+        return _trl_response(row, fld, turn, at)
+    return _select_turn(_messages(row[fld], at, fld), turn, at, fld)
 
 
 def _from_prompt_response(row: dict, turn: str, at: _At) -> tuple[list, str]:
@@ -385,7 +418,10 @@ def _to_example(row: dict, fmt: str, how: str, turn: str, at: _At, preference: b
     skip = _CONSUMED[fmt] | {"prompt_id"}
     extra = {k: v for k, v in row.items()
              if k not in skip and (v is None or isinstance(v, (str, int, float, bool)))}
-    rejected = _rejected(row, fmt, turn, at) if preference else None
+    rejected = None
+    if preference:
+        rejected_prompt, rejected = _rejected(row, fmt, turn, at)
+        _same_prompt(prompt, rejected_prompt, at, PREFERENCE_FIELDS[fmt], "the chosen side" if fmt == "trl" else "real")
     return Example(prompt=prompt, real=real, id=_example_id(row, prompt, real, at),
                    source=f"{at.path}:{at.row}", extra=extra, rejected=rejected)
 
@@ -417,6 +453,21 @@ def _make_ids_unique(examples: list[Example], name: str) -> None:
         log.warning("%s: %d examples repeated an earlier example's id (same prompt_id, or "
                     "duplicates kept with dedupe=False); suffixed them -2, -3, ... to keep ids "
                     "unique", name, renamed)
+
+
+def split_validation(examples: list[Example], size: float, seed: int,
+                     cap: int | None = None) -> tuple[list[Example], list[Example]]:
+    """(train, validation): a seeded slice of `size` examples (a share below 1, a count from 1 up; at
+    most `cap`) split off for selection, so that nothing is chosen on the held-out data that is then
+    reported. Which rows are chosen depends only on (seed, example id); both parts keep file order."""
+    n = int(size) if size >= 1 else max(1, round(size * len(examples))) if size > 0 else 0
+    n = min(n, cap if cap is not None else n, len(examples) - 1)
+    if n <= 0:
+        return examples, []
+    order = sorted(range(len(examples)), key=lambda i: hashlib.sha256(f"{seed}:{examples[i].id}".encode()).digest())
+    chosen = set(order[:n])
+    return ([ex for i, ex in enumerate(examples) if i not in chosen],
+            [ex for i, ex in enumerate(examples) if i in chosen])
 
 
 def load_examples(source: str, *, split: str = "train", format: str = "auto", turn: str = "first",

@@ -12,7 +12,9 @@ rejected = own generation"). So this stage is SPIN's score and train stages on g
 2. the starting model computes the reference log-probs once (`OUT.pairs.jsonl`, next to the
    output; a re-run with the same inputs reuses it, a killed scoring resumes its chunks);
 3. `spinlm.train.train` trains with the same loop, `spin.loss_type`, `spin.beta` (a list's
-   first entry), `train.*` (`train.epochs` = DPO epochs) and metrics, into `OUT` atomically;
+   first entry), `train.*` (`train.epochs` = DPO epochs) and metrics, into `OUT` atomically; with
+   `train.eval_every`, its checks select on `data.val` or a `data.val_size` slice of the pairs
+   (not trained on), never on `--eval-data`;
 4. with `--eval-data` (preference pairs too), held-out metrics of the trained model: reward
    accuracy and margin on those pairs (scored under the starting model), NLL of the chosen
    responses, greedy length statistics; in `OUT/spinlm_dpo.json` with what ran.
@@ -61,8 +63,9 @@ def scored_pairs(model_path: str, examples: list[Example], out: Path, cfg: Confi
 
 
 def dpo(model_path: str, examples: list[Example], out: Path, cfg: Config,
-        heldout: list[Example] | None = None) -> dict:
-    """The stage: score the pairs under `model_path`, train from it into `out`, evaluate; return the record."""
+        heldout: list[Example] | None = None, val: list[Example] | None = None) -> dict:
+    """The stage: score the pairs under `model_path`, train from it into `out` (in-training checks,
+    train.eval_every, on `val`), evaluate on `heldout`; return the record."""
     from .train import train
 
     pairs = scored_pairs(model_path, examples, scratch(out, "pairs.jsonl"), cfg, "score")
@@ -71,8 +74,9 @@ def dpo(model_path: str, examples: list[Example], out: Path, cfg: Config,
         scored_pairs(model_path, heldout, eval_pairs, cfg, "score held-out")
 
     def fit(tmp: Path) -> dict:
-        result = train(model_path, pairs, tmp, cfg, 0, heldout)
+        result = train(model_path, pairs, tmp, cfg, 0, val or [])
         record = {"start_model": str(model_path), "pairs": str(pairs), "train_rows": len(examples),
+                  "val_rows": len(val or []),
                   "beta": cfg.per_iteration("beta", 0), "loss_type": cfg.spin.loss_type,
                   "train": {k: v for k, v in result.items() if k != "history"},
                   "eval": _heldout_metrics(tmp, heldout, eval_pairs, cfg) if heldout else None,

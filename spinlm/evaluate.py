@@ -31,7 +31,7 @@ from .loss import spin_rewards
 from .modeling import load_model, load_tokenizer
 from .score import limits, pair_groups
 from .sft import encode_real, heldout_nll
-from .tokens import encode_prompt
+from .tokens import encode_prompt, is_dead
 
 log = logging.getLogger("spinlm")
 
@@ -52,7 +52,7 @@ def load_checker(spec: str | None) -> Callable | None:
 
 @torch.no_grad()
 def reward_metrics(model, tokenizer, pairs: list[dict], cfg: Config, beta: float) -> dict:
-    groups = pair_groups(tokenizer, pairs, cfg)
+    groups = pair_groups(tokenizer, pairs, cfg)  # (prompt, [real, generated]) token ids
     scores = score_groups(model, groups, tokenizer.pad_token_id, prepare(model, groups, tokenizer.pad_token_id,
                                                                             cfg.packing), cfg.eval.batch_size)
     rewards = spin_rewards(torch.tensor([real for (real, _), _ in scores]),
@@ -61,7 +61,7 @@ def reward_metrics(model, tokenizer, pairs: list[dict], cfg: Config, beta: float
                            torch.tensor([r["ref_generated_logp"] for r in pairs]), beta)
     # A pair whose generated response equals the real one has margin 0 whatever the model: it
     # is counted apart, and reward accuracy is measured on the other ("live") pairs.
-    live = torch.tensor([r["generated"].strip() != r["real"].strip() for r in pairs])
+    live = torch.tensor([not is_dead(real, generated) for _, (real, generated) in groups])
     return {"reward_accuracy": rewards["accuracy"][live].mean().item() if live.any() else None,
             "reward_margin": rewards["margin"].mean().item(), "dead_pair_share": 1 - live.float().mean().item(),
             "rewards_real": rewards["real"].mean().item(), "rewards_generated": rewards["generated"].mean().item()}

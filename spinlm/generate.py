@@ -27,7 +27,7 @@ from .config import Config
 from .data import Example
 from .io import RowLog, fault_point, fingerprint, scratch, write_jsonl
 from .modeling import load_model, load_tokenizer
-from .tokens import encode_prompt
+from .tokens import Limits, encode_pair, encode_prompt, is_dead, stop_ids
 
 log = logging.getLogger("spinlm")
 
@@ -66,13 +66,6 @@ def _processors(seeds, temperature, top_k, top_p, device) -> LogitsProcessorList
     return LogitsProcessorList(steps + [_PerRowSampler(seeds, device)])
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    """Every token that ends a response: the tokenizer's EOS and the checkpoint's eos ids."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return sorted(set(ids) | {tokenizer.eos_token_id})
-
-
 def length_batches(lengths: list[int], max_new_tokens: int, batch_size: int, batch_tokens: int) -> list[list[int]]:
     """Indices, longest prompts first, in batches of at most `batch_size` rows whose padded
     size rows x (longest prompt + max_new_tokens) stays within `batch_tokens`."""
@@ -93,18 +86,19 @@ def length_batches(lengths: list[int], max_new_tokens: int, batch_size: int, bat
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
              batch_tokens: int | None = None, seeds: list[int] | None = None, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, progress: bool = True, desc: str = "generate",
-             rowlog: RowLog | None = None, shard: tuple[int, int] = (0, 1), keep_ids: bool = False) -> list[dict]:
+             rowlog: RowLog | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Responses for token-id prompts, in input order; greedy when `seeds` is None.
 
-    Each result: {"text", "tokens" (count, EOS excluded), "finish": "eos" | "length"}, and with
-    `keep_ids` "ids": the sampled token ids themselves (EOS excluded; re-encoding the text need not
-    give them back).
+    Each result: {"text", "tokens" (count, stop token excluded), "finish": "eos" | "length", "ids": the
+    sampled token ids themselves, with the stop token that ended the response (re-encoding the text
+    need not give them back)}. Generation stops on `spinlm.tokens.stop_ids`: the chat template's
+    turn end, the EOS and the checkpoint's eos ids.
     With a `rowlog`, each finished batch is appended to it durably and batches it already
     holds are not generated again (the batches are the same on every attempt). With
     `shard=(rank, world)` only every world-th batch is generated; the other rows stay {}.
     """
     dev = next(model.parameters()).device
-    eos = stop_ids(model, tokenizer)
+    eos = stop_ids(tokenizer, model.generation_config)
     gen_config = HFGenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                     pad_token_id=tokenizer.pad_token_id, num_beams=1)
     model.generation_config = gen_config  # drop checkpoint defaults (top_k, repetition penalty, ...)
@@ -129,7 +123,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         out = model.generate(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
                              generation_config=gen_config, logits_processor=processors)
         for row, i in enumerate(idx):
-            results[i] = _decode(tokenizer, out[row, width:].tolist(), eos, keep_ids)
+            results[i] = _decode(tokenizer, out[row, width:].tolist(), eos)
         if rowlog is not None:
             rowlog.add([(i, results[i]) for i in idx])
             fault_point("generate-batch")
@@ -138,12 +132,11 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     return results
 
 
-def _decode(tokenizer, ids: list[int], eos: list[int], keep_ids: bool = False) -> dict:
+def _decode(tokenizer, ids: list[int], eos: list[int]) -> dict:
     stop = next((k for k, t in enumerate(ids) if t in eos), None)
     body = ids if stop is None else ids[:stop]
-    result = {"text": tokenizer.decode(body, skip_special_tokens=True), "tokens": len(body),
-              "finish": "length" if stop is None else "eos"}
-    return {**result, "ids": body} if keep_ids else result
+    return {"text": tokenizer.decode(body, skip_special_tokens=True), "tokens": len(body),
+            "finish": "length" if stop is None else "eos", "ids": ids if stop is None else ids[: stop + 1]}
 
 
 def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Config, iteration: int,
@@ -176,14 +169,18 @@ def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Conf
                                rowlog=rowlog, shard=(dist.rank(), dist.world()))
     results = gather_rows(results)
     rows = [{"id": ex.id, "prompt": ex.prompt, "real": ex.real, "generated": r["text"], "finish": r["finish"],
-             "generated_tokens": r["tokens"], "iteration": iteration, "extra": ex.extra}
+             "generated_tokens": r["tokens"], "generated_ids": r.get("ids"), "iteration": iteration, "extra": ex.extra}
             for ex, r in zip(examples, results)]
     if dist.is_main():
         write_jsonl(out, rows)
-    stats = generation_stats(rows)
+    stats = generation_stats(rows, tokenizer, Limits.of(cfg))
     log.info("%s: %d responses, %.1f tokens on average, %d hit max_new_tokens, %d empty, %d equal to the real "
              "response", desc, len(rows), stats["mean_tokens"], stats["hit_max_new_tokens"], stats["empty"],
              stats["equal_to_real"])
+    if stats["text_only"]:
+        log.warning("%s: %d of %d responses came back as text without their token ids (the server does not return "
+                    "them); they are re-encoded from the text for scoring and training, which need not give the "
+                    "sampled ids back", desc, stats["text_only"], len(rows))
     return stats
 
 
@@ -195,9 +192,11 @@ def gather_rows(results: list[dict]) -> list[dict]:
     return [merged[i] for i in range(len(results))]
 
 
-def generation_stats(rows: list[dict]) -> dict:
+def generation_stats(rows: list[dict], tokenizer, limits: Limits) -> dict:
+    """Lengths, finishes, empty responses and dead pairs (`spinlm.tokens.is_dead`, as training counts them)."""
     n = max(len(rows), 1)
     return {"rows": len(rows), "mean_tokens": sum(r["generated_tokens"] for r in rows) / n,
             "hit_max_new_tokens": sum(r["finish"] == "length" for r in rows),
             "empty": sum(not r["generated"].strip() for r in rows),
-            "equal_to_real": sum(r["generated"].strip() == r["real"].strip() for r in rows)}
+            "equal_to_real": sum(is_dead(*encode_pair(tokenizer, r, limits)[1:]) for r in rows),
+            "text_only": sum(r["generated_ids"] is None for r in rows)}

@@ -15,6 +15,7 @@ import logging
 import math
 from pathlib import Path
 
+from . import dist
 from .cards import write_run_cards
 from .config import Config
 from .evaluate import evaluate
@@ -40,7 +41,7 @@ def run(cfg: Config, force: bool = False) -> Path:
     stage = Stage(run_dir)
     model = cfg.model.name_or_path
     if cfg.sft.enabled:
-        stage("sft", run_dir / "sft" / "model", lambda out: sft(model, train_ex, val_ex or eval_ex, out, cfg))
+        stage("sft", run_dir / "sft" / "model", lambda out: sft(model, train_ex, val_ex, out, cfg))
         model = str(run_dir / "sft" / "model")
     start = model
     evaluate_stage(stage, model, run_dir / "sft", data, cfg, pairs=None, beta=None)
@@ -54,7 +55,7 @@ def run(cfg: Config, force: bool = False) -> Path:
                   lambda out: generate_file(model, eval_ex, out, cfg, t, desc="generate held-out"))
             stage("score-eval", it / "eval-pairs.jsonl",
                   lambda out: score_files(model, [it / "eval-generations.jsonl"], out, cfg, desc="score held-out"))
-        stage("train", it / "model", lambda out: train(model, it / "pairs.jsonl", out, cfg, t, val_ex or eval_ex))
+        stage("train", it / "model", lambda out: train(model, it / "pairs.jsonl", out, cfg, t, val_ex))
         model = str(it / "model")
         pairs = read_jsonl(it / "eval-pairs.jsonl") if (it / "eval-pairs.jsonl").exists() else None
         evaluate_stage(stage, model, it, data, cfg, pairs, cfg.per_iteration("beta", t))
@@ -94,10 +95,13 @@ def iteration_steps(run_dir: Path, iterations: int) -> list[int]:
 
 
 def sft_for_steps(stage: Stage, where: Path, start: str, data: Checked, cfg: Config, steps: int) -> None:
-    """where/model: `start` fine-tuned on the real responses for `steps` optimizer steps of
-    train.batch_size examples (sft.learning_rate, no early stopping); where/metrics.json: its metrics."""
+    """where/model: `start` fine-tuned on the real responses for `steps` optimizer steps of as many
+    examples as a SPIN step has pairs (train.batch_size x train.gradient_accumulation_steps per process;
+    sft.learning_rate, no early stopping); where/metrics.json: its metrics."""
     baseline = copy.deepcopy(cfg)
     baseline.sft.batch_size, baseline.sft.patience = cfg.train.batch_size, 0
-    baseline.sft.epochs = max(1, math.ceil(steps * cfg.train.batch_size / max(len(data.train), 1)))
+    baseline.sft.gradient_accumulation_steps = accumulation = cfg.train.gradient_accumulation_steps
+    per_step = cfg.train.batch_size * accumulation * dist.world()
+    baseline.sft.epochs = max(1, math.ceil(steps * per_step / max(len(data.train), 1)))
     stage(where.name, where / "model", lambda out: sft(start, data.train, [], out, baseline, max_steps=steps))
     evaluate_stage(stage, str(where / "model"), where, data, cfg, pairs=None, beta=None)

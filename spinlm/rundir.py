@@ -197,37 +197,43 @@ def summarize(run_dir: Path, cfg: Config) -> list[dict]:
         if best:
             point_best(run_dir, best)
             print(best["statement"])
+        elif any(e["metrics"] for e in entries):
+            print(NO_SELECTION)
+            log.info("%s", NO_SELECTION)
     return entries
+
+
+NO_SELECTION = ("No model was chosen as RUN/best: the run has no validation data (data.val unset and data.val_size 0), "
+                "and choosing on the held-out data that the table reports would flatter the choice.")
 
 
 def select_best(entries: list[dict]) -> dict | None:
     """The best evaluated model, the start (SFT) model included: by task accuracy if there is a
-    checker, else by NLL per token; on the validation data where there is some (selecting on the
-    split the table reports would flatter the choice). Ties go to the earlier model."""
+    checker, else by NLL per token, on the validation data; None without validation data for every
+    model (selecting on the split the table reports would flatter the choice). Ties go to the
+    earlier model."""
     baseline = next((e for e in entries if e["name"] == "continued-sft"), None)
     entries = [e for e in entries if e["name"] != "continued-sft"]
-    split = "val_metrics" if all(e["val_metrics"] for e in entries) else "metrics"
-    scored = [e for e in entries if e[split]]
-    if not scored:
+    if not entries or not all(e["val_metrics"] for e in entries):
         return None
-    metric = "accuracy" if all(e[split].get("accuracy") is not None for e in scored) else "nll_per_token"
+    val = [e["val_metrics"] for e in entries]
+    metric = "accuracy" if all(v.get("accuracy") is not None for v in val) else "nll_per_token"
     sign = 1 if metric == "accuracy" else -1
-    best = max(scored, key=lambda e: (sign * e[split][metric], -scored.index(e)))
-    start = scored[0]
-    delta = best[split][metric] - start[split][metric]
-    where = "validation" if split == "val_metrics" else "held-out (no validation data given)"
-    if best is start:
-        statement = (f"SPIN did not improve on the start model ({start['name']}): its {where} {metric} "
-                     f"{start[split][metric]:.4f} is the best of all iterations; RUN/best points to it.")
+    k = max(range(len(entries)), key=lambda i: (sign * val[i][metric], -i))
+    best, start = entries[k], entries[0]
+    delta = val[k][metric] - val[0][metric]
+    if k == 0:
+        statement = (f"SPIN did not improve on the start model ({start['name']}): its validation {metric} "
+                     f"{val[0][metric]:.4f} is the best of all iterations; RUN/best points to it.")
     else:
-        statement = (f"SPIN improved on the start model: {where} {metric} {start[split][metric]:.4f} -> "
-                     f"{best[split][metric]:.4f} ({delta:+.4f}) at {best['name']}; RUN/best points to it.")
-    if baseline and baseline[split].get(metric) is not None:
-        statement += (f" Continued SFT at equal steps: {where} {metric} {baseline[split][metric]:.4f} "
-                      f"({baseline[split][metric] - start[split][metric]:+.4f} vs the start).")
-    return {"name": best["name"], "model": best["model"], "metric": metric, "split": "val" if split == "val_metrics" else "eval",
-            "value": best[split][metric], "start": start["name"],
-            "start_value": start[split][metric], "improved": best is not start, "delta": delta,
+        statement = (f"SPIN improved on the start model: validation {metric} {val[0][metric]:.4f} -> "
+                     f"{val[k][metric]:.4f} ({delta:+.4f}) at {best['name']}; RUN/best points to it.")
+    if baseline and (baseline["val_metrics"] or {}).get(metric) is not None:
+        base = baseline["val_metrics"][metric]
+        statement += (f" Continued SFT at equal steps: validation {metric} {base:.4f} "
+                      f"({base - val[0][metric]:+.4f} vs the start).")
+    return {"name": best["name"], "model": best["model"], "metric": metric, "split": "val", "value": val[k][metric],
+            "start": start["name"], "start_value": val[0][metric], "improved": k != 0, "delta": delta,
             "statement": statement}
 
 

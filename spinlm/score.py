@@ -19,16 +19,9 @@ from .config import Config
 from .io import RowLog, fault_point, fingerprint, read_jsonl, scratch, write_jsonl
 from .packing import prepare, score_groups
 from .modeling import load_model, load_tokenizer
-from .tokens import Limits, encode_example
+from .tokens import Limits, encode_pair
 
 log = logging.getLogger("spinlm")
-
-
-def encode_pair(tokenizer, row: dict, limits: Limits) -> tuple[list[int], list[int], list[int]]:
-    """(prompt, real, generated) token ids of a generations row; the one encoding of a pair."""
-    prompt_ids, (real_ids, gen_ids) = encode_example(
-        tokenizer, row["prompt"], [(row["real"], True), (row["generated"], row["finish"] == "eos")], limits)
-    return prompt_ids, real_ids, gen_ids
 
 
 def limits(cfg: Config) -> Limits:

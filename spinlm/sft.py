@@ -10,6 +10,7 @@ improvement: SPIN then starts where more SFT no longer helps, as in the paper.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -65,13 +66,15 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     lim = Limits.of(cfg)
     train_seqs, eval_seqs = encode_real(tokenizer, train_examples, lim), encode_real(tokenizer, eval_examples, lim)
     world, rank, pad = accelerator.num_processes, accelerator.process_index, tokenizer.pad_token_id
-    per_epoch = len(epoch_steps(len(train_seqs), sc.batch_size, 1, world, rank, cfg.run.seed, 0))
+    accumulation = sc.gradient_accumulation_steps
+    plan = lambda epoch: epoch_steps(len(train_seqs), sc.batch_size, accumulation, world, rank, cfg.run.seed, epoch)
+    per_epoch = len(plan(0))
     steps = min(per_epoch * sc.epochs, max_steps or per_epoch * sc.epochs)
     optimizer = make_optimizer("adamw", model, sc.learning_rate, sc.weight_decay)
     scheduler = linear_schedule(optimizer, accelerator, steps, sc.warmup_ratio)
     budget = prepare(model, train_seqs, pad, cfg.packing)
     ckpt_dir, best_dir = out.with_name(out.name + ".checkpoints"), out.with_name(out.name + ".checkpoints") / "best"
-    state = {"step": 0, "best": None, "stale": 0, "history": []}
+    state = {"step": 0, "best": None, "stale": 0, "history": [], "examples": 0}
     if (last := checkpoint.latest(ckpt_dir)) is not None:
         state = checkpoint.load(last, model, optimizer, scheduler)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -96,11 +99,9 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     stopped = False
     while state["step"] < steps and not stopped:
         epoch, k = divmod(state["step"], per_epoch)
-        (ids,), _ = plans.setdefault(epoch, epoch_steps(len(train_seqs), sc.batch_size, 1, world, rank,
-                                                        cfg.run.seed, epoch))[k]
-        scores = [s for group in response_logps(model, [train_seqs[i] for i in ids], pad, budget) for s in group]
-        loss = -torch.stack([s for s, _ in scores]).sum() / sum(n for _, n in scores)
-        accelerator.backward(loss)
+        micro, n_examples = plans.setdefault(epoch, plan(epoch))[k]
+        loss = _sft_step(accelerator, model, [[train_seqs[i] for i in ids] for ids in micro], pad, budget)
+        state["examples"] = state.get("examples", 0) + n_examples
         if cfg.train.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
         optimizer.step()
@@ -117,7 +118,8 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
             if accelerator.is_main_process:
                 checkpoint.save(ckpt_dir, state["step"], accelerator.unwrap_model(model), optimizer, scheduler, state)
             accelerator.wait_for_everyone()
-    result = {"steps": state["step"], "best_heldout_nll": state["best"], "history": state["history"]}
+    result = {"steps": state["step"], "examples": state.get("examples"), "best_heldout_nll": state["best"],
+              "history": state["history"]}
     if accelerator.is_main_process:
         best = best_dir if best_dir.exists() else best_dir.with_name("best.tmp")  # a kill between two renames
         plain = accelerator.unwrap_model(model)
@@ -130,6 +132,21 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
         write_json(out / "spinlm_sft.json", result)
     accelerator.wait_for_everyone()
     return result
+
+
+def _sft_step(accelerator, model, micro: list[list[Group]], pad: int, budget: int | None) -> torch.Tensor:
+    """Forward and backward of one optimizer step's micro-batches: the loss is the mean NLL over all
+    response tokens of the step (this process's), whatever the accumulation; DDP syncs once, after
+    the last micro-batch. Returns the step's loss (detached)."""
+    total_tokens = sum(len(r) for batch in micro for _, responses in batch for r in responses)
+    loss = torch.zeros(())
+    for j, batch in enumerate(micro):
+        sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
+        with sync:
+            part = -torch.stack([s for group in response_logps(model, batch, pad, budget) for s, _ in group]).sum()
+            accelerator.backward(part / total_tokens)
+        loss += part.detach().cpu() / total_tokens
+    return loss
 
 
 def _keep_best(model, tokenizer, best_dir: Path) -> None:

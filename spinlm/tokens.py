@@ -1,8 +1,21 @@
 """Prompt rendering and response encoding: the one path from text to token ids.
 
-generate, score, train, sft and evaluate all call `encode_prompt` / `encode_response`, so
-the model is trained on exactly the prompts it generated from (the reference code used a
-different prompt for generation than for training).
+generate, score, train, sft and evaluate all call `encode_prompt` / `encode_response` /
+`encode_pair`, so the model is trained on exactly the prompts it generated from (the reference
+code used a different prompt for generation than for training).
+
+A response's tokens are what the model's own chat template renders for the whole conversation
+minus the rendered prompt, up to and including the template's turn-end token: Gemma's
+`<end_of_turn>`, ChatML's `<|im_end|>` (Qwen), Llama-3's `<|eot_id|>`, or the EOS token where the
+template ends an assistant turn with it (Zephyr, Mistral). What a template renders after the turn
+end (ChatML's and Gemma's newline) is never generated, because generation stops at the turn end,
+so it is not trained either. Generation stops on the same tokens (`stop_ids`).
+
+Where the template's tokens of the whole conversation do not start with the prompt's tokens (a
+tokenizer that merges across the boundary, e.g. a sentencepiece space), the response text that
+follows the rendered prompt is tokenized on its own instead (`Encoding.fallback` counts these):
+the model then sees the prompt exactly as it was generated from. A template whose rendered
+conversation does not even start with the rendered prompt text cannot be split; that is an error.
 """
 
 from __future__ import annotations
@@ -11,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+
+_PROBE = "SPINLM-PROBE-7c1f"  # an assistant reply that no template changes, to find the turn end
 
 
 def set_chat_template(tokenizer, chat_template: str | None, source: str) -> None:
@@ -31,20 +46,82 @@ def render_prompt_text(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def _ids(tokenizer, text: str) -> list[int]:
+    # the template writes every special token itself (BOS included): add none behind its back
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def encode_prompt(tokenizer, messages: list[dict], max_prompt_length: int | None = None) -> list[int]:
     """Token ids of a rendered prompt; over-long prompts keep their last tokens."""
-    text = render_prompt_text(tokenizer, messages)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = _ids(tokenizer, render_prompt_text(tokenizer, messages))
     if max_prompt_length is not None and len(ids) > max_prompt_length:
         ids = ids[-max_prompt_length:]
-    return list(ids)
+    return ids
 
 
-def encode_response(tokenizer, text: str, add_eos: bool = True) -> list[int]:
-    """Token ids of a response; EOS is part of the response so its probability is learned."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if add_eos:
-        ids.append(tokenizer.eos_token_id)
+def turn_end_ids(tokenizer) -> list[int]:
+    """The special token(s) the chat template writes right after an assistant reply's content
+    (the first special token of what follows the reply), or [] if it writes none."""
+    cached = getattr(tokenizer, "_spinlm_turn_end", None)
+    if cached is not None:
+        return cached
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        full = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:  # a template that refuses this tiny conversation: fall back to EOS below
+        full = ""
+    tail = full[full.rfind(_PROBE) + len(_PROBE):] if _PROBE in full else ""
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    found = next(([t] for t in _ids(tokenizer, tail) if t in special), [])
+    tokenizer._spinlm_turn_end = found
+    return found
+
+
+def stop_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token that ends a response: the template's turn end, the tokenizer's EOS and the
+    checkpoint's eos ids (e.g. Llama-3 Instruct lists both <|eot_id|> and <|end_of_text|>)."""
+    ids = getattr(generation_config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted(set(ids) | set(turn_end_ids(tokenizer)) | {tokenizer.eos_token_id})
+
+
+@dataclass
+class Encoding:
+    """How responses were encoded: by the template's full rendering, or (fallback) on their own."""
+
+    template: int = 0
+    fallback: int = 0
+
+
+def encode_response(tokenizer, prompt: list[dict], text: str, complete: bool = True,
+                    counts: Encoding | None = None) -> list[int]:
+    """Token ids of `text` as the assistant's reply to `prompt`: the template's rendering of the whole
+    conversation minus the rendered prompt, cut after the first stop token (the turn end). A
+    response that did not end (`complete=False`: a generation that hit max_new_tokens) is cut
+    before it. A template without any turn-end token gets the EOS token appended."""
+    prompt_text = render_prompt_text(tokenizer, prompt)
+    full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": text}], tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise UserError("model.chat_template: the conversation rendered with the assistant reply does not start with "
+                        "the prompt rendered with add_generation_prompt=True, so the reply's tokens cannot be told "
+                        f"apart (prompt renders as {prompt_text[-80:]!r}, the conversation as "
+                        f"{full_text[:len(prompt_text) + 40][-120:]!r}); set model.chat_template to a template whose "
+                        "generation prompt is a prefix of the rendered conversation")
+    prompt_ids, full_ids = _ids(tokenizer, prompt_text), _ids(tokenizer, full_text)
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        ids = full_ids[len(prompt_ids):]
+        if counts is not None:
+            counts.template += 1
+    else:
+        ids = _ids(tokenizer, full_text[len(prompt_text):])
+        if counts is not None:
+            counts.fallback += 1
+    stops = set(turn_end_ids(tokenizer) or [tokenizer.eos_token_id]) | {tokenizer.eos_token_id}
+    end = next((k for k, t in enumerate(ids) if t in stops), None)
+    if end is None:  # the template writes no stop token after a reply
+        ids = ids + [tokenizer.eos_token_id] if complete else ids
+    else:
+        ids = ids[: end + 1] if complete else ids[:end]
     return ids
 
 
@@ -59,11 +136,33 @@ class Limits:
         return cls(cfg.data.max_prompt_length, cfg.data.max_length)
 
 
-def encode_example(tokenizer, prompt: list[dict], responses: list[tuple[str, bool]], limits: Limits):
+def encode_example(tokenizer, prompt: list[dict], responses: list[tuple[str, bool]], limits: Limits,
+                   counts: Encoding | None = None):
     """(prompt_ids, [response_ids...]) with responses cut so prompt + response <= max_length.
 
-    `responses` holds (text, add_eos) pairs: a generation that hit max_new_tokens has no EOS.
+    `responses` holds (text, complete) pairs: a generation that hit max_new_tokens has no turn end.
     """
     prompt_ids = encode_prompt(tokenizer, prompt, limits.max_prompt_length)
     room = limits.max_length - len(prompt_ids)
-    return prompt_ids, [encode_response(tokenizer, text, eos)[:room] for text, eos in responses]
+    return prompt_ids, [encode_response(tokenizer, prompt, text, done, counts)[:room] for text, done in responses]
+
+
+def encode_pair(tokenizer, row: dict, limits: Limits,
+                counts: Encoding | None = None) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, real, generated) token ids of a generations row; the one encoding of a pair. The
+    generated side is the sampled ids the row stores (`generated_ids`), so what is scored and
+    trained is what was sampled; a row without them (older files, a server that returns text
+    only, given preference pairs) encodes its text."""
+    prompt_ids = encode_prompt(tokenizer, row["prompt"], limits.max_prompt_length)
+    room = limits.max_length - len(prompt_ids)
+    real_ids = encode_response(tokenizer, row["prompt"], row["real"], True, counts)
+    sampled = row.get("generated_ids")
+    generated_ids = list(sampled) if sampled is not None else encode_response(
+        tokenizer, row["prompt"], row["generated"], row["finish"] == "eos", counts)
+    return prompt_ids, real_ids[:room], generated_ids[:room]
+
+
+def is_dead(real_ids: list[int], generated_ids: list[int]) -> bool:
+    """A dead pair: the sample is the real response token for token (its SPIN gradient is zero).
+    The one definition, for training and for the held-out metrics."""
+    return list(real_ids) == list(generated_ids)

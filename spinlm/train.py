@@ -32,8 +32,9 @@ from .lora import merged
 from .loss import real_nll_per_token, spin_loss, spin_rewards
 from .modeling import load_tokenizer
 from .packing import pack, prepare, response_logps
-from .score import encode_pair, limits
-from .training import epoch_steps, linear_schedule, load_trainable, make_accelerator, make_optimizer
+from .score import limits
+from .tokens import encode_pair, is_dead
+from .training import disable_dropout, epoch_steps, linear_schedule, load_trainable, make_accelerator, make_optimizer
 
 log = logging.getLogger("spinlm")
 METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margin", "rewards/accuracy",
@@ -44,7 +45,7 @@ def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
     items = []
     for row in rows:
         prompt, real, generated = encode_pair(tokenizer, row, limits(cfg))
-        items.append({"prompt": prompt, "real": real, "generated": generated, "dead": real == generated,
+        items.append({"prompt": prompt, "real": real, "generated": generated, "dead": is_dead(real, generated),
                       "ref_real": row["ref_real_logp"], "ref_generated": row["ref_generated_logp"]})
     return items
 
@@ -87,6 +88,8 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     set_seed(seed, deterministic=cfg.run.deterministic)
     tokenizer = load_tokenizer(model_path, cfg.model)
     model = load_trainable(model_path, cfg.model, accelerator, tc.gradient_checkpointing, cfg.peft)
+    if tc.disable_dropout:
+        disable_dropout(model)
     items = pair_items(tokenizer, read_jsonl(pairs_path), cfg)
     dead = sum(i["dead"] for i in items)
     log.info("train iteration %d: %d of %d pairs are dead (generated == real)%s", iteration, dead, len(items),
@@ -119,6 +122,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
         micro, n_pairs = epoch_plan.setdefault(epoch, plan(epoch))[k]
         metrics = train_step(accelerator, model, optimizer, scheduler, [[items[i] for i in ids] for ids in micro],
                              n_pairs, pad, budget, beta, cfg, state, iteration, ckpt_dir)
+        state["examples"] = state.get("examples", 0) + n_pairs
         state["window"].append(metrics)
         if state["step"] % cfg.run.log_every == 0 or state["step"] == steps:
             row = _log_step(state["window"], state["step"], steps, scheduler.get_last_lr()[0], start,
@@ -139,7 +143,8 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     if checking and state["checks"]:
         load_model(final, str(ckpt_dir / "best" / "model.safetensors"))
     history = state["history"]
-    result = {"steps": state["step"], "planned_steps": steps, "pairs": len(items), "dead_pairs": dead,
+    result = {"steps": state["step"], "planned_steps": steps, "examples": state.get("examples"), "pairs": len(items),
+              "dead_pairs": dead,
               "learning_rate": lr, "beta": beta, "skipped_steps": state["skipped"], "checks": state["checks"],
               "best_check": _best(state["checks"]), "unlearning_warnings": state["warnings"], "history": history,
               "final": history[-1] if history else {}}

@@ -33,6 +33,24 @@ def load_trainable(model_path: str, model_cfg, accelerator: Accelerator, checkpo
     return model.train()
 
 
+def disable_dropout(model) -> int:
+    """Zero the model's dropout (nn.Dropout modules, and the attention-dropout rates that Llama-style
+    attention applies functionally in training mode), as TRL's DPO trainer does by default: the stored
+    reference log-probs were computed in eval mode, so with dropout on the policy differs from its
+    reference at step 0 (loss != log 2, rewards != 0) and every step trains against noise. A LoRA
+    adapter's own dropout (peft.dropout, set explicitly) is kept. Returns how many were zeroed."""
+    zeroed = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0 and "lora_dropout" not in name:
+            module.p, zeroed = 0.0, zeroed + 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            module.attention_dropout, zeroed = 0.0, zeroed + 1
+    if zeroed:
+        logging.getLogger("spinlm").info("train.disable_dropout: %d dropout layers of the policy set to 0", zeroed)
+    return zeroed
+
+
 def make_optimizer(name: str, model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "rmsprop":

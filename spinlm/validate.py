@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config
-from .data import Example, load_examples
+from .data import Example, load_examples, split_validation
 from .errors import UserError
 from .lora import require_peft
 from .modeling import check_local, load_tokenizer
-from .tokens import encode_prompt, encode_response
+from .tokens import Encoding, encode_prompt, encode_response
 
 log = logging.getLogger("spinlm")
 
@@ -64,10 +64,14 @@ def model_weights(path: str) -> dict:
 def apply_length_policy(examples: list[Example], tokenizer, cfg: Config, name: str) -> tuple[list[Example], dict]:
     """Drop (or keep, for truncation) prompts over max_prompt_length; count cut responses.
     Returns the kept examples and the split's token statistics."""
-    d = cfg.data
+    d, encoding = cfg.data, Encoding()
     kept, long_prompts, long_responses, prompt_tokens, real_tokens = [], 0, 0, [], []
     for ex in examples:
-        n_prompt, n_real = len(encode_prompt(tokenizer, ex.prompt)), len(encode_response(tokenizer, ex.real))
+        try:
+            n_prompt = len(encode_prompt(tokenizer, ex.prompt))
+            n_real = len(encode_response(tokenizer, ex.prompt, ex.real, counts=encoding))
+        except UserError as e:
+            raise UserError(f"{ex.source.rsplit(':', 1)[0]}, row {ex.source.rsplit(':', 1)[1]}: {e}") from None
         if n_prompt > d.max_prompt_length:
             long_prompts += 1
             if d.prompt_overflow == "drop":
@@ -83,20 +87,58 @@ def apply_length_policy(examples: list[Example], tokenizer, cfg: Config, name: s
                     d.max_prompt_length, action)
     if long_responses:
         log.warning("%s: %d real responses cut to fit data.max_length=%d", name, long_responses, d.max_length)
+    if encoding.fallback:
+        log.warning("%s: for %d of %d responses the chat template's tokens of the whole conversation do not start "
+                    "with the prompt's tokens (the tokenizer merges across the boundary); their response text is "
+                    "tokenized on its own after the prompt's tokens, as generation continues the prompt",
+                    name, encoding.fallback, encoding.fallback + encoding.template)
     n = max(len(kept), 1)
     stats = {"rows": len(kept), "long_prompts": long_prompts, "long_prompts_action": action,
              "responses_cut": long_responses, "prompt_tokens_mean": sum(prompt_tokens) / n,
              "prompt_tokens_max": max(prompt_tokens, default=0), "real_tokens_mean": sum(real_tokens) / n,
-             "real_tokens_max": max(real_tokens, default=0)}
+             "real_tokens_max": max(real_tokens, default=0), "responses_encoded_alone": encoding.fallback}
     return kept, stats
 
 
-def _split(cfg: Config, tokenizer, source: str, split: str, max_rows: int | None) -> tuple[list[Example], dict]:
+def _load(cfg: Config, source: str, split: str, max_rows: int | None) -> tuple[list[Example], dict]:
     counts: dict = {}
     examples = load_examples(source, split=split, format=cfg.data.format, turn=cfg.data.turn, max_rows=max_rows,
                              counts=counts)
-    kept, stats = apply_length_policy(examples, tokenizer, cfg, source)
-    return kept, {**stats, **counts}
+    return examples, counts
+
+
+def _policy(cfg: Config, tokenizer, examples: list[Example], counts: dict, name: str) -> tuple[list[Example], dict]:
+    kept, stats = apply_length_policy(examples, tokenizer, cfg, name)
+    return kept, {"duplicates": 0, **stats, **counts}
+
+
+def _split(cfg: Config, tokenizer, source: str, split: str, max_rows: int | None) -> tuple[list[Example], dict]:
+    return _policy(cfg, tokenizer, *_load(cfg, source, split, max_rows), name=source)
+
+
+def validation_split(cfg: Config, train: list[Example], name: str) -> tuple[list[Example], list[Example]]:
+    """Without data.val: data.val_size training rows (seeded by run.seed) become the validation data
+    that selection uses; they are not trained on."""
+    d = cfg.data
+    if d.val or not d.val_size:
+        return train, []
+    train, val = split_validation(train, d.val_size, cfg.run.seed, d.max_eval_rows)
+    log.info("data: %d of %d training rows of %s split off as validation data (data.val_size=%g, run.seed %d): "
+             "SFT early stopping, in-iteration checks and RUN/best select on them; they are not trained on",
+             len(val), len(train) + len(val), name, d.val_size, cfg.run.seed)
+    return train, val
+
+
+def require_validation(cfg: Config, val: list[Example]) -> None:
+    """Selection needs validation data: never select on the held-out data that is reported."""
+    if val:
+        return
+    needs = [k for k, on in (("sft.patience", cfg.sft.enabled and cfg.sft.patience > 0),
+                             ("train.eval_every", cfg.train.eval_every > 0)) if on]
+    if needs:
+        raise UserError(f"{' and '.join(needs)} select on validation data, and there is none: set data.val, or "
+                        "data.val_size > 0 to split some off the training rows (selecting on data.eval would "
+                        "flatter the reported numbers)")
 
 
 def plan(cfg: Config, train: dict) -> list[dict]:
@@ -149,13 +191,18 @@ def check(cfg: Config) -> Checked:
 
         preflight(cfg.generation)
     d, splits = cfg.data, {}
-    train, splits["train"] = _split(cfg, tokenizer, d.train, d.train_split, d.max_train_rows)
+    rows, counts = _load(cfg, d.train, d.train_split, d.max_train_rows)
+    rows, split_val = validation_split(cfg, rows, d.train)
+    train, splits["train"] = _policy(cfg, tokenizer, rows, counts, d.train)
     if not train:
         raise UserError(f"{d.train}: no training examples left after the length policy "
                         f"(data.prompt_overflow=drop, data.max_prompt_length={d.max_prompt_length})")
     val, held = [], []
     if d.val:
         val, splits["val"] = _split(cfg, tokenizer, d.val, d.val_split, d.max_eval_rows)
+    elif split_val:
+        val, splits["val"] = _policy(cfg, tokenizer, split_val, {}, f"{d.train} (validation split)")
+    require_validation(cfg, val)
     if d.eval:
         held, splits["eval"] = _split(cfg, tokenizer, d.eval, d.eval_split, d.max_eval_rows)
     log.info("data: %d train, %d validation, %d held-out examples", len(train), len(val), len(held))

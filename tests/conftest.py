@@ -20,7 +20,6 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 from spinlm.data import FORMATS, Example, detect_format, load_examples
 from spinlm.errors import UserError
 
-SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "formats"
+SAMPLES = Path(__file__).resolve().parent / "data" / "formats"  # copies of the shapes in the wild (README.md there)
 
 
 def user(text: str) -> dict:

@@ -32,7 +32,7 @@ def _config(path: Path, tiny_model: Path, task_data: dict, run_dir: Path, batch:
         "run": {"dir": str(run_dir), "progress": False, "seed": 11},
         "model": {"name_or_path": str(tiny_model)},
         "data": {"train": str(task_data["train"]), "eval": str(task_data["test"]), "max_train_rows": 24,
-                 "max_eval_rows": 8, "max_prompt_length": 64, "max_length": 128},
+                 "max_eval_rows": 8, "max_prompt_length": 64, "max_length": 128, "val_size": 0},
         "generation": {"max_new_tokens": 10, "batch_size": 4},
         "spin": {"iterations": 2, "mix_window": 2, "beta": 0.1},
         "train": {"learning_rate": 1e-3, "epochs": 1, "batch_size": batch, "checkpoint_every": 2},

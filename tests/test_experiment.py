@@ -50,11 +50,11 @@ def test_generate_keeps_the_sampled_ids(tiny_model):
     tok = load_tokenizer(str(tiny_model), Config().model)
     model = load_model(str(tiny_model), Config().model).eval()
     prompts = [tok("What is 2+2?", add_special_tokens=False)["input_ids"], tok("Hi", add_special_tokens=False)["input_ids"]]
-    plain = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, seeds=[1, 2], progress=False)
-    kept = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, seeds=[1, 2], progress=False, keep_ids=True)
-    for p, k in zip(plain, kept):
-        assert {key: k[key] for key in p} == p  # the same draws
-        assert len(k["ids"]) == k["tokens"] and tok.decode(k["ids"], skip_special_tokens=True) == k["text"]
+    kept = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, seeds=[1, 2], progress=False)
+    for k in kept:  # the sampled ids, with the stop token that ended a complete response
+        body = k["ids"][:-1] if k["finish"] == "eos" else k["ids"]
+        assert len(body) == k["tokens"] and tok.decode(body, skip_special_tokens=True) == k["text"]
+        assert (k["ids"][-1] == tok.eos_token_id) == (k["finish"] == "eos")
 
 
 def test_loss_beta_reaches_training_and_resumes(tmp_path):
@@ -119,7 +119,7 @@ def _plain_logps(model_dir: Path, rows: list[dict]) -> list[list[float]]:
     out = []
     with torch.no_grad():
         for r in rows:
-            seqs = [(r["prompt_ids"], s["ids"] + [tok.eos_token_id]) for s in r["samples"] if s["finish"] == "eos"]
+            seqs = [(r["prompt_ids"], s["ids"]) for s in r["samples"] if s["finish"] == "eos"]
             out.append(sequence_logps(model, seqs, tok.pad_token_id)[0].tolist() if seqs else [])
     return out
 

@@ -197,7 +197,7 @@ def test_validate_reports_lengths_duplicates_and_plan(tiny_model, task_data, tmp
     long = {"prompt": " ".join(["seven"] * 200), "response": "The answer is 7."}
     data = _rows(tmp_path / "d.jsonl", rows + [rows[0], rows[1], long])
     cfg = _base(tiny_model, task_data, tmp_path / "run")
-    cfg["data"].update({"train": str(data), "max_train_rows": None})
+    cfg["data"].update({"train": str(data), "max_train_rows": None, "val_size": 0})
     cfg["spin"].update({"iterations": 2, "mix_window": 2})
     for policy, kept in (("truncate", 7), ("drop", 6)):
         cfg["data"]["prompt_overflow"] = policy

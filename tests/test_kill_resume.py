@@ -25,7 +25,7 @@ def _config(path: Path, tiny_model: Path, task_data: dict, run_dir: Path) -> Pat
     cfg = {
         "run": {"dir": str(run_dir), "progress": False, "seed": 5, "deterministic": True},
         "model": {"name_or_path": str(tiny_model)},
-        "data": {"train": str(task_data["train"]), "eval": str(task_data["test"]), "max_train_rows": 24,
+        "data": {"train": str(task_data["train"]), "eval": str(task_data["test"]), "max_train_rows": 24, "val_size": 0,
                  "max_eval_rows": 8, "max_prompt_length": 64, "max_length": 128},
         "generation": {"max_new_tokens": 10, "batch_size": 4},
         "spin": {"iterations": 1, "mix_window": 1, "beta": 0.1},

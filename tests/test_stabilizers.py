@@ -48,6 +48,7 @@ def test_dead_pairs_are_counted_and_can_be_dropped(tiny_model, pairs, tmp_path):
     rows = read_jsonl(pairs)
     for r in rows[:5]:
         r["generated"], r["finish"] = r["real"], "eos"
+        r.pop("generated_ids")  # a text-only row: re-encoded from its text
     write_jsonl(tmp_path / "p.jsonl", rows)
     for drop, trained in (("false", len(rows)), ("true", len(rows) - 5)):
         out = tmp_path / f"m-{drop}"
@@ -65,6 +66,7 @@ def test_too_high_lr_warns_that_the_model_unlearns_the_data(tiny_model, pairs, t
     for r in rows:
         r["generated"] = "".join(str((int(c) + 1) % 10) if c.isdigit() else c for c in r["real"])
         r["finish"] = "eos"
+        r.pop("generated_ids")  # a text-only row: re-encoded from its text
     write_jsonl(tmp_path / "near.jsonl", rows)
     assert main(["score", "--model", str(tiny_model), "--generations", str(tmp_path / "near.jsonl"), "--out",
                  str(tmp_path / "near-pairs.jsonl"), *COMMON]) == 0

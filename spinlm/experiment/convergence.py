@@ -79,7 +79,7 @@ def _sample(model, tokenizer, prompts: list[list[int]], keys: list[str], k: int,
     flat = [(i, j) for j in range(k) for i in range(len(prompts))]
     draws = generate(model, tokenizer, [prompts[i] for i, _ in flat], max_new_tokens=MAX_NEW_TOKENS,
                      batch_size=cfg.generation.batch_size, batch_tokens=cfg.generation.batch_tokens,
-                     seeds=[row_seed(cfg.run.seed, 1000 + j, keys[i]) for i, j in flat], progress=False, keep_ids=True)
+                     seeds=[row_seed(cfg.run.seed, 1000 + j, keys[i]) for i, j in flat], progress=False)
     per: list[list[dict]] = [[] for _ in prompts]
     for (i, _), d in zip(flat, draws):
         per[i].append(d)
@@ -94,8 +94,8 @@ def _write_teacher_data(teacher: Path, cfg, tmp: Path) -> dict:
     sources = {"train": (cfg.data.train, 1), "val": (cfg.data.val, 1), "test": (cfg.data.eval, SAMPLES_PER_PROMPT)}
     for split, (path, k) in sources.items():
         rows = read_jsonl(path)[: cfg.data.max_eval_rows if split == "test" else None]
-        prompts = [encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], cfg.data.max_prompt_length)
-                   for r in rows]
+        messages = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+        prompts = [encode_prompt(tokenizer, m, cfg.data.max_prompt_length) for m in messages]
         draws = _sample(model, tokenizer, prompts, [f"{split}:{n}" for n in range(len(rows))], k, cfg)
         # the SFT / held-out data: the first draw of each prompt, if it is complete and not empty
         first = [d[0] for d in draws]
@@ -107,9 +107,10 @@ def _write_teacher_data(teacher: Path, cfg, tmp: Path) -> dict:
                        "correct": sum(d["text"] == r["response"] for r, d in zip(rows, first))}
         if split == "test":
             kl_rows = [{"prompt_ids": p, "samples": [{"ids": d["ids"], "finish": d["finish"], "text": d["text"],
-                                                      "reencodes_same": encode_response(tokenizer, d["text"], False)
-                                                      == d["ids"]} for d in ds]}
-                       for p, ds in zip(prompts, draws)]
+                                                      "reencodes_same": encode_response(
+                                                          tokenizer, m, d["text"], d["finish"] == "eos") == d["ids"]}
+                                                     for d in ds]}
+                       for p, m, ds in zip(prompts, messages, draws)]
             teacher_logps = sample_logps(model, tokenizer, kl_rows, cfg)
             for row, logps in zip(kl_rows, teacher_logps):
                 for s, lp in zip([s for s in row["samples"] if s["finish"] == "eos"], logps):
@@ -124,9 +125,9 @@ def _write_teacher_data(teacher: Path, cfg, tmp: Path) -> dict:
 
 @torch.no_grad()
 def sample_logps(model, tokenizer, kl_rows: list[dict], cfg) -> list[list[float]]:
-    """Per held-out prompt, the model's summed log-prob of each complete teacher sample (EOS included)."""
-    eos = tokenizer.eos_token_id
-    groups = [(r["prompt_ids"], [s["ids"] + [eos] for s in r["samples"] if s["finish"] == "eos"]) for r in kl_rows]
+    """Per held-out prompt, the model's summed log-prob of each complete teacher sample (its sampled ids,
+    the stop token included)."""
+    groups = [(r["prompt_ids"], [s["ids"] for s in r["samples"] if s["finish"] == "eos"]) for r in kl_rows]
     scored = [g for g in groups if g[1]]  # a prompt whose draws all hit the limit has nothing to score
     budget = prepare(model, scored, tokenizer.pad_token_id, cfg.packing)
     scores = iter(score_groups(model, scored, tokenizer.pad_token_id, budget, cfg.eval.batch_size))

@@ -1,0 +1,129 @@
+"""Tiny tokenizers carrying the chat-template structures of real checkpoints (tests only).
+
+Each family reproduces what matters to spinlm about a real model's chat format: its special tokens,
+where the assistant turn opens and how it ends (turn-end token vs EOS), whether a BOS is written by
+the template, and whether a system role exists. The templates follow the structure of the real ones
+(written here from their published form, shortened to what these tests exercise):
+
+- zephyr:  `<|user|>\\n...</s><|assistant|>\\n...</s>`, plain-text role tags and a sentencepiece-style
+           (Metaspace) tokenizer, whose merges can cross the prompt/response boundary;
+- chatml:  Qwen2.5's `<|im_start|>role\\n...<|im_end|>\\n` with EOS `<|endoftext|>` (a base checkpoint's);
+- llama3:  `<|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>` with EOS
+           `<|end_of_text|>` and no pad token;
+- gemma:   `<bos><start_of_turn>user\\n...<end_of_turn>\\n<start_of_turn>model\\n`, EOS `<eos>`, no system role;
+- mistral: `<s>[INST] ... [/INST]...</s>`, no generation prompt and no system role.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+ALTERNATE = ("{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+             "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+             "{%- endif -%}")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    template: str
+    bos: str | None
+    eos: str
+    turn_end: str  # the token that ends an assistant turn
+    pad: str | None = None
+    extra: tuple[str, ...] = ()
+    sentencepiece: bool = False
+    system: bool = True  # whether the template accepts a system message
+
+    def special_tokens(self) -> list[str]:
+        return list(dict.fromkeys([t for t in (self.pad, self.bos, self.eos, self.turn_end) if t] + list(self.extra)))
+
+
+FAMILIES = {
+    "zephyr": Family(
+        "zephyr",
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}{{ '<|user|>\n' + message['content'] + eos_token }}"
+        "{%- elif message['role'] == 'system' -%}{{ '<|system|>\n' + message['content'] + eos_token }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ '<|assistant|>\n' + message['content'] + eos_token }}"
+        "{%- endif -%}"
+        "{%- if loop.last and add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
+        "{%- endfor -%}",
+        bos="<s>", eos="</s>", turn_end="</s>", sentencepiece=True),
+    "chatml": Family(
+        "chatml",
+        "{%- if messages[0]['role'] != 'system' -%}"
+        "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}",
+        bos=None, eos="<|endoftext|>", turn_end="<|im_end|>", pad="<|endoftext|>",
+        extra=("<|im_start|>",)),
+    "llama3": Family(
+        "llama3",
+        "{{- bos_token -}}"
+        "{%- for message in messages -%}"
+        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+        " + '<|eot_id|>' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}",
+        bos="<|begin_of_text|>", eos="<|end_of_text|>", turn_end="<|eot_id|>",
+        extra=("<|start_header_id|>", "<|end_header_id|>")),
+    "gemma": Family(
+        "gemma",
+        "{{ bos_token }}"
+        "{%- if messages[0]['role'] == 'system' -%}{{ raise_exception('System role not supported') }}{%- endif -%}"
+        "{%- for message in messages -%}" + ALTERNATE +
+        "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}"
+        "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+        "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}",
+        bos="<bos>", eos="<eos>", turn_end="<end_of_turn>", pad="<pad>", extra=("<start_of_turn>",), system=False),
+    "mistral": Family(
+        "mistral",
+        "{{ bos_token }}"
+        "{%- for message in messages -%}" + ALTERNATE +
+        "{%- if message['role'] == 'user' -%}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ message['content'] + eos_token }}"
+        "{%- else -%}{{ raise_exception('Only user and assistant roles are supported!') }}"
+        "{%- endif -%}"
+        "{%- endfor -%}",
+        bos="<s>", eos="</s>", turn_end="</s>", extra=("[INST]", "[/INST]"), system=False),
+}
+
+
+def build_family_tokenizer(family: Family, texts: list[str], out_dir: Path, vocab_size: int = 600):
+    """A BPE tokenizer trained on `texts` rendered in the family's chat format, saved to `out_dir`
+    and reloaded with AutoTokenizer (the path every spinlm stage takes)."""
+    specials = family.special_tokens()
+    tok = Tokenizer(models.BPE())
+    if family.sentencepiece:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        alphabet = list(string.printable)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=family.bos, eos_token=family.eos,
+                                   pad_token=family.pad, additional_special_tokens=specials,
+                                   chat_template=family.template, clean_up_tokenization_spaces=False)
+    corpus = [fast.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                       tokenize=False) for p, r in zip(texts[::2], texts[1::2])]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(corpus + [string.printable], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=family.bos, eos_token=family.eos,
+                                   pad_token=family.pad, additional_special_tokens=specials,
+                                   chat_template=family.template, clean_up_tokenization_spaces=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)

@@ -1,0 +1,167 @@
+"""Real chat formats: responses end the way the template ends an assistant turn, in every stage.
+
+For each family of tests/chat_formats.py (Zephyr, ChatML with a separate EOS, Llama-3, Gemma, Mistral)
+a tiny Llama is trained by `spinlm run` (SFT, then one SPIN iteration) while every forward of every
+stage is recorded. The expected token ids are computed here from the template itself: the prompt is
+the template's rendering with the assistant turn opened, a real response is the template's rendering
+of the whole conversation minus the prompt, up to and including the turn-end token (nothing after
+it, e.g. ChatML's newline), and a generated response is the ids that were sampled.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+import spinlm.evaluate
+import spinlm.generate
+import spinlm.modeling
+import spinlm.score
+import spinlm.training
+from chat_formats import FAMILIES, build_family_tokenizer
+from spinlm.cli import main
+from spinlm.demo.build import build_model
+from spinlm.demo.task import make_splits
+from spinlm.io import read_jsonl
+from spinlm.tokens import Encoding, Limits, encode_pair, stop_ids, turn_end_ids
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return make_splits(seed=0, n_train=40, n_val=8, n_test=8)
+
+
+def _family_model(name, splits, tmp_path):
+    texts = [x for r in splits["train"] for x in (r["prompt"], r["response"])]
+    tok = build_family_tokenizer(FAMILIES[name], texts, tmp_path / "model")
+    build_model(tok, tmp_path / "model", hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=256)
+    return tok, tmp_path / "model"
+
+
+def _template_ids(tok, family, prompt, response=None):
+    """What the template renders: the prompt (assistant turn opened), or prompt + response cut after the turn end."""
+    if response is None:
+        text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    text = tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    prompt_len = len(_template_ids(tok, family, prompt))
+    end = ids.index(tok.convert_tokens_to_ids(family.turn_end), prompt_len)
+    return ids[: end + 1]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_turn_end_and_stop_tokens(name, splits, tmp_path):
+    family = FAMILIES[name]
+    tok, _ = _family_model(name, splits, tmp_path)
+    turn_end = tok.convert_tokens_to_ids(family.turn_end)
+    assert turn_end_ids(tok) == [turn_end]
+    assert set(stop_ids(tok)) == {turn_end, tok.eos_token_id}
+    counts = Encoding()
+    for r in splits["train"][:10]:
+        prompt = [{"role": "user", "content": r["prompt"]}]
+        row = {"prompt": prompt, "real": r["response"], "generated": "The answer is 1", "finish": "length"}
+        p, real, cut = encode_pair(tok, row, Limits(64, 128), counts)
+        assert p == _template_ids(tok, family, prompt)
+        assert real[-1] == turn_end and turn_end not in cut  # a generation that hit the limit has no turn end
+        if family.sentencepiece:  # merges cross the boundary: the response text is tokenized on its own (as TRL
+            # does), which may add the tokenizer's dummy-prefix space at its start
+            full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": r["response"]}], tokenize=False)
+            suffix = full[len(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)):]
+            assert tok.decode(real).lstrip() == suffix.lstrip()
+        else:
+            assert p + real == _template_ids(tok, family, prompt, r["response"])
+    assert (counts.fallback > 0) == family.sentencepiece and counts.template + counts.fallback == 20
+
+
+def _config(model, data, run_dir):
+    return {
+        "run": {"dir": str(run_dir), "progress": False, "seed": 3},
+        "model": {"name_or_path": str(model)},
+        "data": {"train": str(data["train"]), "val": str(data["val"]), "eval": str(data["test"]),
+                 "max_prompt_length": 64, "max_length": 128},
+        "sft": {"enabled": True, "learning_rate": 3e-3, "epochs": 25, "batch_size": 8},
+        "generation": {"max_new_tokens": 16, "batch_size": 16},
+        "spin": {"iterations": 1, "beta": 0.1},
+        "train": {"learning_rate": 1e-4, "epochs": 1, "batch_size": 4},
+        "packing": {"enabled": False},  # plain sequences: every recorded forward row is one (prompt, response)
+        "eval": {"checker": "spinlm.demo.task:check_example", "batch_size": 8},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_stage_sees_the_templates_tokens(name, splits, tmp_path, monkeypatch):
+    family = FAMILIES[name]
+    tok, model = _family_model(name, splits, tmp_path)
+    turn_end = tok.convert_tokens_to_ids(family.turn_end)
+    data = {}
+    for split, rows in splits.items():
+        data[split] = tmp_path / f"{split}.jsonl"
+        data[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen: dict[str, set] = {}
+
+    def instrumented(stage):
+        def load(*args, **kwargs):
+            m = spinlm.modeling.load_model(*args, **kwargs)
+
+            def hook(module, a, kw):
+                ids, mask = kw["input_ids"], kw.get("attention_mask")
+                if mask is not None and ids.shape == mask.shape:  # whole sequences, not a cached decoding step
+                    seen.setdefault(stage, set()).update(
+                        tuple(t for t, keep in zip(r, k) if keep) for r, k in zip(ids.tolist(), mask.tolist()))
+            m.register_forward_pre_hook(hook, with_kwargs=True)
+            return m
+        return load
+
+    for module, stage in ((spinlm.generate, "generate"), (spinlm.score, "score"), (spinlm.training, "train"),
+                          (spinlm.evaluate, "evaluate")):
+        monkeypatch.setattr(module, "load_model", instrumented(stage))
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(model, data, tmp_path / "run")))
+    assert main(["run", str(cfg_path)]) == 0
+
+    def msgs(r):
+        return [{"role": "user", "content": r["prompt"]}]
+
+    prompts = {s: {tuple(_template_ids(tok, family, msgs(r))) for r in rows} for s, rows in splits.items()}
+    reals = {s: {tuple(_template_ids(tok, family, msgs(r), r["response"])) for r in rows} for s, rows in splits.items()}
+    gens = read_jsonl(tmp_path / "run" / "iteration-0" / "generations.jsonl")
+    eval_gens = read_jsonl(tmp_path / "run" / "iteration-0" / "eval-generations.jsonl")
+    # generation stops on the template's turn end, and the sampled ids are kept with it
+    stopped = [g for g in gens if g["finish"] == "eos"]
+    assert len(stopped) >= len(gens) // 2, "SFT taught the model to end its turn"
+    for g in gens:
+        assert (g["generated_ids"][-1] in stop_ids(tok)) == (g["finish"] == "eos")
+        body = g["generated_ids"][:-1] if g["finish"] == "eos" else g["generated_ids"]
+        assert tok.decode(body, skip_special_tokens=True) == g["generated"] and len(body) == g["generated_tokens"]
+    assert any(g["generated_ids"][-1] == turn_end for g in stopped)
+    prompt_of = {g["id"]: tuple(_template_ids(tok, family, g["prompt"])) for g in gens + eval_gens}
+    sampled = {prompt_of[g["id"]] + tuple(g["generated_ids"]) for g in gens if g["generated"].strip()}
+    eval_sampled = {prompt_of[g["id"]] + tuple(g["generated_ids"]) for g in eval_gens if g["generated"].strip()}
+
+    # a pair whose generated response is empty is reported, not scored or trained on
+    scored = [g for g in gens + eval_gens if g["generated"].strip()]
+    if family.sentencepiece:  # the boundary is tokenized apart: the sampled ids are scored as sampled, and a real
+        # response is the prompt's template ids, then ids that spell the template's text of the response
+        def suffix(g):
+            head = tok.apply_chat_template(g["prompt"], tokenize=False, add_generation_prompt=True)
+            return tok.apply_chat_template(g["prompt"] + [{"role": "assistant", "content": g["real"]}],
+                                           tokenize=False)[len(head):]
+        assert sampled | eval_sampled <= seen["score"]
+        want = {(prompt_of[g["id"]], suffix(g).lstrip()) for g in scored}
+        spelled = {r: (r[: len(p)], tok.decode(list(r[len(p):])).lstrip()) for r in seen["score"]
+                   for p in {prompt_of[g["id"]] for g in scored} if r[: len(p)] == p}
+        assert want <= set(spelled.values())
+        assert all(r in sampled | eval_sampled or spelled.get(r) in want for r in seen["score"])
+        return
+    assert seen["generate"] == prompts["train"] | prompts["test"]
+    real_ids = {tuple(_template_ids(tok, family, g["prompt"], g["real"])) for g in scored}
+    assert real_ids <= reals["train"] | reals["test"]
+    assert seen["score"] == real_ids | sampled | eval_sampled
+    # SFT on the real responses, its checks on validation, then SPIN on real and sampled responses
+    assert seen["train"] == reals["train"] | reals["val"] | sampled
+    # held-out NLL (real responses), greedy prefill (prompts), reward metrics (held-out pairs)
+    assert seen["evaluate"] == reals["test"] | prompts["test"] | reals["val"] | prompts["val"] | eval_sampled
