@@ -162,3 +162,52 @@ def test_bad_flags_are_refused_before_anything_runs(tmp_path):
     assert proc.returncode == 2 and "--iterations" in proc.stderr and not out.exists()
     proc = subprocess.run([sys.executable, "-m", "spinlm", "experiment", "nope"], capture_output=True, text=True)
     assert proc.returncode == 2 and "spin-vs-sft" in proc.stderr
+
+
+def test_theory_closed_form_by_hand():
+    from spinlm.experiment.theory import closed_form, pair_loss
+
+    # two responses, p_data = (1/2, 1/2), p_t = (0.8, 0.2), beta 0.5:
+    # p_{t+1} ∝ 0.8 (0.5/0.8)^2, 0.2 (0.5/0.2)^2 = 0.3125, 1.25 -> (0.2, 0.8): the error flips sign
+    logp_data, logp_t = torch.tensor([0.5, 0.5]).log(), torch.tensor([0.8, 0.2]).log()
+    assert closed_form(logp_t, logp_data, 0.5).exp().tolist() == pytest.approx([0.2, 0.8])
+    assert closed_form(logp_t, logp_data, 1.0).exp().tolist() == pytest.approx([0.5, 0.5])
+    # at p = p_t every pair's margin is 0: the loss is log 2 whatever the weights
+    w = torch.tensor([0.3, 0.7])
+    assert float(pair_loss(logp_t, logp_t, w, w.flip(0), 0.1)) == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 1.0, 2.0, 5.0])
+def test_theory_closed_form_is_what_training_converges_to(beta):
+    from spinlm.experiment.theory import closed_form, kl, minimise, pair_loss, problem
+
+    prob = problem(0)
+    logp_data, logp0 = prob["logp_data"], prob["logp0"]
+    assert logp0.dtype == torch.float64 and kl(logp_data, logp0) > 0.05
+    exact = closed_form(logp0, logp_data, beta)
+    trained = minimise(logp0, logp_data.exp(), logp0.exp(), beta)  # L-BFGS on spin_loss over all pairs
+    assert (trained.exp() - exact.exp()).abs().max() < 1e-6
+    # and the exact optimum is a stationary point of the population loss
+    theta = exact.clone().requires_grad_(True)
+    pair_loss(torch.log_softmax(theta, -1), logp0, logp_data.exp(), logp0.exp(), beta).backward()
+    assert theta.grad.abs().max() < 1e-9
+
+
+def test_theory_quick_runs_and_resumes(tmp_path):
+    out = tmp_path / "theory"
+    done = experiment("theory", out, "--seeds", "0", "1", "--iterations", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_json(out / "results.json")
+    assert sorted(results["seeds"]) == ["0", "1"] and results["betas"] == [0.1, 1.0, 5.0]
+    for kept in results["seeds"].values():
+        exact = kept["table"]["1"]["exact"]
+        assert len(exact) == 4 and exact[0] > 0.05 and max(exact[1:]) < 1e-12  # beta 1 lands on p_data
+        overshoot = kept["table"]["0.1"]["exact"]
+        assert overshoot[1] > overshoot[0] and overshoot[2] > overshoot[1]  # beta 0.1 runs away
+        assert set(kept["llama"]["5"]) == {"exact from its p_0", "tiny Llama lr 0.1"}
+    assert "## beta 0.1" in (out / "results.md").read_text()
+    assert_png(out / "theory.png")
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "seeds").iterdir()}
+    again = experiment("theory", out, "--seeds", "0", "1", "--iterations", "3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (out / "seeds").iterdir()} == stamps  # resumed, nothing redone

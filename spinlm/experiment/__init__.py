@@ -3,6 +3,7 @@
     spinlm experiment spin-vs-sft  [--out DIR] [--seeds 0 1 2] [--iterations 3] [--workers 2] [--quick]
     spinlm experiment convergence  [--out DIR] [--seeds 0 1]   [--iterations 4]
     spinlm experiment loss-beta    [--out DIR] [--seeds 0 1]   [--iterations 2]
+    spinlm experiment theory       [--out DIR] [--seeds 0 1 2] [--iterations 6]
 
 Each builds its inputs under OUT (the demo's task, tokenizer and tiny Llama: no network), runs
 ordinary `spinlm run` directories side by side (re-running the same command resumes), and writes
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import convergence, loss_beta, spin_vs_sft
+from . import convergence, loss_beta, spin_vs_sft, theory
 from .common import Setup
 
 
@@ -35,4 +36,7 @@ EXPERIMENTS = {
                               "SPIN loss and margin vs their fixed point"),
     "loss-beta": Experiment(loss_beta.experiment, (0, 1), 2,
                             "sigmoid vs hinge loss at beta 0.1 and 5, the paper's loss alone"),
+    "theory": Experiment(theory.experiment, (0, 1, 2), 6,
+                         "one SPIN iteration's exact optimum (the paper's closed form) vs trained steps, on a table "
+                         "of probabilities and a tiny Llama, beta 0.1 to 5"),
 }
