@@ -102,7 +102,11 @@ class SPINConfig:
     iterations: int = _f(3, "Number of self-play iterations T.")
     mix_window: int = _f(2, "Iteration t trains on the pairs generated in the last N iterations (paper: 2).")
     beta: float | list[float] = _f(0.1, "The paper's lambda: one value, or one per iteration.")
-    loss_type: str = _f("sigmoid", "sigmoid (the paper's logistic loss) or hinge.")
+    loss_type: str = _f("sigmoid", "sigmoid (the paper's logistic loss) or hinge (objective spin only).")
+    objective: str = _f("spin", "The pair objective: spin (the paper's, with loss_type), space (noise-contrastive, "
+                        "SPACE 2025: real and generated responses get absolute targets) or sppo_hard (SPPO's squared "
+                        "loss, log-ratios pinned to +-1/(2 beta)). spinlm/loss.py has the formulas.")
+    space_mu: float = _f(1.0, "objective space: the noise ratio mu (generated responses per real one; 1 recommended).")
     sft_weight: float = _f(0.0, "Add sft_weight x the real response's NLL per token to each pair's loss (a "
                            "regulariser, TRL's rpo_alpha); 0 = the paper's loss.")
     drop_dead_pairs: bool = _f(False, "Leave out of training the pairs whose generated response equals the real one "
@@ -220,6 +224,7 @@ CHOICES = {
     ("data", "turn"): ("first", "last"),
     ("data", "prompt_overflow"): ("truncate", "drop"),
     ("spin", "loss_type"): ("sigmoid", "hinge"),
+    ("spin", "objective"): ("spin", "space", "sppo_hard"),
     ("train", "optimizer"): ("rmsprop", "adamw"),
     ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
 }
@@ -430,6 +435,11 @@ def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
         problems.append(f"data.val_size must be a share in [0, 1) or a whole number of rows; got {cfg.data.val_size}")
     if cfg.spin.sft_weight < 0:
         problems.append(f"spin.sft_weight must be >= 0; got {cfg.spin.sft_weight}")
+    if cfg.spin.objective != "spin" and cfg.spin.loss_type != "sigmoid":
+        problems.append(f"spin.loss_type {cfg.spin.loss_type} applies to spin.objective spin only; "
+                        f"got spin.objective {cfg.spin.objective}")
+    if not cfg.spin.space_mu > 0:
+        problems.append(f"spin.space_mu must be > 0; got {cfg.spin.space_mu}")
     for key in ("eval_every", "patience"):
         if getattr(cfg.train, key) < 0:
             problems.append(f"train.{key} must be >= 0; got {getattr(cfg.train, key)}")

@@ -29,7 +29,7 @@ from .data import Example
 from .errors import TrainingStopped
 from .io import fault_point, read_jsonl, write_json
 from .lora import merged
-from .loss import real_nll_per_token, spin_loss, spin_rewards
+from .loss import objective_loss, real_nll_per_token, spin_rewards
 from .modeling import load_tokenizer
 from .packing import pack, prepare, response_logps
 from .score import limits
@@ -51,9 +51,10 @@ def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
 
 
 def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, beta: float, loss_type: str,
-                 sft_weight: float = 0.0):
-    """Per-pair losses (batch,) and detached per-pair metrics, from one forward over the micro-batch
-    (packed [prompt | real | generated] rows, or padded sequences when packing is off)."""
+                 sft_weight: float = 0.0, objective: str = "spin", mu: float = 1.0):
+    """Per-pair losses (batch,) of `objective` (spinlm.loss.objective_loss) and detached per-pair
+    metrics, from one forward over the micro-batch (packed [prompt | real | generated] rows, or
+    padded sequences when packing is off)."""
     scores = response_logps(model, [(b["prompt"], [b["real"], b["generated"]]) for b in batch], pad_id, budget)
     policy_real = torch.stack([real for (real, _), _ in scores])
     policy_generated = torch.stack([gen for _, (gen, _) in scores])
@@ -62,7 +63,7 @@ def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, beta
     ref_generated = torch.tensor([b["ref_generated"] for b in batch], device=dev)
     n_real = torch.tensor([float(n) for (_, n), _ in scores], device=dev)
     n_generated = torch.tensor([float(n) for _, (_, n) in scores], device=dev)
-    losses = spin_loss(policy_real, policy_generated, ref_real, ref_generated, beta, loss_type)
+    losses = objective_loss(objective, policy_real, policy_generated, ref_real, ref_generated, beta, loss_type, mu)
     nll = real_nll_per_token(policy_real, n_real)
     if sft_weight:
         losses = losses + sft_weight * nll
@@ -113,8 +114,9 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
         state = checkpoint.load(last, model, optimizer, scheduler)
         scheduler.base_lrs = [lr for _ in scheduler.base_lrs]  # a --force resume may have changed lr
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    log.info("train iteration %d: %d pairs, %d optimizer steps, lr %g, beta %g, %s loss, sft_weight %g", iteration,
-             len(items), steps, lr, beta, cfg.spin.loss_type, cfg.spin.sft_weight)
+    log.info("train iteration %d: %d pairs, %d optimizer steps, lr %g, beta %g, objective %s (%s), sft_weight %g",
+             iteration, len(items), steps, lr, beta, cfg.spin.objective,
+             f"mu {cfg.spin.space_mu:g}" if cfg.spin.objective == "space" else cfg.spin.loss_type, cfg.spin.sft_weight)
     checking = bool(tc.eval_every and heldout)
     start, epoch_plan, stop = time.time(), {}, False
     while state["step"] < steps and not stop:
@@ -165,7 +167,8 @@ def train_step(accelerator, model, optimizer, scheduler, micro: list[list[dict]]
     for j, part in enumerate(parts):
         sync = contextlib.nullcontext() if j == len(parts) - 1 else accelerator.no_sync(model)
         with sync:  # gradients of all parts add up; DDP all-reduces once, after the last
-            losses, per_pair = batch_losses(model, part, pad, budget, beta, cfg.spin.loss_type, cfg.spin.sft_weight)
+            losses, per_pair = batch_losses(model, part, pad, budget, beta, cfg.spin.loss_type, cfg.spin.sft_weight,
+                                            cfg.spin.objective, cfg.spin.space_mu)
             accelerator.backward(losses.sum() * world / n_pairs)
         for key, value in per_pair.items():
             metrics.setdefault(key, []).append(value)

@@ -1,0 +1,180 @@
+"""The SPIN family's objectives (issue 19, item 1): each formula on hand-computed values, the
+identities it implies, TRL's sppo_hard as an oracle, and each one through the packed forward
+equal to the plain per-sequence computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spinlm.cli import main
+from spinlm.config import Config
+from spinlm.io import read_json, read_jsonl
+from spinlm.logprobs import sequence_logps
+from spinlm.loss import OBJECTIVES, objective_loss, space_loss, spin_loss, sppo_hard_loss, tspin_loss
+from spinlm.modeling import load_model, load_tokenizer
+from spinlm.train import batch_losses, pair_items
+
+from conftest import COMMON
+from test_loss import _trl_stand_in, trl_dpo_loss
+
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def log1pexp(x: float) -> float:
+    return math.log(1.0 + math.exp(x))
+
+
+# ---------------------------------------------------------------- SPACE
+
+def test_space_hand_values():
+    # r(y) = -1 - (-2) = 1, r(y') = -3 - (-2.5) = -0.5
+    for mu in (1.0, 2.0, 0.5):
+        # -log sigma_mu(1) = log(1 + mu e^-1); -mu log sigma_{1/mu}(0.5) = mu log(1 + e^-0.5 / mu)
+        expected = math.log(1 + mu * math.exp(-1.0)) + mu * math.log(1 + math.exp(-0.5) / mu)
+        assert space_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.5), mu=mu).item() == pytest.approx(expected, rel=1e-12)
+    # at the reference both sides are at 0: log(1 + mu) + mu log(1 + 1/mu)
+    assert space_loss(t(0.0), t(0.0), t(0.0), t(0.0), mu=3.0).item() == pytest.approx(
+        math.log(4) + 3 * math.log(4 / 3), rel=1e-12)
+
+
+def test_space_at_mu_1_is_two_separate_logistic_losses():
+    g = torch.Generator().manual_seed(0)
+    pr, pg, rr, rg = (-torch.rand(16, generator=g, dtype=torch.float64) * 30 for _ in range(4))
+    ours = space_loss(pr, pg, rr, rg, mu=1.0)
+    assert torch.allclose(ours, -F.logsigmoid(pr - rr) - F.logsigmoid(-(pg - rg)), atol=1e-12)
+    # unlike SPIN's, it is not a function of the gap alone: shifting both log-ratios changes it
+    assert not torch.allclose(space_loss(pr + 1, pg + 1, rr, rg), ours)
+    assert torch.allclose(spin_loss(pr + 1, pg + 1, rr, rg, beta=1.0), spin_loss(pr, pg, rr, rg, beta=1.0))
+
+
+@pytest.mark.parametrize("mu", [0.5, 1.0, 3.0])
+def test_space_population_optimum_is_p_data(mu):
+    # One prompt, 8 responses: E_{y~p_data} -log sigma_mu(r(y)) + mu E_{y'~p_t} -log sigma_1/mu(-r(y'))
+    # over free logits is minimised at p_theta = p_data whatever mu (NCE); SPIN's is not (closed form).
+    g = torch.Generator().manual_seed(1)
+    p_data = torch.softmax(torch.randn(8, generator=g, dtype=torch.float64), -1)
+    logp_t = torch.log_softmax(torch.randn(8, generator=g, dtype=torch.float64), -1)
+    theta = logp_t.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], max_iter=500, tolerance_grad=1e-14, tolerance_change=0.0,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logp = torch.log_softmax(theta, -1)
+        k = torch.arange(8)
+        real = space_loss(logp[k], logp[k], logp_t[k], logp_t[k], mu=mu)  # the real-side term per response
+        real_part = F.softplus(math.log(mu) - (logp - logp_t))
+        gen_part = mu * F.softplus((logp - logp_t) - math.log(mu))
+        assert torch.allclose(real, real_part + gen_part)
+        loss = (p_data * real_part).sum() + (logp_t.exp() * gen_part).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert (torch.softmax(theta.detach(), -1) - p_data).abs().max() < 1e-6
+
+
+# ---------------------------------------------------------------- SPPO (hard labels)
+
+def test_sppo_hard_hand_values_and_targets():
+    # beta 0.25: targets +-2; r(y) = 1, r(y') = -0.5 -> (1 - 2)^2 + (-0.5 + 2)^2 = 1 + 2.25
+    assert sppo_hard_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.5), beta=0.25).item() == pytest.approx(3.25, rel=1e-12)
+    # at the targets the loss is 0 and its gradient vanishes
+    pr = t(-2.0 + 2.0).requires_grad_(True)
+    pg = t(-2.5 - 2.0).requires_grad_(True)
+    loss = sppo_hard_loss(pr, pg, t(-2.0), t(-2.5), beta=0.25)
+    loss.sum().backward()
+    assert loss.item() == 0.0 and pr.grad.item() == 0.0 and pg.grad.item() == 0.0
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_sppo_hard_matches_trl(tmp_path, beta):
+    g = torch.Generator().manual_seed(int(beta * 10))
+    rr, rg = (-torch.rand(12, generator=g, dtype=torch.float64) * 50 for _ in range(2))
+    pr, pg = rr + torch.randn(12, generator=g, dtype=torch.float64) * 6, rg + torch.randn(12, generator=g,
+                                                                                         dtype=torch.float64) * 6
+    ours = sppo_hard_loss(pr, pg, rr, rg, beta=beta)
+    s = _trl_stand_in(tmp_path, beta, "sppo_hard")
+    for i in range(12):
+        theirs = trl_dpo_loss(s, pr[i:i + 1], pg[i:i + 1], rr[i:i + 1], rg[i:i + 1])
+        assert ours[i].item() == pytest.approx(theirs.item(), rel=1e-10, abs=1e-10)
+
+
+# ---------------------------------------------------------------- T-SPIN (the formula; its loop is not built)
+
+def test_tspin_hand_values_and_beta_0():
+    # y, y', y0 log-probs -1, -3, -2; alpha 0.5: cur = 1, hist = -0.5
+    loss = tspin_loss(t(-1.0), t(-3.0), t(-2.0), alpha=0.5, beta=0.3).item()
+    assert loss == pytest.approx(log1pexp(-1.0) + 0.3 * log1pexp(0.5), rel=1e-12)
+    # beta 0: reference-free SPIN (the logistic loss on alpha times the log-prob gap)
+    g = torch.Generator().manual_seed(2)
+    pr, pg, ph = (-torch.rand(10, generator=g, dtype=torch.float64) * 20 for _ in range(3))
+    zero = torch.zeros(10, dtype=torch.float64)
+    assert torch.allclose(tspin_loss(pr, pg, ph, alpha=0.7, beta=0.0), spin_loss(pr, pg, zero, zero, beta=0.7))
+    with pytest.raises(ValueError):
+        tspin_loss(pr, pg, ph, alpha=0.0)
+
+
+# ---------------------------------------------------------------- dispatch, config, the packed forward, a run
+
+def test_objective_loss_dispatches():
+    args = (t(-1.0, -4.0), t(-3.0, -2.0), t(-2.0, -3.5), t(-2.5, -2.5))
+    assert torch.equal(objective_loss("spin", *args, beta=0.2, loss_type="hinge"),
+                       spin_loss(*args, beta=0.2, loss_type="hinge"))
+    assert torch.equal(objective_loss("space", *args, mu=2.0), space_loss(*args, mu=2.0))
+    assert torch.equal(objective_loss("sppo_hard", *args, beta=0.2), sppo_hard_loss(*args, beta=0.2))
+    with pytest.raises(ValueError, match="objective"):
+        objective_loss("tspin", *args)
+    assert OBJECTIVES == ("spin", "space", "sppo_hard")
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_objectives_packed_equal_plain(tiny_model, pairs, objective):
+    cfg = Config()
+    cfg.data.max_prompt_length, cfg.data.max_length = 64, 128
+    tok = load_tokenizer(str(tiny_model), cfg.model)
+    model = load_model(str(tiny_model), cfg.model, dtype=torch.float64)
+    items = pair_items(tok, read_jsonl(pairs)[:6], cfg)
+    with torch.no_grad():  # the model moved off the reference, so every objective's terms are non-trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    packed, _ = batch_losses(model, items, tok.pad_token_id, 256, 0.1, "sigmoid", objective=objective, mu=2.0)
+    plain, _ = batch_losses(model, items, tok.pad_token_id, None, 0.1, "sigmoid", objective=objective, mu=2.0)
+    with torch.no_grad():  # independent: per-sequence log-probs, unpacked
+        real = sequence_logps(model, [(i["prompt"], i["real"]) for i in items], tok.pad_token_id)[0]
+        gen = sequence_logps(model, [(i["prompt"], i["generated"]) for i in items], tok.pad_token_id)[0]
+    ref = [torch.tensor([i[k] for i in items], dtype=torch.float64) for k in ("ref_real", "ref_generated")]
+    expected = objective_loss(objective, real.double(), gen.double(), *ref, beta=0.1, mu=2.0)
+    assert torch.allclose(packed.double(), expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(plain.double(), expected, atol=1e-4, rtol=1e-4)
+    assert expected.std() > 1e-3  # the pairs differ
+
+
+@pytest.mark.parametrize("objective", ["space", "sppo_hard"])
+def test_train_with_an_objective(tiny_model, pairs, tmp_path, objective):
+    out = tmp_path / objective
+    assert main(["train", "--model", str(tiny_model), "--pairs", str(pairs), "--out", str(out),
+                 f"--spin.objective={objective}", "--spin.beta=0.5", "--train.batch_size=8",
+                 "--train.learning_rate=1e-3", "--train.optimizer=adamw", *COMMON]) == 0
+    info = read_json(out / "spinlm_train.json")
+    last = info["history"][-1]
+    at_reference = 2 * math.log(2) if objective == "space" else 2 * (0.5 / 0.5) ** 2  # mu 1; (1/(2 beta))^2 x 2
+    assert last["loss"] < 0.9 * at_reference  # training started at p_t (the scoring model) and went down
+    assert last["rewards/real"] > 0 > last["rewards/generated"]  # both sides moved the way the objective pushes
+
+
+def test_objective_config_errors(tiny_model, pairs, tmp_path, capsys):
+    code = main(["train", "--model", str(tiny_model), "--pairs", str(pairs), "--out", str(tmp_path / "x"),
+                 "--spin.objective=space", "--spin.loss_type=hinge", *COMMON])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "spin.loss_type hinge applies to spin.objective spin only" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
