@@ -211,3 +211,32 @@ def test_theory_quick_runs_and_resumes(tmp_path):
     again = experiment("theory", out, "--seeds", "0", "1", "--iterations", "3")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in (out / "seeds").iterdir()} == stamps  # resumed, nothing redone
+
+
+def test_regime_quick_runs_and_resumes(tmp_path):
+    out = tmp_path / "regime"
+    done = experiment("regime", out, "--seeds", "0", "--iterations", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_json(out / "results.json")
+    assert results["curve"] and all(h["heldout_nll"] > 0 for h in results["curve"])  # one point per SFT epoch
+    assert len(results["curve"]) == 12
+    assert sorted(results["settings"]) == ["beta1", "stabilized"] and results["chosen"] in results["settings"]
+    for setting, (run,) in results["settings"].items():
+        point = run["iterations"][0]
+        # the baseline took exactly the steps the SPIN iteration took
+        steps = read_json(out / "runs" / f"{setting}-seed0" / "iteration-0" / "model" / "spinlm_train.json")["steps"]
+        assert point["steps"] == steps > 0
+        assert point["spin"]["test_nll"] > 0 and point["continued_sft"]["test_nll"] > 0
+    cfg = yaml.safe_load((out / "runs" / "beta1-seed0.yaml").read_text())
+    assert cfg["spin"]["beta"] == 1.0 and cfg["spin"]["sft_weight"] == 0.0 and cfg["train"]["eval_every"] == 0
+    assert set(results["same_capacity"]["seed0"]["kl"]) >= {"sft", "iteration-0"}
+    student = read_json(out / "same-capacity" / "student-base.done")["model"]
+    teacher = read_json(out / "same-capacity" / "demo" / "base.done")["model"]  # the teacher's untrained shape
+    assert {**student, "seed": None} == {**teacher, "seed": None} and student["seed"] != teacher["seed"]
+    text = (out / "results.md").read_text()
+    assert "## 1. The SFT curve" in text and "(chosen)" in text
+    assert_png(out / "regime.png")
+    again = experiment("regime", out, "--seeds", "0", "--iterations", "1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = again.stdout + again.stderr
+    assert "running 2 spinlm runs" in said and "sft: " not in said  # resumed: nothing retrained

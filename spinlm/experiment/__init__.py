@@ -4,6 +4,7 @@
     spinlm experiment convergence  [--out DIR] [--seeds 0 1]   [--iterations 4]
     spinlm experiment loss-beta    [--out DIR] [--seeds 0 1]   [--iterations 2]
     spinlm experiment theory       [--out DIR] [--seeds 0 1 2] [--iterations 6]
+    spinlm experiment regime       [--out DIR] [--seeds 0 1 2] [--iterations 3]
 
 Each builds its inputs under OUT (the demo's task, tokenizer and tiny Llama: no network), runs
 ordinary `spinlm run` directories side by side (re-running the same command resumes), and writes
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import convergence, loss_beta, spin_vs_sft, theory
+from . import convergence, loss_beta, regime, spin_vs_sft, theory
 from .common import Setup
 
 
@@ -39,4 +40,7 @@ EXPERIMENTS = {
     "theory": Experiment(theory.experiment, (0, 1, 2), 6,
                          "one SPIN iteration's exact optimum (the paper's closed form) vs trained steps, on a table "
                          "of probabilities and a tiny Llama, beta 0.1 to 5"),
+    "regime": Experiment(regime.experiment, (0, 1, 2), 3,
+                         "the paper's regime: a data-limited start where more SFT hurts; SPIN (beta 0.1, 1, 5; "
+                         "stabilized) vs continued SFT at equal steps, chosen on validation; a same-capacity student"),
 }

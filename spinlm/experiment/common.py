@@ -57,9 +57,10 @@ def base_config(setup: Setup) -> dict:
     return cfg
 
 
-def build_inputs(setup: Setup) -> None:
-    """The demo task's splits and its tokenizer + untrained Llama under OUT/demo (built once)."""
-    _build_inputs(setup.demo_dir(), QUICK_TASK if setup.quick else TASK, QUICK_MODEL if setup.quick else MODEL)
+def build_inputs(setup: Setup, task: dict | None = None) -> None:
+    """The demo task's splits (`task`'s sizes, default the demo's) and its tokenizer + untrained
+    Llama under OUT/demo (built once)."""
+    _build_inputs(setup.demo_dir(), task or (QUICK_TASK if setup.quick else TASK), QUICK_MODEL if setup.quick else MODEL)
 
 
 def resolved(base: dict, overrides: list[str] | None = None) -> config.Config:

@@ -44,15 +44,17 @@ MAX_NEW_TOKENS = 24  # the task's answers take about 8 tokens; a draw that hits 
 FIXED_POINT_LOSS = math.log(2)
 
 
-def experiment(setup: Setup) -> dict:
+def experiment(setup: Setup, task: dict | None = None, student: dict | None = None) -> dict:
+    """`task` (the demo task's size, default the demo's) and `student` (the student's shape, default
+    STUDENT: smaller than the teacher) let the regime experiment run it data-limited and same-capacity."""
     out = setup.out
     base = base_config(setup)
-    build_inputs(setup)
+    build_inputs(setup, task)
     teacher_cfg = copy.deepcopy(base)
     teacher_cfg["sft"].update({"epochs": 20 if setup.quick else TEACHER_EPOCHS, "patience": 0})
     teacher = fine_tune(teacher_cfg, base["model"]["name_or_path"], out / "teacher", val=False)
     data = teacher_data(teacher, base, out / "teacher-data")
-    student = student_base(teacher, out / "student-base", QUICK_STUDENT if setup.quick else STUDENT)
+    student = student_base(teacher, out / "student-base", student or (QUICK_STUDENT if setup.quick else STUDENT))
     jobs = {f"seed{s}": spin_config(
         base, student, out / "runs" / f"seed{s}", s, setup.overrides, sft={"enabled": True},
         data={"train": str(data / "train.jsonl"), "val": str(data / "val.jsonl"), "eval": str(data / "test.jsonl")},

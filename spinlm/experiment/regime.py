@@ -1,0 +1,188 @@
+"""The paper's regime at CPU scale: a data-limited SFT start where more SFT hurts, then SPIN
+against continued SFT at equal steps (the paper's Table 5 setting: its SFT model had used its
+data, and further SFT *lowered* its scores while SPIN raised them).
+
+    spinlm experiment regime [--out runs/experiment-regime] [--seeds 0 1 2] [--iterations 3]
+
+1. The demo task with far fewer training problems (REGIME_TASK: 400 instead of 5000), the demo's
+   Llama. SFT for CURVE_EPOCHS epochs without stopping, validation NLL after every epoch: the
+   curve that shows more SFT hurting (it falls, then rises). The start is that run's best
+   epoch on validation NLL (SFT keeps the best weights).
+2. From that start, per seed, SPIN with each of SETTINGS (the paper's loss at beta 0.1, 1 and 5;
+   the demo's stabilizers) and, for every run and iteration t, continued SFT for as many
+   optimizer steps as that run's iterations 0..t took (spin-vs-sft's baseline).
+3. The setting is chosen on validation (mean validation accuracy over seeds after the last
+   iteration); test numbers are reported for it, with paired SPIN - SFT differences per seed,
+   and for every setting as well (marked), never chosen on test.
+4. A same-capacity student for the teacher/KL test: the convergence experiment on the same
+   data-limited task with the student the teacher's own shape (the theorem's assumption that
+   the model class contains the data distribution), in OUT/same-capacity/.
+
+Writes OUT/results.{md,json} and OUT/regime.png; re-running resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+from pathlib import Path
+
+from ..demo.run import MODEL, _build_inputs
+from .common import QUICK_MODEL, Setup, band, base_config, fine_tune, fmt, run_all, spin_config, write_results
+from . import convergence, spin_vs_sft
+
+REGIME_TASK = {"seed": 0, "n_train": 400, "n_val": 200, "n_test": 300}
+QUICK_REGIME_TASK = {"seed": 0, "n_train": 120, "n_val": 40, "n_test": 40}
+CURVE_EPOCHS = 40
+PAPER_LOSS = {"sft_weight": 0.0}
+SETTINGS = {  # name -> config sections over the demo's (which are the "stabilized" ones)
+    "beta0.1": {"spin": {"beta": 0.1, **PAPER_LOSS}, "train": {"eval_every": 0}},
+    "beta1": {"spin": {"beta": 1.0, **PAPER_LOSS}, "train": {"eval_every": 0}},
+    "beta5": {"spin": {"beta": 5.0, **PAPER_LOSS}, "train": {"eval_every": 0}},
+    "stabilized": {"train": {"eval_every": 5}},  # the demo's sft_weight 1, beta 0.1; checks every 5 steps
+}
+QUICK_SETTINGS = ("beta1", "stabilized")
+
+
+def experiment(setup: Setup) -> dict:
+    out = setup.out
+    task = QUICK_REGIME_TASK if setup.quick else REGIME_TASK
+    _build_inputs(setup.demo_dir(), task, QUICK_MODEL if setup.quick else MODEL)
+    base = base_config(setup)
+    curve_cfg = copy.deepcopy(base)
+    epochs = 12 if setup.quick else CURVE_EPOCHS
+    curve_cfg["sft"].update({"epochs": epochs, "patience": epochs})  # never stops early; keeps the best epoch
+    start = fine_tune(curve_cfg, base["model"]["name_or_path"], out / "sft")
+    jobs = {}
+    settings = {k: SETTINGS[k] for k in QUICK_SETTINGS} if setup.quick else SETTINGS
+    for seed in setup.seeds:
+        for name, sections in settings.items():
+            sections = copy.deepcopy(sections)
+            sections.setdefault("eval", {})["continued_sft"] = True
+            jobs[f"{name}-seed{seed}"] = spin_config(base, start, out / "runs" / f"{name}-seed{seed}", seed,
+                                                     setup.overrides, **sections)
+    failed = run_all(out / "runs", jobs, setup.workers)
+    for name, cfg in jobs.items():
+        if name not in failed:
+            spin_vs_sft.baselines(Path(cfg["run"]["dir"]), start, cfg)
+    same = dataclasses.replace(setup, out=out / "same-capacity")
+    same.out.mkdir(parents=True, exist_ok=True)
+    kl = convergence.experiment(same, task=task, student={**(QUICK_MODEL if setup.quick else MODEL), "seed": 1})
+    results = collect(jobs, failed, start, kl)
+    write_results(out, results, table(results))
+    plot(results, out / "regime.png")
+    return results
+
+
+def sft_curve(start: Path) -> list[dict]:
+    """The start's SFT run: validation NLL per epoch (step, heldout_nll), and its best step."""
+    return train_log_sft(start).get("history", [])
+
+
+def train_log_sft(model_dir: Path) -> dict:
+    from ..io import read_json
+
+    return read_json(model_dir / "spinlm_sft.json") or {}
+
+
+def collect(jobs: dict[str, dict], failed: list[str], start: Path, kl: dict) -> dict:
+    runs = spin_vs_sft.collect(jobs, failed)["seeds"]
+    by_setting: dict[str, list[dict]] = {}
+    for name, r in runs.items():
+        by_setting.setdefault(name.rsplit("-seed", 1)[0], []).append(r)
+    last_val = {s: statistics.mean(r["iterations"][-1]["spin"]["val_accuracy"] for r in rs)
+                for s, rs in by_setting.items() if all(r["iterations"][-1]["spin"]["val_accuracy"] is not None for r in rs)}
+    chosen = max(last_val, key=last_val.get) if last_val else None  # ties: the first in SETTINGS' order
+    history = sft_curve(start)
+    info = train_log_sft(start)
+    return {"curve": history, "sft_best_step": info.get("best_step"), "settings": by_setting,
+            "chosen": chosen, "val_accuracy_last": last_val, "failed": failed,
+            "same_capacity": {name: {"seed": r["seed"], "kl": {m["model"]: m["kl"] for m in r["models"]}}
+                              for name, r in kl.get("runs", {}).items()}}
+
+
+def _per_t(rs: list[dict], t: int | None, side: str, key: str) -> list[float]:
+    pts = [r["start"] if t is None else r["iterations"][t][side] for r in rs]
+    return [p[key] for p in pts if p[key] is not None]
+
+
+def table(results: dict) -> str:
+    curve = results["curve"]
+    lines = ["# The paper's regime at CPU scale: a data-limited start where more SFT hurts", "",
+             "## 1. The SFT curve (validation NLL per token after every epoch)", ""]
+    if curve:
+        best = min(curve, key=lambda h: h["heldout_nll"])
+        lines += ["| step | " + " | ".join(str(h["step"]) for h in curve) + " |",
+                  "|---|" + "---|" * len(curve),
+                  "| val NLL | " + " | ".join(f"{h['heldout_nll']:.3f}" for h in curve) + " |", "",
+                  f"Best at step {best['step']} ({best['heldout_nll']:.4f}); the last epoch: "
+                  f"{curve[-1]['heldout_nll']:.4f} (+{curve[-1]['heldout_nll'] - best['heldout_nll']:.4f}). "
+                  "The start of every run below is the best epoch.", ""]
+    lines += ["## 2. SPIN vs continued SFT at equal steps, per setting", "",
+              f"Chosen on validation (mean validation accuracy after the last iteration): **{results['chosen']}** "
+              f"({', '.join(f'{s} {v:.3f}' for s, v in results['val_accuracy_last'].items())}).", "",
+              "| setting | after iteration | steps | SPIN test acc | continued SFT test acc | SPIN - SFT (paired) | "
+              "SPIN NLL/token | SFT NLL/token | SPIN val acc |", "|---|---|---|---|---|---|---|---|---|"]
+    for setting, rs in results["settings"].items():
+        mark = " (chosen)" if setting == results["chosen"] else ""
+        start_acc = fmt(_per_t(rs, None, "", "test_accuracy"))
+        lines.append(f"| {setting}{mark} | start | 0 | {start_acc} | {start_acc} | - | "
+                     f"{fmt(_per_t(rs, None, '', 'test_nll'), 4)} | {fmt(_per_t(rs, None, '', 'test_nll'), 4)} | "
+                     f"{fmt(_per_t(rs, None, '', 'val_accuracy'))} |")
+        for t in range(len(rs[0]["iterations"])):
+            diff = [r["iterations"][t]["spin"]["test_accuracy"] - r["iterations"][t]["continued_sft"]["test_accuracy"]
+                    for r in rs if r["iterations"][t]["spin"]["test_accuracy"] is not None
+                    and r["iterations"][t]["continued_sft"]["test_accuracy"] is not None]
+            steps = [r["iterations"][t]["steps"] for r in rs]
+            lines.append(f"| {setting}{mark} | {t} | {fmt(steps, 0)} | {fmt(_per_t(rs, t, 'spin', 'test_accuracy'))} | "
+                         f"{fmt(_per_t(rs, t, 'continued_sft', 'test_accuracy'))} | {fmt(diff)} | "
+                         f"{fmt(_per_t(rs, t, 'spin', 'test_nll'), 4)} | "
+                         f"{fmt(_per_t(rs, t, 'continued_sft', 'test_nll'), 4)} | "
+                         f"{fmt(_per_t(rs, t, 'spin', 'val_accuracy'))} |")
+    lines += ["", "Mean ± sample sd over seeds; *SPIN - SFT (paired)*: per seed, SPIN's test accuracy minus the "
+              "continued-SFT baseline's at the same steps. Only the chosen row was chosen; the others are shown "
+              "for completeness and were not selected on test.", "",
+              "## 3. Same-capacity student: KL(teacher || model) per iteration", "",
+              "The convergence experiment on this task with the student the teacher's shape (its own SFT "
+              "start on the teacher's samples, the paper's loss alone); details in same-capacity/results.md. "
+              "Nats per response, mean ± sd over seeds:", ""]
+    same = list(results["same_capacity"].values())
+    if same:
+        names = list(same[0]["kl"])
+        lines += ["| " + " | ".join(names) + " |", "|" + "---|" * len(names),
+                  "| " + " | ".join(fmt([r["kl"].get(n) for r in same]) for n in names) + " |", ""]
+    if results["failed"]:
+        lines += [f"Failed runs (see their logs): {', '.join(results['failed'])}", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    from ..report import figure
+
+    fig, (curve_ax, acc_ax, nll_ax) = figure(1, 3)
+    curve = results["curve"]
+    if curve:
+        curve_ax.plot([h["step"] for h in curve], [h["heldout_nll"] for h in curve], marker="o", markersize=3)
+        curve_ax.set_xlabel("SFT optimizer steps")
+        curve_ax.set_title("SFT: validation NLL per token", fontsize=9)
+    for setting, rs in results["settings"].items():
+        its = range(len(rs[0]["iterations"]))
+        xs = [0] + [statistics.mean(r["iterations"][t]["steps"] for r in rs) for t in its]
+        for ax, key in ((acc_ax, "test_accuracy"), (nll_ax, "test_nll")):
+            per = [_per_t(rs, None, "", key)] + [_per_t(rs, t, "spin", key) for t in its]
+            if all(per):
+                band(ax, xs, per, f"SPIN {setting}")
+    first = next(iter(results["settings"].values()), None)
+    if first:
+        its = range(len(first[0]["iterations"]))
+        xs = [0] + [statistics.mean(r["iterations"][t]["steps"] for r in first) for t in its]
+        for ax, key in ((acc_ax, "test_accuracy"), (nll_ax, "test_nll")):
+            per = [_per_t(first, None, "", key)] + [_per_t(first, t, "continued_sft", key) for t in its]
+            if all(per):
+                band(ax, xs, per, "continued SFT (equal steps)", marker="s")
+    for ax, title in ((acc_ax, "test accuracy"), (nll_ax, "test NLL per token")):
+        ax.set_xlabel("optimizer steps from the start")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.savefig(path, dpi=110)
