@@ -9,7 +9,7 @@ data, and further SFT *lowered* its scores while SPIN raised them).
    curve that shows more SFT hurting (it falls, then rises). The start is that run's best
    epoch on validation NLL (SFT keeps the best weights).
 2. From that start, per seed, SPIN with each of SETTINGS (the paper's loss at beta 0.1, 1 and 5;
-   the demo's stabilizers) and, for every run and iteration t, continued SFT for as many
+   the demo's stabilizers), 2 epochs per iteration as in the paper, and, for every run and iteration t, continued SFT for as many
    optimizer steps as that run's iterations 0..t took (spin-vs-sft's baseline).
 3. The setting is chosen on validation (mean validation accuracy over seeds after the last
    iteration); test numbers are reported for it, with paired SPIN - SFT differences per seed,
@@ -36,6 +36,7 @@ REGIME_TASK = {"seed": 0, "n_train": 400, "n_val": 200, "n_test": 300}
 QUICK_REGIME_TASK = {"seed": 0, "n_train": 120, "n_val": 40, "n_test": 40}
 CURVE_EPOCHS = 40
 PAPER_LOSS = {"sft_weight": 0.0}
+PAPER_EPOCHS = {"epochs": 2}
 SETTINGS = {  # name -> config sections over the demo's (which are the "stabilized" ones)
     "beta0.1": {"spin": {"beta": 0.1, **PAPER_LOSS}, "train": {"eval_every": 0}},
     "beta1": {"spin": {"beta": 1.0, **PAPER_LOSS}, "train": {"eval_every": 0}},
@@ -60,6 +61,8 @@ def experiment(setup: Setup) -> dict:
         for name, sections in settings.items():
             sections = copy.deepcopy(sections)
             sections.setdefault("eval", {})["continued_sft"] = True
+            if not setup.quick:  # the paper's 2 epochs per iteration (a few steps on 400 prompts otherwise)
+                sections["train"] = {**PAPER_EPOCHS, **sections.get("train", {})}
             jobs[f"{name}-seed{seed}"] = spin_config(base, start, out / "runs" / f"{name}-seed{seed}", seed,
                                                      setup.overrides, **sections)
     failed = run_all(out / "runs", jobs, setup.workers)
