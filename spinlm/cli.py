@@ -304,6 +304,9 @@ def _dpo(args, cfg) -> None:
     data, held = args.data or cfg.data.train, args.eval_data or cfg.data.eval
     if not data:
         raise UserError("spinlm dpo: no preference data: pass --data PREFS (or set data.train in --config)")
+    if cfg.spin.objective == "tspin":
+        raise UserError("spinlm dpo: spin.objective tspin needs the starting model's own responses, kept across "
+                        "self-play iterations; preference pairs have none. Use spin, space or sppo_hard.")
     d = cfg.data
     train = load_examples(data, split=d.train_split, format=d.format, turn=d.turn, max_rows=d.max_train_rows,
                           preference=True)

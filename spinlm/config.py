@@ -103,10 +103,14 @@ class SPINConfig:
     mix_window: int = _f(2, "Iteration t trains on the pairs generated in the last N iterations (paper: 2).")
     beta: float | list[float] = _f(0.1, "The paper's lambda: one value, or one per iteration.")
     loss_type: str = _f("sigmoid", "sigmoid (the paper's logistic loss) or hinge (objective spin only).")
-    objective: str = _f("spin", "The pair objective: spin (the paper's, with loss_type), space (noise-contrastive, "
-                        "SPACE 2025: real and generated responses get absolute targets) or sppo_hard (SPPO's squared "
-                        "loss, log-ratios pinned to +-1/(2 beta)). spinlm/loss.py has the formulas.")
+    objective: str = _f("spin", "The objective: spin (the paper's, with loss_type), space (noise-contrastive, "
+                        "SPACE 2025: real and generated responses get absolute targets), sppo_hard (SPPO's squared "
+                        "loss, log-ratios pinned to +-1/(2 beta)) or tspin (T-SPIN 2025: triplets with the starting "
+                        "model's response kept from iteration 0; reference-free). spinlm/loss.py has the formulas.")
     space_mu: float = _f(1.0, "objective space: the noise ratio mu (generated responses per real one; 1 recommended).")
+    tspin_alpha: float = _f(1.0, "objective tspin: alpha, the scale of both log-prob gaps (used in spin.beta's place).")
+    tspin_history_weight: float = _f(0.1, "objective tspin: the paper's beta, the weight of the historical term "
+                                     "(0 at iteration 0, where y' and y0 come from the same model).")
     sft_weight: float = _f(0.0, "Add sft_weight x the real response's NLL per token to each pair's loss (a "
                            "regulariser, TRL's rpo_alpha); 0 = the paper's loss.")
     drop_dead_pairs: bool = _f(False, "Leave out of training the pairs whose generated response equals the real one "
@@ -224,7 +228,7 @@ CHOICES = {
     ("data", "turn"): ("first", "last"),
     ("data", "prompt_overflow"): ("truncate", "drop"),
     ("spin", "loss_type"): ("sigmoid", "hinge"),
-    ("spin", "objective"): ("spin", "space", "sppo_hard"),
+    ("spin", "objective"): ("spin", "space", "sppo_hard", "tspin"),
     ("train", "optimizer"): ("rmsprop", "adamw"),
     ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
 }
@@ -440,6 +444,9 @@ def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
                         f"got spin.objective {cfg.spin.objective}")
     if not cfg.spin.space_mu > 0:
         problems.append(f"spin.space_mu must be > 0; got {cfg.spin.space_mu}")
+    if not cfg.spin.tspin_alpha > 0 or not cfg.spin.tspin_history_weight >= 0:
+        problems.append(f"spin.tspin_alpha must be > 0 and spin.tspin_history_weight >= 0; got "
+                        f"{cfg.spin.tspin_alpha}, {cfg.spin.tspin_history_weight}")
     for key in ("eval_every", "patience"):
         if getattr(cfg.train, key) < 0:
             problems.append(f"train.{key} must be >= 0; got {getattr(cfg.train, key)}")

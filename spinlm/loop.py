@@ -49,7 +49,8 @@ def run(cfg: Config, force: bool = False) -> Path:
         it = run_dir / f"iteration-{t}"
         stage("generate", it / "generations.jsonl", lambda out: generate_file(model, train_ex, out, cfg, t))
         window = [run_dir / f"iteration-{s}" / "generations.jsonl" for s in range(max(0, t - cfg.spin.mix_window + 1), t + 1)]
-        stage("score", it / "pairs.jsonl", lambda out: score_files(model, window, out, cfg))
+        y0 = run_dir / "iteration-0" / "generations.jsonl" if cfg.spin.objective == "tspin" else None  # T-SPIN
+        stage("score", it / "pairs.jsonl", lambda out: score_files(model, window, out, cfg, historical=y0))
         if eval_ex and cfg.eval.enabled:
             stage("generate-eval", it / "eval-generations.jsonl",
                   lambda out: generate_file(model, eval_ex, out, cfg, t, desc="generate held-out"))

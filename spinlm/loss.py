@@ -80,7 +80,7 @@ def real_nll_per_token(policy_real_logps: torch.Tensor, real_tokens: torch.Tenso
 # --- the SPIN family: published changes of the objective, same loop (issue 19) ------------------
 # Notation as above: r(y) = log p_theta(y|x) - log p_t(y|x), summed over the response's tokens.
 
-OBJECTIVES = ("spin", "space", "sppo_hard")  # selectable as spin.objective; T-SPIN below needs triplets
+OBJECTIVES = ("spin", "space", "sppo_hard")  # the pair objectives; spin.objective tspin (triplets) too
 
 
 def space_loss(
@@ -148,8 +148,8 @@ def tspin_loss(
         hist = alpha (log p_theta(y'|x) - log p_theta(y0|x))
         l    = -log sigma(cur) - beta log sigma(hist)
 
-    beta 0 at iteration 0, where y' and y0 come from the same model. Not yet selectable as
-    spin.objective: the loop does not keep y0 and train on triplets (issue 19, item 2).
+    beta 0 at iteration 0, where y' and y0 come from the same model. spin.objective tspin: the loop
+    keeps iteration 0's generations as y0 and trains on triplets (spinlm.train).
     """
     if not alpha > 0 or not beta >= 0:
         raise ValueError(f"alpha must be > 0 and beta >= 0, got {alpha}, {beta}")

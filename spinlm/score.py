@@ -37,10 +37,40 @@ def pair_groups(tokenizer, rows: list[dict], cfg: Config) -> list[tuple[list[int
     return groups
 
 
-def score_files(model_path: str, generation_files: list[Path], out: Path, cfg: Config, desc: str = "score") -> dict:
-    """The stage: read pairs from generation files, score under `model_path`, write `out`."""
+def score_files(model_path: str, generation_files: list[Path], out: Path, cfg: Config, desc: str = "score",
+                historical: Path | None = None) -> dict:
+    """The stage: read pairs from generation files, score under `model_path`, write `out`. With
+    `historical` (T-SPIN: the starting model's generations, kept from iteration 0), triplets instead:
+    each row gets that prompt's historical response, and nothing is scored (T-SPIN needs no
+    reference log-probs, so the reference model's forward pass is skipped)."""
     rows = [row for path in generation_files for row in read_jsonl(path)]
+    if historical is not None:
+        return triplet_rows(rows, historical, out, [str(p) for p in generation_files])
     return score_rows(model_path, rows, out, cfg, desc, [str(p) for p in generation_files])
+
+
+def triplet_rows(rows: list[dict], historical: Path, out: Path, sources: list[str]) -> dict:
+    """`out`: the rows with `historical`, `historical_ids`, `historical_finish` from the row of the
+    same id in `historical`. Rows with an empty generated or historical response, or none, are
+    dropped (counted and logged)."""
+    kept = {r["id"]: r for r in read_jsonl(historical) if r["generated"].strip()}
+    empty = [r for r in rows if not r["generated"].strip()]
+    missing = [r for r in rows if r["generated"].strip() and r["id"] not in kept]
+    if empty or missing:
+        log.warning("score (T-SPIN triplets): %d empty generated responses and %d prompts without a historical "
+                    "response of the starting model are not trained on", len(empty), len(missing))
+    triplets = []
+    for row in rows:
+        h = kept.get(row["id"])
+        if row["generated"].strip() and h is not None:
+            triplets.append({**row, "historical": h["generated"], "historical_ids": h.get("generated_ids"),
+                             "historical_finish": h["finish"]})
+    if dist.is_main():
+        write_jsonl(out, triplets)
+    log.info("score: %d triplets from %s, historical responses from %s (reference-free: no forward pass)",
+             len(triplets), ", ".join(sources), historical)
+    return {"pairs": len(triplets), "dropped_empty": len(empty), "no_historical": len(missing), "from": sources,
+            "historical_from": str(historical), "reference_pass": False}
 
 
 def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: str = "score",

@@ -26,10 +26,10 @@ from safetensors.torch import load_model, save_model
 from . import checkpoint
 from .config import Config
 from .data import Example
-from .errors import TrainingStopped
+from .errors import TrainingStopped, UserError
 from .io import fault_point, read_jsonl, write_json
 from .lora import merged
-from .loss import objective_loss, real_nll_per_token, spin_rewards
+from .loss import objective_loss, real_nll_per_token, spin_rewards, tspin_loss
 from .modeling import load_tokenizer
 from .packing import pack, prepare, response_logps
 from .score import limits
@@ -42,27 +42,56 @@ METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margin", "rewar
 
 
 def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
+    """Token ids of each scored row; for spin.objective tspin, triplets: the row's `historical`
+    response (the starting model's, kept from iteration 0) too, and no reference log-probs."""
+    tspin = cfg.spin.objective == "tspin"
     items = []
-    for row in rows:
+    for n, row in enumerate(rows, 1):
         prompt, real, generated = encode_pair(tokenizer, row, limits(cfg))
-        items.append({"prompt": prompt, "real": real, "generated": generated, "dead": is_dead(real, generated),
-                      "ref_real": row["ref_real_logp"], "ref_generated": row["ref_generated_logp"]})
+        item = {"prompt": prompt, "real": real, "generated": generated, "dead": is_dead(real, generated)}
+        if tspin:
+            if "historical" not in row:
+                raise UserError(f"pairs row {n} (id {row.get('id')}): spin.objective tspin trains on triplets, and "
+                                "this row has no `historical` response (the starting model's, which `spinlm run` "
+                                "keeps from iteration 0)")
+            item["historical"] = encode_pair(tokenizer, {**row, "generated": row["historical"],
+                                                         "generated_ids": row.get("historical_ids"),
+                                                         "finish": row["historical_finish"]}, limits(cfg))[2]
+        else:
+            item.update(ref_real=row["ref_real_logp"], ref_generated=row["ref_generated_logp"])
+        items.append(item)
     return items
+
+
+def objective_param(cfg: Config, iteration: int) -> float:
+    """The objective's second knob: SPACE's mu, or T-SPIN's history weight (0 at iteration 0, where
+    y' and y0 come from the same model, as the paper sets it)."""
+    if cfg.spin.objective == "tspin":
+        return 0.0 if iteration == 0 else cfg.spin.tspin_history_weight
+    return cfg.spin.space_mu
+
+
+def responses(item: dict) -> list[list[int]]:
+    """The responses one item packs after its prompt: [real, generated] (+ historical for T-SPIN)."""
+    return [item["real"], item["generated"]] + ([item["historical"]] if "historical" in item else [])
 
 
 def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, beta: float, loss_type: str,
                  sft_weight: float = 0.0, objective: str = "spin", mu: float = 1.0):
-    """Per-pair losses (batch,) of `objective` (spinlm.loss.objective_loss) and detached per-pair
-    metrics, from one forward over the micro-batch (packed [prompt | real | generated] rows, or
-    padded sequences when packing is off)."""
-    scores = response_logps(model, [(b["prompt"], [b["real"], b["generated"]]) for b in batch], pad_id, budget)
-    policy_real = torch.stack([real for (real, _), _ in scores])
-    policy_generated = torch.stack([gen for _, (gen, _) in scores])
+    """Per-pair losses (batch,) of `objective` (spinlm.loss.objective_loss, or T-SPIN's on triplets)
+    and detached per-pair metrics, from one forward over the micro-batch (packed [prompt | real |
+    generated (| historical)] rows, or padded sequences when packing is off). `mu`: SPACE's mu, or
+    T-SPIN's history weight (whose alpha comes as `beta`)."""
+    scores = response_logps(model, [(b["prompt"], responses(b)) for b in batch], pad_id, budget)
+    policy_real = torch.stack([s[0][0] for s in scores])
+    policy_generated = torch.stack([s[1][0] for s in scores])
     dev = policy_real.device
+    n_real = torch.tensor([float(s[0][1]) for s in scores], device=dev)
+    n_generated = torch.tensor([float(s[1][1]) for s in scores], device=dev)
+    if objective == "tspin":
+        return _tspin_losses(batch, scores, policy_real, policy_generated, n_real, n_generated, beta, sft_weight, mu)
     ref_real = torch.tensor([b["ref_real"] for b in batch], device=dev)
     ref_generated = torch.tensor([b["ref_generated"] for b in batch], device=dev)
-    n_real = torch.tensor([float(n) for (_, n), _ in scores], device=dev)
-    n_generated = torch.tensor([float(n) for _, (_, n) in scores], device=dev)
     losses = objective_loss(objective, policy_real, policy_generated, ref_real, ref_generated, beta, loss_type, mu)
     nll = real_nll_per_token(policy_real, n_real)
     if sft_weight:
@@ -78,12 +107,36 @@ def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, beta
     return losses, {k: v.float().cpu() for k, v in metrics.items()}
 
 
+def _tspin_losses(batch, scores, policy_real, policy_generated, n_real, n_generated, alpha: float,
+                  sft_weight: float, history_weight: float):
+    """T-SPIN's per-triplet losses (reference-free) and its diagnostics: the log-prob per token of
+    each response and both margins, alpha x the log-prob gaps (rewards/* are alpha x log p_theta,
+    its implicit reward, as there is no reference)."""
+    policy_historical = torch.stack([s[2][0] for s in scores])
+    n_historical = torch.tensor([float(s[2][1]) for s in scores], device=policy_real.device)
+    losses = tspin_loss(policy_real, policy_generated, policy_historical, alpha=alpha, beta=history_weight)
+    nll = real_nll_per_token(policy_real, n_real)
+    if sft_weight:
+        losses = losses + sft_weight * nll
+    real, gen, hist = (x.detach() for x in (policy_real, policy_generated, policy_historical))
+    margin = alpha * (real - gen)
+    metrics = {"loss": losses.detach(), "dead_pairs": torch.tensor([float(b["dead"]) for b in batch]),
+               "logps/real": real, "logps/generated": gen, "logps/historical": hist, "nll/real_per_token": nll.detach(),
+               "logp/real_per_token": real / n_real.clamp(min=1), "logp/generated_per_token": gen / n_generated.clamp(min=1),
+               "logp/historical_per_token": hist / n_historical.clamp(min=1),
+               "rewards/real": alpha * real, "rewards/generated": alpha * gen, "rewards/margin": margin,
+               "rewards/accuracy": (margin > 0).float(), "rewards/historical_margin": alpha * (gen - hist)}
+    return losses, {k: v.float().cpu() for k, v in metrics.items()}
+
+
 def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: int,
           heldout: list[Example] | None = None) -> dict:
     """Train from `model_path` on the scored pairs; save the model to `out`; return metrics.
     Checkpoints go to `out`.checkpoints (kept until the stage is marked done). With
     train.eval_every and `heldout` examples, the best checked weights are the ones saved."""
     lr, beta, tc = cfg.per_iteration("learning_rate", iteration), cfg.per_iteration("beta", iteration), cfg.train
+    if cfg.spin.objective == "tspin":  # T-SPIN's alpha takes beta's place (its beta is the history weight)
+        beta = cfg.spin.tspin_alpha
     accelerator = make_accelerator(tc.mixed_precision)
     seed = cfg.run.seed + iteration
     set_seed(seed, deterministic=cfg.run.deterministic)
@@ -98,8 +151,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     if cfg.spin.drop_dead_pairs:
         items = [i for i in items if not i["dead"]]
     pad = tokenizer.pad_token_id
-    budget = prepare(model, [(i["prompt"], [i["real"], i["generated"]]) for i in items[:4]], pad,
-                     cfg.packing) if items else None
+    budget = prepare(model, [(i["prompt"], responses(i)) for i in items[:4]], pad, cfg.packing) if items else None
     world, rank = accelerator.num_processes, accelerator.process_index
     plan = lambda epoch: epoch_steps(len(items), tc.batch_size, tc.gradient_accumulation_steps, world, rank, seed,
                                      epoch)
@@ -114,9 +166,11 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
         state = checkpoint.load(last, model, optimizer, scheduler)
         scheduler.base_lrs = [lr for _ in scheduler.base_lrs]  # a --force resume may have changed lr
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    detail = {"space": f"mu {cfg.spin.space_mu:g}",
+              "tspin": f"alpha {beta:g}, history weight {objective_param(cfg, iteration):g}"}
     log.info("train iteration %d: %d pairs, %d optimizer steps, lr %g, beta %g, objective %s (%s), sft_weight %g",
              iteration, len(items), steps, lr, beta, cfg.spin.objective,
-             f"mu {cfg.spin.space_mu:g}" if cfg.spin.objective == "space" else cfg.spin.loss_type, cfg.spin.sft_weight)
+             detail.get(cfg.spin.objective, cfg.spin.loss_type), cfg.spin.sft_weight)
     checking = bool(tc.eval_every and heldout)
     start, epoch_plan, stop = time.time(), {}, False
     while state["step"] < steps and not stop:
@@ -168,7 +222,7 @@ def train_step(accelerator, model, optimizer, scheduler, micro: list[list[dict]]
         sync = contextlib.nullcontext() if j == len(parts) - 1 else accelerator.no_sync(model)
         with sync:  # gradients of all parts add up; DDP all-reduces once, after the last
             losses, per_pair = batch_losses(model, part, pad, budget, beta, cfg.spin.loss_type, cfg.spin.sft_weight,
-                                            cfg.spin.objective, cfg.spin.space_mu)
+                                            cfg.spin.objective, objective_param(cfg, iteration))
             accelerator.backward(losses.sum() * world / n_pairs)
         for key, value in per_pair.items():
             metrics.setdefault(key, []).append(value)
@@ -194,8 +248,7 @@ def _rows(batch: list[dict], budget: int | None, per_row: bool) -> list[list[dic
     """The micro-batch as the packed rows it forms (one forward and backward each), or whole."""
     if not (per_row and budget):
         return [batch]
-    return [[batch[i] for i in row] for row in pack([(b["prompt"], [b["real"], b["generated"]]) for b in batch],
-                                                    budget)]
+    return [[batch[i] for i in row] for row in pack([(b["prompt"], responses(b)) for b in batch], budget)]
 
 
 def heldout_check(accelerator, model, tokenizer, heldout: list[Example], cfg: Config, state: dict,

@@ -178,3 +178,99 @@ def test_objective_config_errors(tiny_model, pairs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "spin.loss_type hinge applies to spin.objective spin only" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- T-SPIN's loop: triplets, reference-free
+
+def test_tspin_triplets_packed_equal_plain(tiny_model, pairs):
+    cfg = Config()
+    cfg.data.max_prompt_length, cfg.data.max_length = 64, 128
+    cfg.spin.objective = "tspin"
+    tok = load_tokenizer(str(tiny_model), cfg.model)
+    model = load_model(str(tiny_model), cfg.model, dtype=torch.float64)
+    rows = read_jsonl(pairs)[:6]
+    for r, other in zip(rows, rows[1:] + rows[:1]):  # a historical response of another length per row
+        r.update(historical=other["generated"], historical_ids=other["generated_ids"], historical_finish=other["finish"])
+    items = pair_items(tok, rows, cfg)
+    assert all("ref_real" not in i and i["historical"] == o["generated_ids"][:len(i["historical"])]
+               for i, o in zip(items, rows[1:] + rows[:1]))
+    packed, metrics = batch_losses(model, items, tok.pad_token_id, 384, 0.5, "sigmoid", objective="tspin", mu=0.3)
+    plain, _ = batch_losses(model, items, tok.pad_token_id, None, 0.5, "sigmoid", objective="tspin", mu=0.3)
+    with torch.no_grad():  # independent: each response on its own, unpacked
+        lp = [sequence_logps(model, [(i["prompt"], i[k]) for i in items], tok.pad_token_id)[0].double()
+              for k in ("real", "generated", "historical")]
+    expected = tspin_loss(*lp, alpha=0.5, beta=0.3)
+    assert torch.allclose(packed.double(), expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(plain.double(), expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(metrics["rewards/historical_margin"].double(), 0.5 * (lp[1] - lp[2]), atol=1e-4)
+
+
+def test_tspin_rows_without_historical_are_refused(tiny_model, pairs, tmp_path, capsys):
+    code = main(["train", "--model", str(tiny_model), "--pairs", str(pairs), "--out", str(tmp_path / "x"),
+                 "--spin.objective=tspin", *COMMON])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "pairs row 1" in err and "historical" in err and "Traceback" not in err
+
+
+def _tspin_config(path, tiny_model, task_data, run_dir):
+    import yaml
+
+    cfg = {"run": {"dir": str(run_dir), "progress": False, "seed": 3, "deterministic": True},
+           "model": {"name_or_path": str(tiny_model)},
+           "data": {"train": str(task_data["train"]), "max_train_rows": 16, "val_size": 0, "max_prompt_length": 64,
+                    "max_length": 128},
+           "generation": {"max_new_tokens": 8, "batch_size": 8},
+           "spin": {"iterations": 2, "mix_window": 2, "objective": "tspin", "tspin_history_weight": 0.5},
+           "train": {"learning_rate": 1e-3, "optimizer": "adamw", "batch_size": 4, "checkpoint_every": 2},
+           "eval": {"enabled": False}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _spinlm_run(cfg, fault=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env.pop("SPINLM_FAULT", None)
+    if fault:
+        env["SPINLM_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "spinlm", "run", str(cfg)], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_tspin_run_keeps_y0_and_resumes_to_the_same_weights(tiny_model, task_data, tmp_path):
+    import hashlib
+
+    ref = _spinlm_run(_tspin_config(tmp_path / "ref.yaml", tiny_model, task_data, tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    it0, it1 = tmp_path / "ref" / "iteration-0", tmp_path / "ref" / "iteration-1"
+    y0 = {r["id"]: r for r in read_jsonl(it0 / "generations.jsonl")}
+    kept0 = {i for i, r in y0.items() if r["generated"].strip()}
+    for it, sources in ((it0, [it0]), (it1, [it0, it1])):  # mix window 2: iteration 1 trains on both iterations'
+        triplets = read_jsonl(it / "pairs.jsonl")
+        expected = [r for s in sources for r in read_jsonl(s / "generations.jsonl")
+                    if r["generated"].strip() and r["id"] in kept0]
+        assert [r["id"] for r in triplets] == [r["id"] for r in expected] and len(triplets) > 12
+        for r in triplets:  # the starting model's response to the same prompt, from iteration 0, unchanged
+            assert r["historical_ids"] == y0[r["id"]]["generated_ids"] and "ref_real_logp" not in r
+    score = read_json(it1 / "pairs.jsonl.done")
+    assert score["info"]["reference_pass"] is False
+    log0, log1 = (read_json(it / "model" / "spinlm_train.json") for it in (it0, it1))
+    assert "logps/historical" in log1["history"][0] and "rewards/historical_margin" in log1["history"][0]
+    assert log0["history"][0]["rewards/historical_margin"] == pytest.approx(0.0, abs=1e-6)  # y' = y0 at t = 0
+    generated_differ = any(r["generated_ids"] != y0[r["id"]]["generated_ids"] for r in read_jsonl(it1 / "generations.jsonl"))
+    assert generated_differ  # iteration 1's samples come from p_1, not p_0
+
+    cfg = _tspin_config(tmp_path / "cfg.yaml", tiny_model, task_data, tmp_path / "run")
+    killed = _spinlm_run(cfg, "train-step:11")  # 4 steps in iteration 0, so iteration 1's step 7 (checkpoint at 6)
+    assert killed.returncode != 0
+    assert not (tmp_path / "run" / "iteration-1" / "model.done").exists()
+    resumed = _spinlm_run(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(tmp_path / "run" / "iteration-1" / "model" / "model.safetensors") == \
+        digest(it1 / "model" / "model.safetensors")
