@@ -11,7 +11,7 @@ TEST_STAMP := $(VENV)/.spinlm-test-installed
 .PHONY: install demo test bench clean
 
 # The package alone (what the demo needs), then the test extras (TRL, peft, lm-eval, matplotlib,
-# transformers[serving]) for the tests and the benchmarks.
+# transformers[serving], the four experiment trackers) for the tests and the benchmarks.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"

@@ -171,6 +171,9 @@ def _stage_config(args, overrides: list[str], model: str | None = None):
         cfg.model.name_or_path = model
     config_mod.validate(cfg, need=("model",))
     from .modeling import use_deterministic
+    from .progress import configure
+
+    configure(cfg.run)
 
     use_deterministic(cfg.run.deterministic)
     return cfg

@@ -32,8 +32,13 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class RunConfig:
     dir: str = _f("runs/spin", "Run directory: every output of the run lives here; re-running resumes it.")
     seed: int = _f(42, "Seed for data order, initialisation and sampling.")
-    progress: bool = _f(True, "Show progress bars (they go to stderr).")
-    log_every: int = _f(10, "Log training metrics every N optimizer steps.")
+    progress: bool = _f(True, "Show progress (stderr): bars on a terminal; elsewhere (a log file, a pipe) one log "
+                        "line every run.progress_every_s seconds with done / total, rate and ETA.")
+    progress_every_s: float = _f(30.0, "Seconds between two progress lines when stderr is not a terminal.")
+    log_every: int = _f(10, "Log training metrics every N optimizer steps (to the log and to run.report_to).")
+    report_to: str | list[str] = _f([], "Experiment trackers that get the run's metrics, one global step axis across "
+                                    "SFT and the iterations: a list of tensorboard (RUN/tensorboard), wandb, trackio, "
+                                    "mlflow (each `pip install 'spinlm[NAME]'`); [] or none = only spinlm's JSON files.")
     deterministic: bool = _f(False, "Use deterministic kernels only (torch.use_deterministic_algorithms): with it, "
                              "a run killed and resumed ends with the same weights as an uninterrupted one on CPU.")
 
@@ -397,9 +402,21 @@ def build(yaml_path: str | Path | None = None, overrides: list[str] | None = Non
     return cfg
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
+
+
+def trackers(run: RunConfig) -> list[str]:
+    """run.report_to as a list of tracker names ('none' and [] are none; a name alone is a list of one)."""
+    names = [run.report_to] if isinstance(run.report_to, str) else list(run.report_to)
+    return list(dict.fromkeys(n for n in names if n not in ("none", "")))
+
+
 def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
     """Cross-field checks; every problem is reported at once."""
-    problems = []
+    problems = [f"run.report_to: unknown tracker '{n}'" + _nearest(n, list(TRACKERS)).replace("valid keys", "one of")
+                for n in trackers(cfg.run) if n not in TRACKERS]
+    if cfg.run.progress_every_s < 0:
+        problems.append(f"run.progress_every_s must be >= 0; got {cfg.run.progress_every_s}")
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:

@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -27,6 +26,7 @@ from .config import Config
 from .data import Example
 from .io import RowLog, fault_point, fingerprint, scratch, write_jsonl
 from .modeling import load_model, load_tokenizer
+from .progress import bar as progress_bar
 from .tokens import Limits, encode_pair, encode_prompt, is_dead, stop_ids
 
 log = logging.getLogger("spinlm")
@@ -104,7 +104,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     model.generation_config = gen_config  # drop checkpoint defaults (top_k, repetition penalty, ...)
     batches = length_batches([len(p) for p in prompts], max_new_tokens, batch_size, batch_tokens or 1 << 62)
     results: list[dict] = [{}] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(len(prompts), desc, progress)
     for b, idx in enumerate(batches):
         if b % shard[1] != shard[0]:
             continue

@@ -33,13 +33,12 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from . import judge_prompts as prompts
 from .config import Config
 from .data import _open_source
 from .errors import UserError, where
 from .io import RowLog, fingerprint, write_json, write_jsonl
+from .progress import bar as progress_bar
 
 log = logging.getLogger("spinlm")
 
@@ -209,7 +208,7 @@ def ask(judge: Judge, jobs: list[dict], cache_path: Path, progress: bool = True)
         todo = list({j["key"]: j for j in jobs if j["key"] not in cache.done}.values())
         if len(todo) < len(jobs):
             log.info("judge: %d of %d judgments from the cache %s", len(jobs) - len(todo), len(jobs), cache_path)
-        bar = tqdm(total=len(todo), desc="judge", disable=not progress, leave=False)
+        bar = progress_bar(len(todo), "judge", progress)
         pool = ThreadPoolExecutor(max_workers=judge.concurrency, thread_name_prefix="spinlm-judge")
         try:
             futures = {pool.submit(chat, endpoint, j["messages"], judge.max_tokens): j["key"] for j in todo}

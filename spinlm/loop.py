@@ -15,7 +15,7 @@ import logging
 import math
 from pathlib import Path
 
-from . import dist
+from . import dist, progress
 from .cards import write_run_cards
 from .config import Config
 from .evaluate import evaluate
@@ -25,6 +25,7 @@ from .modeling import use_deterministic
 from .rundir import Stage, open_run, release_lock, summarize
 from .score import score_files
 from .sft import sft
+from .tracking import Tracker
 from .train import train
 from .validate import Checked, check, report
 
@@ -37,11 +38,14 @@ def run(cfg: Config, force: bool = False) -> Path:
     run_dir = open_run(cfg, force)
     log.info("validated:\n%s", report(data))
     use_deterministic(cfg.run.deterministic)
+    progress.configure(cfg.run)
     train_ex, val_ex, eval_ex = data.train, data.val, data.held
-    stage = Stage(run_dir)
+    tracker = Tracker(run_dir, cfg)  # run.report_to (rank 0): each stage's metrics once it is done
+    stage = Stage(run_dir, on_done=tracker.stage_done)
     model = cfg.model.name_or_path
     if cfg.sft.enabled:
-        stage("sft", run_dir / "sft" / "model", lambda out: sft(model, train_ex, val_ex, out, cfg))
+        stage("sft", run_dir / "sft" / "model",
+              lambda out: sft(model, train_ex, val_ex, out, cfg, track=tracker.sft_log()))
         model = str(run_dir / "sft" / "model")
     start = model
     evaluate_stage(stage, model, run_dir / "sft", data, cfg, pairs=None, beta=None)
@@ -56,7 +60,8 @@ def run(cfg: Config, force: bool = False) -> Path:
                   lambda out: generate_file(model, eval_ex, out, cfg, t, desc="generate held-out"))
             stage("score-eval", it / "eval-pairs.jsonl",
                   lambda out: score_files(model, [it / "eval-generations.jsonl"], out, cfg, desc="score held-out"))
-        stage("train", it / "model", lambda out: train(model, it / "pairs.jsonl", out, cfg, t, val_ex))
+        stage("train", it / "model",
+              lambda out: train(model, it / "pairs.jsonl", out, cfg, t, val_ex, track=tracker.train_log(t)))
         model = str(it / "model")
         pairs = read_jsonl(it / "eval-pairs.jsonl") if (it / "eval-pairs.jsonl").exists() else None
         evaluate_stage(stage, model, it, data, cfg, pairs, cfg.per_iteration("beta", t))
@@ -64,6 +69,7 @@ def run(cfg: Config, force: bool = False) -> Path:
         continued_sft(stage, run_dir, start, data, cfg)
     summarize(run_dir, cfg)
     write_run_cards(run_dir)  # README.md model cards (`spinlm report RUN` adds plots)
+    tracker.finish()
     release_lock(run_dir / ".lock")
     return run_dir
 

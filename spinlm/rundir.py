@@ -22,18 +22,24 @@ from .io import fault_point, is_done, mark_done, marker, produce, read_json, rem
 
 log = logging.getLogger("spinlm")
 # Keys that cannot change results: a resumed run may differ in these.
-HARMLESS = {"run.progress", "run.log_every", "train.checkpoint_every", "generation.concurrency",
+HARMLESS = {"run.progress", "run.progress_every_s", "run.log_every", "run.report_to", "train.checkpoint_every", "generation.concurrency",
             "generation.timeout_s", "generation.retries", "generation.server_start_timeout_s",
             "generation.api_key_env"}
 
 
 class Stage:
-    """Runs a stage once: output to a temporary path, rename, then a `.done` marker."""
+    """Runs a stage once: output to a temporary path, rename, then a `.done` marker. `on_done(name,
+    out)` is called once the stage is done, whether it ran now or before."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, on_done: Callable[[str, Path], None] | None = None):
+        self.run_dir, self.on_done = run_dir, on_done
 
     def __call__(self, name: str, out: Path, fn: Callable[[Path], Any]) -> None:
+        self._run(name, out, fn)
+        if self.on_done is not None:
+            self.on_done(name, out)
+
+    def _run(self, name: str, out: Path, fn: Callable[[Path], Any]) -> None:
         rel = out.relative_to(self.run_dir)
         if is_done(out):
             log.info("%s: done already (%s)", name, rel)

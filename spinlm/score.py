@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from . import dist
 from .config import Config
 from .io import RowLog, fault_point, fingerprint, read_jsonl, scratch, write_jsonl
+from .progress import bar as progress_bar
 from .packing import prepare, score_groups
 from .modeling import load_model, load_tokenizer
 from .tokens import Limits, encode_pair
@@ -90,7 +89,7 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
     budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
     chunk = cfg.eval.batch_size * 16
     key = fingerprint("score", model_path, groups, budget, cfg.model.dtype, cfg.model.attn_implementation, chunk)
-    bar = tqdm(total=len(groups), desc=desc, disable=not (cfg.run.progress and dist.is_main()), leave=False)
+    bar = progress_bar(len(groups), desc, cfg.run.progress and dist.is_main())
     with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
         for c, start in enumerate(range(0, len(groups), chunk)):
             idx = range(start, min(start + chunk, len(groups)))

@@ -57,10 +57,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from .config import Config, GenerationConfig
 from .errors import UserError
+from .progress import bar as progress_bar
 
 log = logging.getLogger("spinlm")
 
@@ -104,7 +103,7 @@ def generate_server(tokenizer, prompts: list[list[int]], seeds: list[int], cfg: 
         return
     with _server(g, model_path) as url:
         endpoint = Endpoint(url, g.server_model or model_path, headers, g.timeout_s, g.retries)
-        bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+        bar = progress_bar(len(prompts), desc, progress)
         try:
             _generate_all(endpoint, tokenizer, prompts, seeds, g, on_result, bar)
         finally:

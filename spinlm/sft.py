@@ -29,6 +29,7 @@ from .lora import is_adapted, merged, restore, trainable_state
 from .packing import Group, prepare, response_logps, score_groups
 from .modeling import load_tokenizer, save
 from .tokens import Limits, encode_example
+from .tracking import Log
 from .training import epoch_steps, linear_schedule, load_trainable, make_accelerator, make_optimizer
 
 log = logging.getLogger("spinlm")
@@ -54,10 +55,11 @@ def heldout_nll(model, groups: list[Group], pad_id: int, budget: int | None, bat
 
 
 def sft(model_path: str, train_examples: list[Example], eval_examples: list[Example], out: Path,
-        cfg: Config, max_steps: int | None = None) -> dict:
+        cfg: Config, max_steps: int | None = None, track: Log | None = None) -> dict:
     """Fine-tune on the real responses; save the best (or last) model to `out`. Checkpoints
     (every train.checkpoint_every steps) and the best model so far live in `out`.checkpoints,
-    so a killed SFT resumes where it stopped."""
+    so a killed SFT resumes where it stopped. `track(stream, step, values)` gets the logged loss
+    ("sft") and each held-out check ("sft/check")."""
     sc = cfg.sft
     accelerator = make_accelerator(cfg.train.mixed_precision)
     set_seed(cfg.run.seed, deterministic=cfg.run.deterministic)
@@ -88,6 +90,8 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
             state["history"].append({"step": state["step"], "heldout_nll": nll,
                                      "elapsed_s": round(time.time() - start, 2)})
             log.info("sft step %d/%d: held-out NLL per token %.4f", state["step"], steps, nll)
+            if track:
+                track("sft/check", state["step"], {"heldout_nll": nll})
             if state["best"] is None or nll < state["best"] - 1e-4:
                 state["best"], state["stale"] = nll, 0
                 if accelerator.is_main_process:
@@ -96,12 +100,13 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
                 state["stale"] += 1
         return sc.patience > 0 and state["stale"] >= sc.patience
 
-    stopped = False
+    stopped, window = False, {"tokens": 0, "since": time.time()}
     while state["step"] < steps and not stopped:
         epoch, k = divmod(state["step"], per_epoch)
         micro, n_examples = plans.setdefault(epoch, plan(epoch))[k]
         loss = _sft_step(accelerator, model, [[train_seqs[i] for i in ids] for ids in micro], pad, budget)
         state["examples"] = state.get("examples", 0) + n_examples
+        window["tokens"] += world * sum(len(train_seqs[i][0]) + len(train_seqs[i][1][0]) for ids in micro for i in ids)
         if cfg.train.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
         optimizer.step()
@@ -110,6 +115,10 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
         state["step"] += 1
         if state["step"] % cfg.run.log_every == 0:
             log.info("sft step %d/%d  loss %.4f", state["step"], steps, loss.item())
+            if track:
+                track("sft", state["step"], {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "tokens_per_s":
+                                             window["tokens"] / max(time.time() - window["since"], 1e-9)})
+            window.update(tokens=0, since=time.time())
         if (sc.eval_every and state["step"] % sc.eval_every == 0) or k == per_epoch - 1:
             stopped = check()
         fault_point("sft-step")

@@ -34,6 +34,7 @@ from .modeling import load_tokenizer
 from .packing import pack, prepare, response_logps
 from .score import limits
 from .tokens import encode_pair, is_dead
+from .tracking import Log
 from .training import disable_dropout, epoch_steps, linear_schedule, load_trainable, make_accelerator, make_optimizer
 
 log = logging.getLogger("spinlm")
@@ -130,10 +131,11 @@ def _tspin_losses(batch, scores, policy_real, policy_generated, n_real, n_genera
 
 
 def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: int,
-          heldout: list[Example] | None = None) -> dict:
+          heldout: list[Example] | None = None, track: Log | None = None) -> dict:
     """Train from `model_path` on the scored pairs; save the model to `out`; return metrics.
     Checkpoints go to `out`.checkpoints (kept until the stage is marked done). With
-    train.eval_every and `heldout` examples, the best checked weights are the ones saved."""
+    train.eval_every and `heldout` examples, the best checked weights are the ones saved.
+    `track(stream, step, values)` gets every logged row ("train") and check ("train/check")."""
     lr, beta, tc = cfg.per_iteration("learning_rate", iteration), cfg.per_iteration("beta", iteration), cfg.train
     if cfg.spin.objective == "tspin":  # T-SPIN's alpha takes beta's place (its beta is the history weight)
         beta = cfg.spin.tspin_alpha
@@ -173,6 +175,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
              detail.get(cfg.spin.objective, cfg.spin.loss_type), cfg.spin.sft_weight)
     checking = bool(tc.eval_every and heldout)
     start, epoch_plan, stop = time.time(), {}, False
+    window = {"tokens": 0, "since": time.time()}  # tokens/s of this process's logging window
     while state["step"] < steps and not stop:
         epoch, k = divmod(state["step"], per_epoch)
         micro, n_pairs = epoch_plan.setdefault(epoch, plan(epoch))[k]
@@ -180,14 +183,22 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
                              n_pairs, pad, budget, beta, cfg, state, iteration, ckpt_dir)
         state["examples"] = state.get("examples", 0) + n_pairs
         state["window"].append(metrics)
+        window["tokens"] += world * sum(len(items[i]["prompt"]) + len(items[i]["real"]) + len(items[i]["generated"])
+                                        for ids in micro for i in ids)
         if state["step"] % cfg.run.log_every == 0 or state["step"] == steps:
             row = _log_step(state["window"], state["step"], steps, scheduler.get_last_lr()[0], start,
                             accelerator.is_main_process)
+            row["tokens_per_s"] = round(window["tokens"] / max(time.time() - window["since"], 1e-9), 1)
+            window.update(tokens=0, since=time.time())
             state["history"].append(row)
             state["window"] = []
             _warn_if_unlearning(row, tc.warn_real_logp_drop, iteration, state, accelerator.is_main_process)
+            if track:
+                track("train", row["step"], {**row, "iteration": iteration})
         if checking and (state["step"] % tc.eval_every == 0 or state["step"] == steps):
             stop = heldout_check(accelerator, model, tokenizer, heldout, cfg, state, ckpt_dir)
+            if track:
+                track("train/check", state["step"], {c["metric"]: c["value"] for c in state["checks"][-1:]})
         fault_point("train-step")
         if tc.checkpoint_every and state["step"] % tc.checkpoint_every == 0 and state["step"] < steps and not stop:
             if accelerator.is_main_process:

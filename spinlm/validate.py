@@ -4,8 +4,8 @@
 (directory, safetensors weights, config) and its tokenizer and chat template; every data
 row of every split (format, fields, types, UTF-8, empty texts, duplicates); token lengths
 against the limits, with what the length policy will do; the task checker; a generation
-server's reachability (backend server); the disk space
-the planned models and checkpoints need. Any problem is a UserError (exit code 2).
+server's reachability (backend server); the packages of run.report_to's trackers; the
+disk space the planned models and checkpoints need. Any problem is a UserError (exit code 2).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .errors import UserError
 from .lora import require_peft
 from .modeling import check_local, load_tokenizer
 from .tokens import Encoding, encode_prompt, encode_response
+from .tracking import require as require_trackers
 
 log = logging.getLogger("spinlm")
 
@@ -183,6 +184,7 @@ def check(cfg: Config) -> Checked:
 
     if cfg.peft.enabled:
         require_peft()
+    require_trackers(cfg)
     model = model_weights(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model)
     load_checker(cfg.eval.checker)

@@ -94,7 +94,7 @@ def test_killed_anywhere_resumes_to_identical_weights(tiny_model, task_data, tmp
     assert not list(it.glob("*.tmp*")), "scratch files are removed once stages are done"
     resumed = json.loads((it / "model" / "spinlm_train.json").read_text())
     straight = json.loads((ref_it / "model" / "spinlm_train.json").read_text())
-    strip = lambda h: [{k: v for k, v in row.items() if k != "elapsed_s"} for row in h["history"]]
+    strip = lambda h: [{k: v for k, v in row.items() if k not in ("elapsed_s", "tokens_per_s")} for row in h["history"]]
     assert strip(resumed) == strip(straight) and resumed["steps"] == 6
 
 
@@ -124,7 +124,7 @@ def test_killed_sft_resumes_to_identical_weights(tiny_model, task_data, tmp_path
     assert sft(out).returncode == 0
     assert _digest(out / "model.safetensors") == _digest(tmp_path / "straight" / "model.safetensors")
     resumed, straight = (json.loads((d / "spinlm_sft.json").read_text()) for d in (out, tmp_path / "straight"))
-    strip = lambda h: [{k: v for k, v in row.items() if k != "elapsed_s"} for row in h["history"]]
+    strip = lambda h: [{k: v for k, v in row.items() if k not in ("elapsed_s", "tokens_per_s")} for row in h["history"]]
     assert strip(resumed) == strip(straight) and len(straight["history"]) == 3
     assert not ckpts.exists()
 
