@@ -38,7 +38,8 @@ class RunConfig:
     log_every: int = _f(10, "Log training metrics every N optimizer steps (to the log and to run.report_to).")
     report_to: str | list[str] = _f([], "Experiment trackers that get the run's metrics, one global step axis across "
                                     "SFT and the iterations: a list of tensorboard (RUN/tensorboard), wandb, trackio, "
-                                    "mlflow (each `pip install 'spinlm[NAME]'`); [] or none = only spinlm's JSON files.")
+                                    "mlflow (each `pip install 'spinlm[NAME]'`); [] or none = only spinlm's JSON "
+                                    "files.")
     deterministic: bool = _f(False, "Use deterministic kernels only (torch.use_deterministic_algorithms): with it, "
                              "a run killed and resumed ends with the same weights as an uninterrupted one on CPU.")
 

@@ -22,8 +22,8 @@ from .io import fault_point, is_done, mark_done, marker, produce, read_json, rem
 
 log = logging.getLogger("spinlm")
 # Keys that cannot change results: a resumed run may differ in these.
-HARMLESS = {"run.progress", "run.progress_every_s", "run.log_every", "run.report_to", "train.checkpoint_every", "generation.concurrency",
-            "generation.timeout_s", "generation.retries", "generation.server_start_timeout_s",
+HARMLESS = {"run.progress", "run.progress_every_s", "run.log_every", "run.report_to", "train.checkpoint_every",
+            "generation.concurrency", "generation.timeout_s", "generation.retries", "generation.server_start_timeout_s",
             "generation.api_key_env"}
 
 

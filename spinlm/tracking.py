@@ -178,7 +178,8 @@ class Tracker:
             self.log(name.replace("-", "_"), first_step(self.run_dir, t), {
                 "mean_tokens": stats.get("mean_tokens"), "rows": stats.get("rows"),
                 "hit_max_new_tokens_share": stats.get("hit_max_new_tokens", 0) / rows,
-                "empty_share": stats.get("empty", 0) / rows, "equal_to_real_share": stats.get("equal_to_real", 0) / rows,
+                "empty_share": stats.get("empty", 0) / rows,
+                "equal_to_real_share": stats.get("equal_to_real", 0) / rows,
                 "tokens_per_s": stats.get("mean_tokens", 0) * rows / seconds if seconds else None})
         elif name == "train" and t is not None:  # what live logging missed (report_to set after the stage ran)
             start = first_step(self.run_dir, t)
