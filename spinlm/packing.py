@@ -5,7 +5,11 @@ Each group is laid out as one token run whose responses restart their position i
 end of the prompt and attend to the prompt and to themselves only, never to each other
 (the prefix-sharing idea of arXiv 2410.20305). Groups are packed into rows of at most
 `budget` tokens (first-fit decreasing) with a block-diagonal mask, so almost no padding
-is computed. Logits are computed only at positions that predict a response token.
+is computed. Logits are computed only at positions that predict a response token: transformers
+versions whose models take a boolean `logits_to_keep` (`slice_logits_to_keep`, 5.21 on) select them
+in the model's forward; on older ones (vLLM pins such versions) a pre-hook on the output layer
+selects its input, so the rest of the forward (DDP's bookkeeping, LoRA, logit soft-capping) is
+unchanged either way.
 
 The mask is 4D and additive (0 allowed, dtype-min blocked): transformers uses such a mask
 as given for sdpa and eager attention, and with explicit position_ids the log-probs equal
@@ -17,6 +21,8 @@ are caught by `packing_matches_plain` and run on the plain padded path instead.
 from __future__ import annotations
 
 import logging
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -131,16 +137,59 @@ def attention_bias(batch: PackedBatch, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, None]
 
 
-def packed_logps(model, groups: list[Group], budget: int, pad_id: int) -> list[list[tuple[torch.Tensor, int]]]:
-    """Per group, per response: (summed log-prob as a 0-dim tensor, token count); one forward."""
+def _inner(model):
+    """The transformers model inside DDP / DeepSpeed (`.module`) and PEFT (`get_base_model`) wrappers."""
+    while True:
+        if isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        elif callable(getattr(model, "get_base_model", None)):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def takes_bool_logits_to_keep(model) -> bool:
+    """Whether the model's forward selects logits with a boolean (rows, L) `logits_to_keep`: its
+    module uses transformers' `slice_logits_to_keep` (5.21 on). Older versions slice
+    `hidden[:, logits_to_keep, :]`, which fails on a 2-D mask."""
+    forward_owner = next((c for c in type(_inner(model)).__mro__ if "forward" in c.__dict__), None)
+    module = sys.modules.get(getattr(forward_owner, "__module__", ""))
+    return getattr(module, "slice_logits_to_keep", None) is not None
+
+
+def can_pack(model) -> bool:
+    """Kept logits can be selected: natively, or on the input of the output layer."""
+    return takes_bool_logits_to_keep(model) or isinstance(_inner(model).get_output_embeddings(), torch.nn.Module)
+
+
+@contextmanager
+def _select_head_input(model, keep: torch.Tensor):
+    """Feed the output layer only the kept positions: (rows, L, hidden) -> (n_kept, hidden)."""
+    head = _inner(model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def packed_logps(model, groups: list[Group], budget: int, pad_id: int,
+                 native: bool | None = None) -> list[list[tuple[torch.Tensor, int]]]:
+    """Per group, per response: (summed log-prob as a 0-dim tensor, token count); one forward.
+    `native`: select kept logits in the model's forward (default: where it can)."""
     dev = next(model.parameters()).device
     batch = build(groups, budget, pad_id)
     bias = attention_bias(batch, next(model.parameters()).dtype).to(dev)
     keep = batch.keep.to(dev)
-    logits = model(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev), attention_mask=bias,
-                   logits_to_keep=keep, use_cache=False).logits
-    if logits.dim() == 3:  # a model without boolean logits_to_keep: select here
-        logits = logits[keep]
+    inputs = dict(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev), attention_mask=bias,
+                  use_cache=False)
+    if native is None:
+        native = takes_bool_logits_to_keep(model)
+    if native:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    else:
+        with _select_head_input(model, keep):
+            logits = model(**inputs).logits
     logits = logits.float()  # (n_kept, vocab)
     lse = torch.logsumexp(logits, dim=-1)
     out = []
@@ -172,7 +221,7 @@ def enable_packing(model, groups: list[Group], pad_id: int, budget: int, toleran
     """Check once, on a few real groups, that packed log-probs equal the plain ones for this
     model. Says so once in the log if not."""
     attn = getattr(model.config, "_attn_implementation", None)
-    ok = attn not in PLAIN_ATTENTION and bool(groups)
+    ok = attn not in PLAIN_ATTENTION and bool(groups) and can_pack(model)
     if ok:
         was_training = model.training
         model.eval()
@@ -189,8 +238,11 @@ def enable_packing(model, groups: list[Group], pad_id: int, budget: int, toleran
             _warn_once(model, "packing: %s gives %.3g nats/token difference from the plain computation "
                         "(tolerance %g); using the plain padded path for this model",
                         model.config.model_type, worst, tol)
-    elif groups:
+    elif groups and attn in PLAIN_ATTENTION:
         _warn_once(model, "packing: attention '%s' does not take custom masks; using the plain padded path", attn)
+    elif groups:
+        _warn_once(model, "packing: %s has no output layer to select kept positions on; using the plain padded path",
+                   model.config.model_type)
     return ok
 
 

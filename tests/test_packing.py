@@ -9,7 +9,8 @@ import torch
 from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig,
                           Qwen2Config)
 
-from spinlm.packing import attention_bias, build, enable_packing, pack, packed_logps, plain_logps
+from spinlm.packing import (attention_bias, build, enable_packing, pack, packed_logps, plain_logps,
+                            takes_bool_logits_to_keep)
 
 COMMON = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=1)
@@ -33,26 +34,30 @@ def _unpacked_reference(model, prompt, response) -> float:
     return sum(logps[len(prompt) - 1 + k, t].item() for k, t in enumerate(response))
 
 
+# native=None: kept logits selected as this transformers version can (a boolean logits_to_keep from 5.21 on);
+# native=False: always by the output layer's pre-hook, the path older versions (vLLM's pins) take.
+@pytest.mark.parametrize("native", [None, False], ids=["auto", "head-hook"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_packed_equals_unpacked_reference(arch, attn):
+def test_packed_equals_unpacked_reference(arch, attn, native):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(ARCHS[arch](), attn_implementation=attn).eval()
     groups = _groups()
     with torch.no_grad():
-        packed = packed_logps(model, groups, budget=40, pad_id=0)  # several rows, several groups per row
+        packed = packed_logps(model, groups, budget=40, pad_id=0, native=native)  # several rows and groups a row
         for (prompt, responses), got in zip(groups, packed):
             for response, (value, count) in zip(responses, got):
                 assert count == len(response)
                 assert value.item() == pytest.approx(_unpacked_reference(model, prompt, response), abs=1e-4)
 
 
-def test_packing_gradients_equal_plain():
+@pytest.mark.parametrize("native", [None, False], ids=["auto", "head-hook"])
+def test_packing_gradients_equal_plain(native):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(ARCHS["llama"]())
     groups = _groups(1)
     grads = []
-    for fn in (lambda: packed_logps(model, groups, 64, 0), lambda: plain_logps(model, groups, 0)):
+    for fn in (lambda: packed_logps(model, groups, 64, 0, native=native), lambda: plain_logps(model, groups, 0)):
         model.zero_grad()
         total = sum(v * (k + 1) for per in fn() for k, (v, _) in enumerate(per))
         total.backward()
@@ -93,3 +98,16 @@ def test_sliding_window_model_falls_back_to_plain(caplog):
     assert "using the plain padded path" in caplog.text
     llama = AutoModelForCausalLM.from_config(ARCHS["llama"]()).eval()
     assert enable_packing(llama, _groups(), pad_id=0, budget=64) is True
+
+
+def test_kept_logits_selection_follows_the_transformers_version():
+    """Where transformers has `slice_logits_to_keep` its models take the boolean mask; the hook that
+    replaces it leaves no trace on the model."""
+    import transformers.modeling_utils
+
+    model = AutoModelForCausalLM.from_config(ARCHS["llama"]()).eval()
+    assert takes_bool_logits_to_keep(model) == hasattr(transformers.modeling_utils, "slice_logits_to_keep")
+    packed_logps(model, _groups(), budget=40, pad_id=0, native=False)
+    assert not model.get_output_embeddings()._forward_pre_hooks
+    full = model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert full.shape == (1, 3, COMMON["vocab_size"])
