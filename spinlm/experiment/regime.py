@@ -9,8 +9,9 @@ data, and further SFT *lowered* its scores while SPIN raised them).
    curve that shows more SFT hurting (it falls, then rises). The start is that run's best
    epoch on validation NLL (SFT keeps the best weights).
 2. From that start, per seed, SPIN with each of SETTINGS (the paper's loss at beta 0.1, 1 and 5;
-   the demo's stabilizers), 2 epochs per iteration as in the paper, and, for every run and iteration t, continued SFT for as many
-   optimizer steps as that run's iterations 0..t took (spin-vs-sft's baseline).
+   the demo's stabilizers), 2 epochs per iteration as in the paper, and, for every run and
+   iteration t, continued SFT for as many optimizer steps as that run's iterations 0..t took
+   (spin-vs-sft's baseline).
 3. The setting is chosen on validation (mean validation accuracy over seeds after the last
    iteration); test numbers are reported for it, with paired SPIN - SFT differences per seed,
    and for every setting as well (marked), never chosen on test.
@@ -29,6 +30,7 @@ import statistics
 from pathlib import Path
 
 from ..demo.run import MODEL, _build_inputs
+from ..io import read_json
 from .common import QUICK_MODEL, Setup, band, base_config, fine_tune, fmt, run_all, spin_config, write_results
 from . import convergence, spin_vs_sft
 
@@ -78,17 +80,6 @@ def experiment(setup: Setup) -> dict:
     return results
 
 
-def sft_curve(start: Path) -> list[dict]:
-    """The start's SFT run: validation NLL per epoch (step, heldout_nll), and its best step."""
-    return train_log_sft(start).get("history", [])
-
-
-def train_log_sft(model_dir: Path) -> dict:
-    from ..io import read_json
-
-    return read_json(model_dir / "spinlm_sft.json") or {}
-
-
 def collect(jobs: dict[str, dict], failed: list[str], start: Path, kl: dict) -> dict:
     runs = spin_vs_sft.collect(jobs, failed)["seeds"]
     by_setting: dict[str, list[dict]] = {}
@@ -97,9 +88,8 @@ def collect(jobs: dict[str, dict], failed: list[str], start: Path, kl: dict) -> 
     last_val = {s: statistics.mean(r["iterations"][-1]["spin"]["val_accuracy"] for r in rs)
                 for s, rs in by_setting.items() if all(r["iterations"][-1]["spin"]["val_accuracy"] is not None for r in rs)}
     chosen = max(last_val, key=last_val.get) if last_val else None  # ties: the first in SETTINGS' order
-    history = sft_curve(start)
-    info = train_log_sft(start)
-    return {"curve": history, "sft_best_step": info.get("best_step"), "settings": by_setting,
+    info = read_json(start / "spinlm_sft.json") or {}  # the start's SFT run: validation NLL per epoch
+    return {"curve": info.get("history", []), "sft_best_step": info.get("best_step"), "settings": by_setting,
             "chosen": chosen, "val_accuracy_last": last_val, "failed": failed,
             "same_capacity": {name: {"seed": r["seed"], "kl": {m["model"]: m["kl"] for m in r["models"]}}
                               for name, r in kl.get("runs", {}).items()}}
