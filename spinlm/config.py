@@ -88,8 +88,9 @@ class GenerationConfig:
     top_k: int = _f(0, "Sample from the k most likely tokens only; 0 = off.")
     batch_size: int = _f(64, "Most prompts per generation batch (batches are sorted by prompt length).")
     batch_tokens: int = _f(16384, "Token budget of a generation batch: rows x (longest prompt + max_new_tokens).")
-    backend: str = _f("local", "local (transformers generate in this process) or server (an OpenAI-compatible "
-                      "/v1/completions server: vLLM, SGLang, TGI, transformers serve).")
+    backend: str = _f("local", "local (transformers generate in this process), server (an OpenAI-compatible "
+                      "/v1/completions server: vLLM, SGLang, TGI, transformers serve) or vllm (a vLLM engine in "
+                      "this process; needs vLLM installed).")
     server_url: str | None = _f(None, "backend server, unmanaged: base URL of a running server, e.g. "
                                 "http://127.0.0.1:8000 (a trailing /v1 is fine); it must serve the model being generated with.")
     server_command: str | None = _f(None, "backend server, managed: command started for each model, with {model} and "
@@ -101,6 +102,9 @@ class GenerationConfig:
     server_start_timeout_s: float = _f(600.0, "backend server, managed: seconds to wait for the server's /health.")
     api_key_env: str | None = _f(None, "backend server: name of the environment variable holding the API key "
                                  "(sent as a Bearer token; the key itself is never logged or saved).")
+    vllm_args: str | None = _f(None, "backend vllm: engine flags as for `vllm serve`, e.g. '--tensor-parallel-size 8 "
+                               "--max-model-len 4096' (spinlm adds --dtype, --seed and --generation-config vllm "
+                               "unless given).")
 
 
 @dataclass
@@ -229,7 +233,7 @@ SECTIONS = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.f
 
 CHOICES = {
     ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
-    ("generation", "backend"): ("local", "server"),
+    ("generation", "backend"): ("local", "server", "vllm"),
     ("data", "format"): ("auto", "spin", "messages", "trl", "prompt_response", "alpaca"),
     ("data", "turn"): ("first", "last"),
     ("data", "prompt_overflow"): ("truncate", "drop"),

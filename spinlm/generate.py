@@ -6,7 +6,8 @@ Batches are sorted by prompt length and left-padded; the KV cache is on. Samplin
 only the configured settings (never the checkpoint's generation defaults), and each row
 draws from its own seeded generator, so a row's sample does not depend on which other
 rows share its batch. Each row records whether it ended at EOS or hit max_new_tokens.
-With `generation.backend: server`, an OpenAI-compatible server generates instead (spinlm/server.py).
+With `generation.backend: server`, an OpenAI-compatible server generates instead (spinlm/server.py);
+with `generation.backend: vllm`, a vLLM engine in this process (spinlm/vllm_engine.py).
 Finished rows are appended to `OUT.partial` as they come; a killed stage resumes there.
 """
 
@@ -160,7 +161,14 @@ def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Conf
                     rowlog.add([(todo[j], result)])
 
                 generate_server(tokenizer, [prompts[i] for i in todo], [seeds[i] for i in todo], cfg, model_path,
-                                finished, progress=cfg.run.progress, desc=desc)
+                                finished, progress=cfg.run.progress, desc=desc,
+                                stops=stop_ids(tokenizer, checkpoint_generation_config(model_path)))
+        elif g.backend == "vllm":  # vLLM in this process: an engine on model_path, shut down before returning
+            from .vllm_engine import generate_vllm
+
+            results = generate_vllm(model_path, tokenizer, prompts, seeds,
+                                    stop_ids(tokenizer, checkpoint_generation_config(model_path)), cfg, rowlog,
+                                    progress=cfg.run.progress and dist.is_main())
         else:
             model = load_model(model_path, cfg.model).eval()
             results = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
@@ -182,6 +190,14 @@ def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Conf
                     "them); they are re-encoded from the text for scoring and training, which need not give the "
                     "sampled ids back", desc, stats["text_only"], len(rows))
     return stats
+
+
+def checkpoint_generation_config(model_path: str):
+    """The checkpoint's generation_config (for its eos ids only), or None where it has none."""
+    try:
+        return HFGenerationConfig.from_pretrained(model_path)
+    except OSError:
+        return None
 
 
 def gather_rows(results: list[dict]) -> list[dict]:

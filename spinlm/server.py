@@ -20,14 +20,28 @@ as ids, and if that is rejected (HTTP 400/422) it is re-sent as the decoded text
 tokens kept) and every row after it as text; a warning says when the server's own
 tokenization of that text will differ.
 
+The first request also asks for vLLM's extras: the sampled ids back (`return_token_ids`), stops
+on spinlm's stop tokens (`stop_token_ids`: the chat template's turn end and the EOS ids, see
+`spinlm.tokens.stop_ids`), and neutral values for every sampling setting a server may otherwise
+take from the checkpoint's generation_config (`top_k`, `min_p`, `repetition_penalty`, penalties).
+The sampled ids are what score and train use (`generated_ids`); the prompt ids the server reports
+(`prompt_token_ids`) must equal those sent. A server that rejects the extras or token-id prompts
+gets the plain request (text prompt, OpenAI fields only) from then on, and its rows are stored as
+text (re-encoded for scoring; the stage logs how many).
+
 Each row sends its own `seed`, which vLLM, SGLang and TGI document as a per-request seed.
 `transformers serve` (5.x) instead sets torch's global seed when a request arrives and
 builds sampling from the checkpoint's generation_config: it samples only if that config has
 `do_sample: true` (else it decodes greedily), and seeded rows reproduce only with
 `generation.concurrency: 1`. It also rejects `top_k` (HTTP 422): keep `generation.top_k: 0`.
 
-Token counts exclude the EOS, as in the local backend: servers count the stop token in
+Token counts exclude the stop token, as in the local backend: servers count it in
 `usage.completion_tokens`, so one is taken off rows that stopped.
+
+A managed server that fails during generation (dies, or answers errors: e.g. vLLM's CPU kernels
+refuse some head sizes only at the first request) ends the stage with one error that carries the
+server's state and the last lines of its log; rows finished before are kept, and a re-run
+generates only the others. Requests to a dead managed server are not retried.
 
 `chat()` sends one `/v1/chat/completions` request through the same retrying client; `spinlm judge`
 uses it to reach its judge model (spinlm/judge.py).
@@ -41,6 +55,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -88,24 +103,29 @@ class Endpoint:
     retries: int
     role: str = "generation server"  # how error messages name it (the judge uses "judge server")
     retries_setting: str = "generation.retries"
+    alive: Callable[[], bool] | None = None  # a managed server's process is still running
 
 
 def generate_server(tokenizer, prompts: list[list[int]], seeds: list[int], cfg: Config, model_path: str,
-                    on_result: Callable[[int, dict], None], progress: bool = True, desc: str = "generate") -> None:
+                    on_result: Callable[[int, dict], None], progress: bool = True, desc: str = "generate",
+                    stops: list[int] | None = None) -> None:
     """Sample one response per token-id prompt from a server; on_result(i, row) in this thread.
 
-    Each row: {"text", "tokens" (count, EOS excluded), "finish": "eos" | "length"}; rows
-    arrive in any order.
+    Each row: {"text", "tokens" (count, stop token excluded), "finish": "eos" | "length"}, and
+    "ids" (the sampled ids, with the stop token that ended the row) where the server returns them;
+    rows arrive in any order. `stops`: the ids that end a response (default: the tokenizer's EOS).
     """
     g = cfg.generation
     headers = {"Content-Type": "application/json", **_auth_header(g.api_key_env)}
     if not prompts:
         return
-    with _server(g, model_path) as url:
-        endpoint = Endpoint(url, g.server_model or model_path, headers, g.timeout_s, g.retries)
+    stops = sorted(set(stops or [tokenizer.eos_token_id]))
+    with _server(g, model_path) as (url, alive):
+        endpoint = Endpoint(url, g.server_model or model_path, headers, g.timeout_s, g.retries, alive=alive)
+        log.info("sending %d prompts to %s", len(prompts), url)
         bar = progress_bar(len(prompts), desc, progress)
         try:
-            _generate_all(endpoint, tokenizer, prompts, seeds, g, on_result, bar)
+            _generate_all(endpoint, tokenizer, prompts, seeds, g, on_result, bar, stops)
         finally:
             bar.close()
 
@@ -128,40 +148,47 @@ def base_url(url: str) -> str:
 
 
 @contextmanager
-def _server(g: GenerationConfig, model_path: str) -> Iterator[str]:
+def _server(g: GenerationConfig, model_path: str) -> Iterator[tuple[str, Callable[[], bool] | None]]:
+    """(base URL, whether the server process still runs: None when spinlm does not run it)."""
     if g.server_url:
-        yield base_url(g.server_url)
+        yield base_url(g.server_url), None
     else:
         assert g.server_command, "validate() requires server_url or server_command"
-        with managed_server(g.server_command, model_path, g.server_start_timeout_s) as url:
-            yield url
+        with managed_server(g.server_command, model_path, g.server_start_timeout_s) as (url, proc):
+            yield url, lambda: proc.poll() is None
 
 
-def _generate_all(endpoint: Endpoint, tokenizer, prompts, seeds, g: GenerationConfig, on_result, bar) -> None:
-    """The first row decides how prompts are sent (ids or text); the rest run concurrently."""
-    as_text, first = _first_row(endpoint, tokenizer, prompts[0], seeds[0], g)
-    on_result(0, _parse(first, tokenizer))
+def _generate_all(endpoint: Endpoint, tokenizer, prompts, seeds, g: GenerationConfig, on_result, bar,
+                  stops: list[int]) -> None:
+    """The first row decides how prompts are sent (ids with vLLM's extras, or plain text); the rest
+    run concurrently."""
+    as_text, first = _first_row(endpoint, tokenizer, prompts[0], seeds[0], g, stops)
+    extras = None if as_text else stops
+    on_result(0, _parse(first, tokenizer, None if as_text else prompts[0], stops))
     bar.update(1)
     pool = ThreadPoolExecutor(max_workers=g.concurrency, thread_name_prefix="spinlm-request")
     try:
-        futures = {pool.submit(_complete, endpoint, _prompt(tokenizer, prompts[i], as_text), seeds[i], g): i
+        futures = {pool.submit(_complete, endpoint, _prompt(tokenizer, prompts[i], as_text), seeds[i], g, extras): i
                    for i in range(1, len(prompts))}
         for future in as_completed(futures):
-            on_result(futures[future], _parse(future.result(), tokenizer))
+            i = futures[future]
+            on_result(i, _parse(future.result(), tokenizer, None if as_text else prompts[i], stops))
             bar.update(1)
     finally:
         # Without waiting: on an error or Ctrl-C, queued rows are dropped and in-flight ones abandoned.
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _first_row(endpoint: Endpoint, tokenizer, ids: list[int], seed: int, g: GenerationConfig) -> tuple[bool, dict]:
+def _first_row(endpoint: Endpoint, tokenizer, ids: list[int], seed: int, g: GenerationConfig,
+               stops: list[int]) -> tuple[bool, dict]:
     """(whether prompts go as text, the first row's response)."""
     try:
-        return False, _complete(endpoint, ids, seed, g)
+        return False, _complete(endpoint, ids, seed, g, stops)
     except UserError as e:
         if not isinstance(e.__cause__, _Rejected) or e.__cause__.code not in (400, 422):
             raise
-        log.info("%s does not take token-id prompts (%s); sending prompts as text", endpoint.url, e.__cause__)
+        log.info("%s does not take token-id prompts or vLLM's sampling extras (%s); sending prompts as text, "
+                 "without them", endpoint.url, e.__cause__)
     text = _prompt(tokenizer, ids, as_text=True)
     if list(tokenizer(text)["input_ids"]) != list(ids):
         log.warning("the server tokenizes text prompts itself, and its tokenizer's default encoding of the rendered "
@@ -174,12 +201,18 @@ def _prompt(tokenizer, ids: list[int], as_text: bool) -> list[int] | str:
     return tokenizer.decode(ids, skip_special_tokens=False) if as_text else ids
 
 
-def _complete(endpoint: Endpoint, prompt: list[int] | str, seed: int, g: GenerationConfig) -> dict:
-    """One completion request with retries; the server's JSON answer."""
+def _complete(endpoint: Endpoint, prompt: list[int] | str, seed: int, g: GenerationConfig,
+              stops: list[int] | None = None) -> dict:
+    """One completion request with retries; the server's JSON answer. With `stops`, vLLM's extras
+    too: sampled ids back, these stop ids, and every other sampling setting neutral (so that no
+    generation_config of the checkpoint fills them in)."""
     body = {"model": endpoint.model, "prompt": prompt, "max_tokens": g.max_new_tokens, "temperature": g.temperature,
             "top_p": g.top_p, "seed": seed}
     if g.top_k > 0:
         body["top_k"] = g.top_k  # not in the OpenAI schema: an extra parameter of vLLM and SGLang
+    if stops is not None:
+        body.update(return_token_ids=True, stop_token_ids=stops, top_k=g.top_k if g.top_k > 0 else -1, min_p=0.0,
+                    repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
     try:
         return request_with_retries(endpoint, "/v1/completions", body)
     except _Rejected as e:
@@ -209,6 +242,9 @@ def request_with_retries(endpoint: Endpoint, path: str, body: dict) -> dict:
             return _post(endpoint, path, body)
         except _Transient as e:
             reason = e
+        if endpoint.alive is not None and not endpoint.alive():
+            tries = attempt + 1  # a dead managed server: no retry can help
+            break
         if attempt + 1 < tries:
             time.sleep(min(0.5 * 2 ** attempt, 30.0))
     raise UserError(f"the {endpoint.role} at {endpoint.url} is unreachable or failing after {tries} "
@@ -260,14 +296,28 @@ def _error_message(error: urllib.error.HTTPError) -> str:
     return raw.strip()[:1000]
 
 
-def _parse(answer: dict, tokenizer) -> dict:
-    """A completion answer -> {"text", "tokens" (EOS excluded), "finish"}."""
+def _parse(answer: dict, tokenizer, sent: list[int] | None = None, stops: list[int] = ()) -> dict:
+    """A completion answer -> {"text", "tokens" (stop token excluded), "finish"}, and "ids" where the
+    answer has the sampled ids (vLLM's `return_token_ids`). `sent`: the prompt ids sent, which the
+    server's `prompt_token_ids` must equal."""
     try:
         choice = answer["choices"][0]
         text = choice["text"]
     except (KeyError, IndexError, TypeError):
         raise UserError(f"the generation server's answer is not an OpenAI completion: {str(answer)[:500]}") from None
     finish = "length" if choice.get("finish_reason") == "length" else "eos"
+    seen = choice.get("prompt_token_ids", answer.get("prompt_token_ids"))
+    if sent is not None and seen is not None and list(seen) != list(sent):
+        raise UserError(f"the generation server generated from other prompt ids than spinlm sent (sent {len(sent)} "
+                        f"ids ending {list(sent)[-8:]}, it reports {len(seen)} ending {list(seen)[-8:]}); score and "
+                        "train would see another prompt than generation did")
+    ids = choice.get("token_ids")
+    if sent is not None and isinstance(ids, list):
+        ids = [int(t) for t in ids]
+        ended = finish == "eos" and bool(ids) and ids[-1] in stops
+        body = ids[:-1] if ended else ids
+        return {"text": tokenizer.decode(body, skip_special_tokens=True), "tokens": len(body), "finish": finish,
+                "ids": ids}
     count = (answer.get("usage") or {}).get("completion_tokens")
     if count is None:
         count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -292,8 +342,10 @@ def server_args(command: str, model_path: str, port: int) -> list[str]:
 
 
 @contextmanager
-def managed_server(command: str, model_path: str, start_timeout_s: float) -> Iterator[str]:
-    """Start the server, yield its base URL once healthy, stop it on the way out (errors included).
+def managed_server(command: str, model_path: str, start_timeout_s: float) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start the server, yield (its base URL, its process) once healthy, stop it
+    on the way out (errors included). A UserError raised while it serves comes out with the server's
+    state and the last lines of its log added.
 
     The log is deleted after a clean run and kept (its path logged) after a failure.
     """
@@ -314,7 +366,12 @@ def managed_server(command: str, model_path: str, start_timeout_s: float) -> Ite
         try:
             _wait_healthy(proc, url, start_timeout_s, log_path)
             log.info("generation server ready at %s (pid %d)", url, proc.pid)
-            yield url
+            try:
+                yield url, proc
+            except UserError as e:
+                state = (f"the generation server is still running (pid {proc.pid})" if proc.poll() is None else
+                         f"the generation server exited with code {proc.returncode}")
+                raise UserError(f"{e}\n{state}; the last lines of its log ({log_path}):\n{_tail(log_path)}") from e
         except BaseException:
             log.info("generation server log kept at %s", log_path)
             raise
@@ -346,9 +403,17 @@ def _healthy(url: str) -> bool:
         return False
 
 
+_ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception)\b: ")
+
+
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace")
-    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+    """The log's last lines, after its last few distinct error lines where those came earlier (a
+    server may print pages of shutdown noise after the error that stopped it)."""
+    all_lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    tail = all_lines[-lines:]
+    errors = list(dict.fromkeys(line.strip() for line in all_lines[:-lines] if _ERROR_LINE.search(line)))[-3:]
+    shown = (["(errors earlier in the log:)", *errors, "(the log's last lines:)"] if errors else []) + tail
+    return "\n".join(shown) or "(empty)"
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:

@@ -274,7 +274,7 @@ def test_server_settings_are_validated():
     with pytest.raises(UserError) as e:
         config.validate(config.build(None, ["--model.name_or_path=m", "--generation.backend=remote",
                                             "--generation.concurrency=0"]), need=("model",))
-    assert "generation.backend must be one of local, server" in str(e.value)
+    assert "generation.backend must be one of local, server, vllm" in str(e.value)
     assert "generation.concurrency must be > 0" in str(e.value)
     with pytest.raises(UserError) as e:
         config.validate(config.build(None, ["--model.name_or_path=m", "--generation.backend=server",
