@@ -52,8 +52,9 @@ demo: $(STAMP)
 test: $(TEST_STAMP) $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -rs $(ARGS)
 
-bench: $(TEST_STAMP)
+bench: $(TEST_STAMP) $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.vllm_generation
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

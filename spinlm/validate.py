@@ -192,6 +192,10 @@ def check(cfg: Config) -> Checked:
         from .server import preflight
 
         preflight(cfg.generation)
+    if cfg.generation.backend == "vllm":
+        from .vllm_engine import require_vllm
+
+        require_vllm()
     d, splits = cfg.data, {}
     rows, counts = _load(cfg, d.train, d.train_split, d.max_train_rows)
     rows, split_val = validation_split(cfg, rows, d.train)

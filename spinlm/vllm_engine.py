@@ -31,6 +31,7 @@ import gc
 import logging
 import os
 import shlex
+import sys
 import time
 from contextlib import contextmanager
 
@@ -46,6 +47,17 @@ CHUNK_ROWS = 1024  # rows per engine call: the unit of resumption
 # torchrun's variables: an engine of one process must not take itself for a rank of spinlm's group
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                   "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def require_vllm():
+    """The vllm module, or a UserError saying how to get it."""
+    try:
+        import vllm
+    except ImportError:
+        raise UserError("generation.backend is vllm, but vLLM is not installed in this Python environment "
+                        f"({sys.executable}): pip install vllm there, or use generation.backend: server with a "
+                        "vLLM server started from another environment") from None
+    return vllm
 
 
 def engine_args(model_path: str, cfg: Config):
@@ -119,11 +131,7 @@ def generate_vllm(model_path: str, tokenizer, prompts: list[list[int]], seeds: l
                   cfg: Config, rowlog: RowLog, progress: bool = True) -> list[dict]:
     """Rows in input order ({"text", "tokens", "finish", "ids"} as the local backend's); with several
     processes only this process's share (every world-th row) is filled, the others stay {}."""
-    try:
-        import vllm
-    except ImportError:
-        raise UserError("generation.backend is vllm, but vLLM is not installed in this Python environment "
-                        "(pip install vllm); or use generation.backend: server with a vLLM server") from None
+    vllm = require_vllm()
     results: list[dict] = [{}] * len(prompts)
     mine = [i for i in range(len(prompts)) if i % dist.world() == dist.rank()]
     for i in mine:
@@ -137,21 +145,26 @@ def generate_vllm(model_path: str, tokenizer, prompts: list[list[int]], seeds: l
     with _engine_environment():
         llm = vllm.LLM.from_engine_args(args)
     log.info("vLLM engine on %s up in %.1f s (vllm %s)", model_path, time.monotonic() - start, vllm.__version__)
+    generating, tokens = 0.0, 0
     try:
         for first in range(0, len(todo), CHUNK_ROWS):
             chunk = todo[first : first + CHUNK_ROWS]
+            began = time.monotonic()
             outputs = llm.generate([{"prompt_token_ids": prompts[i]} for i in chunk],
                                    [sampling_params(cfg, seeds[i], stops) for i in chunk], use_tqdm=progress)
+            generating += time.monotonic() - began
             for i, out in zip(chunk, outputs):
                 if list(out.prompt_token_ids) != list(prompts[i]):
                     raise UserError(f"vLLM generated from other prompt ids than spinlm passed (row {i})")
                 results[i] = _row(tokenizer, out.outputs[0], stops)
+            tokens += sum(len(results[i]["ids"]) for i in chunk)
             rowlog.add([(i, results[i]) for i in chunk])
             fault_point("generate-batch")
     finally:
         shutdown(llm)
         del llm
         release_memory()
+    log.info("vLLM generated %d rows, %d tokens in %.2f s; engine shut down", len(todo), tokens, generating)
     return results
 
 
