@@ -170,9 +170,11 @@ def _stage_config(args, overrides: list[str], model: str | None = None):
     if model:
         cfg.model.name_or_path = model
     config_mod.validate(cfg, need=("model",))
+    from . import dist
     from .modeling import use_deterministic
     from .progress import configure
 
+    dist.configure(cfg.run)
     configure(cfg.run)
 
     use_deterministic(cfg.run.deterministic)

@@ -40,6 +40,10 @@ class RunConfig:
                                     "SFT and the iterations: a list of tensorboard (RUN/tensorboard), wandb, trackio, "
                                     "mlflow (each `pip install 'spinlm[NAME]'`); [] or none = only spinlm's JSON "
                                     "files.")
+    dist_timeout_min: float = _f(360.0, "Several processes (torchrun): minutes a process waits at a collective before "
+                                 "the run fails. It must cover the longest wait: the other processes wait while rank "
+                                 "0 alone feeds a generation server (generation.backend: server) or runs the one vLLM "
+                                 "engine of generation.vllm_layout: tensor (torch's default: 30, NCCL's: 10).")
     deterministic: bool = _f(False, "Use deterministic kernels only (torch.use_deterministic_algorithms): with it, "
                              "a run killed and resumed ends with the same weights as an uninterrupted one on CPU.")
 
@@ -102,6 +106,10 @@ class GenerationConfig:
     server_start_timeout_s: float = _f(600.0, "backend server, managed: seconds to wait for the server's /health.")
     api_key_env: str | None = _f(None, "backend server: name of the environment variable holding the API key "
                                  "(sent as a Bearer token; the key itself is never logged or saved).")
+    vllm_layout: str = _f("data", "backend vllm, several processes (torchrun): data = each process runs an engine of "
+                          "its own on its own GPU over its share of the rows; tensor = rank 0 alone runs one engine "
+                          "over every GPU of its node (--tensor-parallel-size = the processes on that node unless "
+                          "vllm_args sets it) while the other processes wait, their device memory released.")
     vllm_args: str | None = _f(None, "backend vllm: engine flags as for `vllm serve`, e.g. '--tensor-parallel-size 8 "
                                "--max-model-len 4096' (spinlm adds --dtype, --seed and --generation-config vllm "
                                "unless given).")
@@ -234,6 +242,7 @@ SECTIONS = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.f
 CHOICES = {
     ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
     ("generation", "backend"): ("local", "server", "vllm"),
+    ("generation", "vllm_layout"): ("data", "tensor"),
     ("data", "format"): ("auto", "spin", "messages", "trl", "prompt_response", "alpaca"),
     ("data", "turn"): ("first", "last"),
     ("data", "prompt_overflow"): ("truncate", "drop"),

@@ -8,18 +8,30 @@ In one process all of this reduces to plain calls.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Callable
 
 from .errors import UserError
 
+_TIMEOUT_MIN = [360.0]  # run.dist_timeout_min; read when the process group starts
+
+
+def configure(run_cfg) -> None:
+    """Take run.dist_timeout_min; call before the first collective (the group starts then)."""
+    _TIMEOUT_MIN[0] = float(run_cfg.dist_timeout_min)
+
 
 def state():
     """accelerate's process state; on a machine without CUDA it must be told so (cpu=True) to
-    join the gloo group torchrun sets up, otherwise every process believes it is alone."""
+    join the gloo group torchrun sets up, otherwise every process believes it is alone.
+
+    The group's timeout is run.dist_timeout_min, not torch's 30 minutes (NCCL: 10): while rank 0
+    alone feeds a generation server, or runs the one vLLM engine that spans the devices, the other
+    processes wait in a collective for as long as generation takes."""
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(minutes=_TIMEOUT_MIN[0]))
 
 
 def rank() -> int:

@@ -26,7 +26,7 @@ from . import dist
 from .config import Config
 from .data import Example
 from .io import RowLog, fault_point, fingerprint, scratch, write_jsonl
-from .modeling import load_model, load_tokenizer
+from .modeling import load_model, load_tokenizer, release_device_memory
 from .progress import bar as progress_bar
 from .tokens import Limits, encode_pair, encode_prompt, is_dead, stop_ids
 
@@ -149,6 +149,8 @@ def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Conf
     g = cfg.generation
     key = fingerprint("generate", model_path, prompts, seeds, g.backend, g.max_new_tokens, g.temperature, g.top_p,
                       g.top_k, g.batch_size, g.batch_tokens, cfg.model.dtype, cfg.model.attn_implementation)
+    if g.backend != "local":  # an engine or server needs the device: every process returns its cached memory
+        release_device_memory()
     with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
         if g.backend == "server":  # an OpenAI-compatible server generates; no model is loaded here
             results = [rowlog.done.get(i, {}) for i in range(len(prompts))]

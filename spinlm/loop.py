@@ -34,6 +34,7 @@ log = logging.getLogger("spinlm")
 
 def run(cfg: Config, force: bool = False) -> Path:
     """Run (or resume) the whole loop; return the run directory."""
+    dist.configure(cfg.run)
     data = check(cfg)  # everything `spinlm validate` checks, before the run directory is touched
     run_dir = open_run(cfg, force)
     log.info("validated:\n%s", report(data))

@@ -7,7 +7,9 @@ A `vllm.LLM` engine is built on the model being generated with (p_t's saved dire
 `--max-model-len`, `--gpu-memory-utilization`, `--enforce-eager`, ...), parsed by vLLM's own
 parser. spinlm adds `--dtype` (model.dtype; auto = bf16 on a GPU that has it, else fp32),
 `--seed` (run.seed) and `--generation-config vllm` unless they are given, so the checkpoint's
-generation_config never changes sampling.
+generation_config never changes sampling; on a machine without CUDA also
+`--no-enable-chunked-prefill` (vLLM's CPU build dies at a seeded request whose prompt is
+prefilled in parts).
 
 Prompts go in as token ids (spinlm's rendering: `spinlm.tokens.encode_prompt`), each row with
 its own `SamplingParams` (its seed, the configured temperature / top_p / top_k, every other
@@ -17,9 +19,16 @@ killed stage resumes after the last finished chunk. The engine is shut down (its
 process ended, its memory freed) before the stage returns, so scoring and training get the
 device back.
 
-Several processes (torchrun): each generates its share of the rows (every world-th row) with an
-engine of its own, on its own GPU (data parallel; `--tensor-parallel-size` then splits each
-engine further). Not tested on GPUs here; the CPU tests run one process.
+Several processes (torchrun), `generation.vllm_layout`:
+- `data` (default): each process generates its share of the rows (every world-th row) with an
+  engine of its own, on its own GPU (data parallel; a `--tensor-parallel-size` in vllm_args then
+  splits each engine further over GPUs the process must be given).
+- `tensor`: rank 0 alone builds one engine over every GPU of its node (`--tensor-parallel-size`
+  = the processes on the node, unless vllm_args sets it) and generates every row; the other
+  processes release their cached device memory and wait (run.dist_timeout_min bounds the wait).
+Every process first releases its cached device memory (spinlm.generate), so an engine finds
+the GPU free of what training left behind. Tested on CPU under torchrun with two processes (both layouts, the
+tensor one with `--tensor-parallel-size 1`); not run on GPUs here.
 
 vLLM starts its engine core with `spawn`, so a script that calls this must guard its entry point
 with `if __name__ == "__main__":` (`spinlm` and `python -m spinlm` do).
@@ -27,7 +36,6 @@ with `if __name__ == "__main__":` (`spinlm` and `python -m spinlm` do).
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import shlex
@@ -39,7 +47,7 @@ from . import dist
 from .config import Config
 from .errors import UserError
 from .io import RowLog, fault_point
-from .modeling import inference_dtype
+from .modeling import inference_dtype, release_device_memory
 
 log = logging.getLogger("spinlm")
 
@@ -67,6 +75,7 @@ def engine_args(model_path: str, cfg: Config):
 
     given = shlex.split(cfg.generation.vllm_args or "")
     flags = {a.split("=", 1)[0] for a in given if a.startswith("--")}
+    flags |= {"--tensor-parallel-size" for a in given if a == "-tp" or a.startswith("-tp=")}
     if "--model" in flags:
         raise UserError("generation.vllm_args: leave out --model; spinlm builds the engine on the model of each "
                         "iteration")
@@ -77,6 +86,13 @@ def engine_args(model_path: str, cfg: Config):
         defaults += ["--seed", str(cfg.run.seed)]
     if "--generation-config" not in flags:
         defaults += ["--generation-config", "vllm"]
+    if not _cuda_count() and not flags & {"--enable-chunked-prefill", "--no-enable-chunked-prefill"}:
+        # vLLM's CPU build (0.32) kills its engine at a seeded request whose prompt is prefilled in
+        # parts ("CPU Generator does not use offset"), as chunked prefill does once the prompts in
+        # flight exceed a step's token budget.
+        defaults.append("--no-enable-chunked-prefill")
+    if _tensor_layout(cfg) and "--tensor-parallel-size" not in flags:
+        defaults += ["--tensor-parallel-size", str(_node_processes())]
     if cfg.model.trust_remote_code and "--trust-remote-code" not in flags:
         defaults.append("--trust-remote-code")
     if cfg.model.revision and "--revision" not in flags:
@@ -89,10 +105,19 @@ def engine_args(model_path: str, cfg: Config):
     return EngineArgs.from_cli_args(ns)
 
 
+def _tensor_layout(cfg: Config) -> bool:
+    return cfg.generation.vllm_layout == "tensor" and dist.world() > 1
+
+
+def _node_processes() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", dist.world()))
+
+
 @contextmanager
-def _engine_environment():
-    """Under torchrun: this rank's GPU only, and no launcher variables, while the engine starts
-    (its engine-core process is spawned with this environment)."""
+def _engine_environment(all_devices: bool):
+    """Under torchrun: no launcher variables and, unless the engine spans the node
+    (`all_devices`), this rank's GPU only, while the engine starts (its engine-core process is
+    spawned with this environment)."""
     if dist.world() == 1:
         yield
         return
@@ -101,7 +126,7 @@ def _engine_environment():
         local = int(os.environ.get("LOCAL_RANK", dist.rank()))
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         devices = visible.split(",") if visible else [str(i) for i in range(_cuda_count())]
-        if devices:
+        if devices and not all_devices:
             os.environ["CUDA_VISIBLE_DEVICES"] = devices[local % len(devices)]
         for name in _LAUNCHER_VARS:
             os.environ.pop(name, None)
@@ -130,10 +155,12 @@ def sampling_params(cfg: Config, seed: int, stops: list[int]):
 def generate_vllm(model_path: str, tokenizer, prompts: list[list[int]], seeds: list[int], stops: list[int],
                   cfg: Config, rowlog: RowLog, progress: bool = True) -> list[dict]:
     """Rows in input order ({"text", "tokens", "finish", "ids"} as the local backend's); with several
-    processes only this process's share (every world-th row) is filled, the others stay {}."""
+    processes only this process's share is filled (every world-th row; layout tensor: every row on
+    rank 0, none elsewhere), the others stay {}."""
     vllm = require_vllm()
     results: list[dict] = [{}] * len(prompts)
-    mine = [i for i in range(len(prompts)) if i % dist.world() == dist.rank()]
+    tensor = _tensor_layout(cfg)
+    mine = [i for i in range(len(prompts)) if (dist.is_main() if tensor else i % dist.world() == dist.rank())]
     for i in mine:
         if i in rowlog.done:
             results[i] = rowlog.done[i]
@@ -142,7 +169,7 @@ def generate_vllm(model_path: str, tokenizer, prompts: list[list[int]], seeds: l
         return results
     args = engine_args(model_path, cfg)
     start = time.monotonic()
-    with _engine_environment():
+    with _engine_environment(all_devices=tensor):
         llm = vllm.LLM.from_engine_args(args)
     log.info("vLLM engine on %s up in %.1f s (vllm %s)", model_path, time.monotonic() - start, vllm.__version__)
     generating, tokens = 0.0, 0
@@ -163,7 +190,7 @@ def generate_vllm(model_path: str, tokenizer, prompts: list[list[int]], seeds: l
     finally:
         shutdown(llm)
         del llm
-        release_memory()
+        release_device_memory()
     log.info("vLLM generated %d rows, %d tokens in %.2f s; engine shut down", len(todo), tokens, generating)
     return results
 
@@ -184,10 +211,3 @@ def shutdown(llm) -> None:
         core.shutdown()
 
 
-def release_memory() -> None:
-    """Collect what the dropped engine held in this process; return cached GPU memory."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

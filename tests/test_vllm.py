@@ -239,6 +239,32 @@ def test_in_process_engine_run_from_the_vllm_venv(vllm_model, server_rows, task_
     assert (run_dir / "iteration-0" / "model" / "model.safetensors").exists()
 
 
+@needs_vllm
+def test_in_process_engines_under_torchrun_both_layouts(vllm_model, server_rows, task_data, tmp_path):
+    """`torchrun --nproc_per_node 2 -m spinlm generate` in .venv-vllm with generation.backend=vllm:
+    layout data starts an engine in each process, layout tensor one engine on rank 0 while rank 1
+    waits; both give the server's rows, row for row, in one file."""
+    served = {r["id"]: r for r in server_rows}
+    torchrun = [str(PY), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "spinlm"]
+    engine = "--enforce-eager --max-model-len 256"
+    data = tmp_path / "train.jsonl"  # the examples the server generated for
+    data.write_text("".join(line + "\n" for line in task_data["train"].read_text().splitlines()[:ROWS]))
+    for layout, args, engines in (("data", engine, 2), ("tensor", engine + " --tensor-parallel-size 1", 1)):
+        out = tmp_path / layout / "gen.jsonl"
+        proc = subprocess.run(torchrun + ["generate", "--model", str(vllm_model), "--data", str(data), "--out",
+                                          str(out), *COMMON,
+                                          "--generation.backend=vllm", f"--generation.vllm_layout={layout}",
+                                          f"--generation.vllm_args={args}"],
+                              capture_output=True, text=True, timeout=900, env={**os.environ, **ENV}, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert (proc.stdout + proc.stderr).count("Initializing a V1 LLM engine") == engines, layout
+        rows = read_jsonl(out)
+        assert len(rows) == ROWS
+        assert [(r["generated_ids"], r["finish"]) for r in rows] == [(served[r["id"]]["generated_ids"],
+                                                                     served[r["id"]]["finish"]) for r in rows]
+        assert sorted(p.name for p in out.parent.iterdir()) == ["gen.jsonl"]
+
+
 def _logp(model_dir: Path, prompt: list[int], response: list[int]) -> float:
     from transformers import AutoModelForCausalLM
 
