@@ -105,12 +105,20 @@ def space_loss(
     p_theta = p_data for every mu (tests/test_loss.py checks it on a table). At mu = 1:
     -log sigma(r(y)) - log sigma(-r(y')).
     """
+    real, generated = space_terms(policy_real_logps, policy_generated_logps, ref_real_logps, ref_generated_logps, mu)
+    return real + generated
+
+
+def space_terms(policy_real_logps, policy_generated_logps, ref_real_logps, ref_generated_logps,
+                mu: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPACE's two absolute terms (space_loss is their sum): the real response's
+    softplus(log mu - r(y)) and the generated one's mu softplus(r(y') - log mu)."""
     if not mu > 0:
         raise ValueError(f"mu must be > 0, got {mu}")
     r_real = policy_real_logps - ref_real_logps
     r_gen = policy_generated_logps - ref_generated_logps
     log_mu = math.log(mu)
-    return F.softplus(log_mu - r_real) + mu * F.softplus(r_gen - log_mu)
+    return F.softplus(log_mu - r_real), mu * F.softplus(r_gen - log_mu)
 
 
 def sppo_hard_loss(
@@ -127,11 +135,20 @@ def sppo_hard_loss(
 
     A squared loss: it pins the log-ratios to +-1/(2 beta) instead of pushing their gap to infinity.
     """
+    real, generated = sppo_hard_terms(policy_real_logps, policy_generated_logps, ref_real_logps,
+                                      ref_generated_logps, beta)
+    return real + generated
+
+
+def sppo_hard_terms(policy_real_logps, policy_generated_logps, ref_real_logps, ref_generated_logps,
+                    beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPPO-hard's two squared distances to its targets (sppo_hard_loss is their sum):
+    (r(y) - 1/(2 beta))^2 and (r(y') + 1/(2 beta))^2."""
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     r_real = policy_real_logps - ref_real_logps
     r_gen = policy_generated_logps - ref_generated_logps
-    return (r_real - 0.5 / beta) ** 2 + (r_gen + 0.5 / beta) ** 2
+    return (r_real - 0.5 / beta) ** 2, (r_gen + 0.5 / beta) ** 2
 
 
 def tspin_loss(
@@ -151,11 +168,18 @@ def tspin_loss(
     beta 0 at iteration 0, where y' and y0 come from the same model. spin.objective tspin: the loop
     keeps iteration 0's generations as y0 and trains on triplets (spinlm.train).
     """
+    current, historical = tspin_terms(policy_real_logps, policy_generated_logps, policy_historical_logps, alpha, beta)
+    return current + historical
+
+
+def tspin_terms(policy_real_logps, policy_generated_logps, policy_historical_logps, alpha: float = 1.0,
+                beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """T-SPIN's two terms (tspin_loss is their sum): -log sigma(cur) and -beta log sigma(hist)."""
     if not alpha > 0 or not beta >= 0:
         raise ValueError(f"alpha must be > 0 and beta >= 0, got {alpha}, {beta}")
     cur = alpha * (policy_real_logps - policy_generated_logps)
     hist = alpha * (policy_generated_logps - policy_historical_logps)
-    return -F.logsigmoid(cur) - beta * F.logsigmoid(hist)
+    return -F.logsigmoid(cur), -beta * F.logsigmoid(hist)
 
 
 def objective_loss(
@@ -177,4 +201,26 @@ def objective_loss(
         return space_loss(*args, mu=mu)
     if objective == "sppo_hard":
         return sppo_hard_loss(*args, beta=beta)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def objective_terms(
+    objective: str,
+    policy_real_logps: torch.Tensor,
+    policy_generated_logps: torch.Tensor,
+    ref_real_logps: torch.Tensor,
+    ref_generated_logps: torch.Tensor,
+    beta: float = 0.1,
+    mu: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """The named per-pair terms whose sum is objective_loss, for the pair objectives with more than
+    one (space, sppo_hard: "real" and "generated"); spin's loss is one term of the margin: {}. They
+    show which side of an objective still moves and which has stalled."""
+    args = (policy_real_logps, policy_generated_logps, ref_real_logps, ref_generated_logps)
+    if objective == "space":
+        return dict(zip(("real", "generated"), space_terms(*args, mu=mu)))
+    if objective == "sppo_hard":
+        return dict(zip(("real", "generated"), sppo_hard_terms(*args, beta=beta)))
+    if objective == "spin":
+        return {}
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")

@@ -76,7 +76,15 @@ def _model_entry(run_dir: Path, name: str, summary: list[dict] | None) -> dict:
     gen = _read(marker(d / "generations.jsonl"), "json", required=False) if (d / "generations.jsonl").exists() else None
     return {"name": name, "dir": d, "model": d / "model" if (d / "model" / "config.json").exists() else None,
             "metrics": metrics if metrics is not None else saved.get("eval") or {},
-            "train": saved.get("train") or {}, "generation": (gen or {}).get("info")}
+            "train": saved.get("train") or _training_log(d / "model"), "generation": (gen or {}).get("info")}
+
+
+def _training_log(model_dir: Path) -> dict:
+    """The model's own training log, for a run whose metrics.json lacks it (eval.enabled false)."""
+    for name in ("spinlm_train.json", "spinlm_sft.json"):
+        if (model_dir / name).exists():
+            return _read(model_dir / name, "json", required=False) or {}
+    return {}
 
 
 # ---------------------------------------------------------------- the verdict
@@ -185,10 +193,17 @@ def plot_training(run: dict, out: Path) -> str | None:
     logs = [(name, rows) for name, rows in logs if rows]
     if not logs:
         return None
-    fig, axes = figure(2, 2)
+    fig, axes = figure(3, 2)
+    terms = sorted({k for _, rows in logs for r in rows for k in r if k.startswith("terms/")})
+    styles = ["-", "--", ":", "-."]
     panels = [("Loss", [("loss", "-")]), ("Rewards: real (solid), generated (dashed)",
                                            [("rewards/real", "-"), ("rewards/generated", "--")]),
-              ("Reward margin", [("rewards/margin", "-")]), ("Reward accuracy", [("rewards/accuracy", "-")])]
+              ("Reward margin", [("rewards/margin", "-")]), ("Reward accuracy", [("rewards/accuracy", "-")]),
+              ("Log-prob per token: real (solid), generated (dashed), historical (dotted)",
+               [("logp/real_per_token", "-"), ("logp/generated_per_token", "--"), ("logp/historical_per_token", ":")]),
+              ("Loss terms: " + (", ".join(f"{t.removeprefix('terms/')} ({_STYLE_NAMES[st]})"
+                                           for t, st in zip(terms, styles)) or "none (one-term objective)"),
+               list(zip(terms, styles)))]
     colors = [f"C{i % 10}" for i in range(len(logs))]
     for ax, (title, keys) in zip(axes, panels):
         for (name, rows), color in zip(logs, colors):
@@ -202,6 +217,9 @@ def plot_training(run: dict, out: Path) -> str | None:
     fig.suptitle(f"{run['dir'].name}: training log of each iteration")
     fig.savefig(out / "training.png", dpi=100)
     return "training.png"
+
+
+_STYLE_NAMES = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
 
 
 def _steps_axis(ax) -> None:
@@ -266,6 +284,28 @@ def _training_table(models: list[dict]) -> list[str]:
         out.append(f"| {m['name']} | {t.get('pairs', '-')} | {t.get('steps', '-')} | {t.get('learning_rate', '-')} | "
                    f"{t.get('beta', '-')} | {_num(last.get('loss'))} | {_num(last.get('rewards/margin'))} | "
                    f"{_num(last.get('rewards/accuracy'))} | {t.get('skipped_steps', 0)} |")
+    return out + [""] + _diagnostics_table(rows)
+
+
+def _diagnostics_table(models: list[dict]) -> list[str]:
+    """What each iteration's objective moved: the first and the last logged value of the policy's
+    log-prob per token of each response, the margin, and the objective's loss terms."""
+    keys = ["logp/real_per_token", "logp/generated_per_token", "logp/historical_per_token", "rewards/margin"]
+    histories = [(m, m["train"].get("history") or []) for m in models]
+    histories = [(m, h) for m, h in histories if h]
+    keys += sorted({k for _, h in histories for r in h for k in r if k.startswith("terms/")})
+    keys = [k for k in keys if any(k in h[0] for _, h in histories)]
+    if not histories or not keys:
+        return []
+    out = ["## What each objective moved", "",
+           "First -> last logged value in each iteration (training batches): the policy's log-prob per token of "
+           "the real, generated and (T-SPIN) historical responses, the reward margin, and the objective's loss "
+           "terms (their sum, plus the NLL term, is the loss). A term that stays flat while another moves is the "
+           "side that has stalled.", "",
+           "| iteration | objective | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for m, h in histories:
+        cells = [f"{_num(h[0].get(k))} -> {_num(h[-1].get(k))}" if k in h[0] else "-" for k in keys]
+        out.append(f"| {m['name']} | {m['train'].get('objective', 'spin')} | " + " | ".join(cells) + " |")
     return out + [""]
 
 

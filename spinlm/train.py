@@ -29,7 +29,7 @@ from .data import Example
 from .errors import TrainingStopped, UserError
 from .io import fault_point, read_jsonl, write_json
 from .lora import merged
-from .loss import objective_loss, real_nll_per_token, spin_rewards, tspin_loss
+from .loss import objective_loss, objective_terms, real_nll_per_token, spin_rewards, tspin_terms
 from .modeling import load_tokenizer
 from .packing import pack, prepare, response_logps
 from .score import limits
@@ -38,7 +38,9 @@ from .tracking import Log
 from .training import disable_dropout, epoch_steps, linear_schedule, load_trainable, make_accelerator, make_optimizer
 
 log = logging.getLogger("spinlm")
+# the log line's metrics (every one is in the training log); then the objective's own terms/*
 METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margin", "rewards/accuracy",
+           "logp/real_per_token", "logp/generated_per_token", "logp/historical_per_token",
            "logratio/real_per_token", "logratio/generated_per_token", "dead_pairs", "grad_norm")
 
 
@@ -95,16 +97,20 @@ def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, beta
     ref_generated = torch.tensor([b["ref_generated"] for b in batch], device=dev)
     losses = objective_loss(objective, policy_real, policy_generated, ref_real, ref_generated, beta, loss_type, mu)
     nll = real_nll_per_token(policy_real, n_real)
+    terms = objective_terms(objective, policy_real.detach(), policy_generated.detach(), ref_real, ref_generated,
+                            beta, mu)
     if sft_weight:
         losses = losses + sft_weight * nll
+        terms["nll"] = sft_weight * nll.detach()
     rewards = spin_rewards(policy_real.detach(), policy_generated.detach(), ref_real, ref_generated, beta)
+    real, gen = policy_real.detach(), policy_generated.detach()
     metrics = {"loss": losses.detach(), "dead_pairs": torch.tensor([float(b["dead"]) for b in batch]),
-               "logps/real": policy_real.detach(), "logps/generated": policy_generated.detach(),
-               "nll/real_per_token": nll.detach(),
+               "logps/real": real, "logps/generated": gen, "nll/real_per_token": nll.detach(),
+               "logp/real_per_token": real / n_real.clamp(min=1), "logp/generated_per_token": gen / n_generated.clamp(min=1),
                # policy minus reference, per token: how far each side moved from p_t
-               "logratio/real_per_token": (policy_real.detach() - ref_real) / n_real.clamp(min=1),
-               "logratio/generated_per_token": (policy_generated.detach() - ref_generated) / n_generated.clamp(min=1),
-               **{f"rewards/{k}": v for k, v in rewards.items()}}
+               "logratio/real_per_token": (real - ref_real) / n_real.clamp(min=1),
+               "logratio/generated_per_token": (gen - ref_generated) / n_generated.clamp(min=1),
+               **{f"rewards/{k}": v for k, v in rewards.items()}, **{f"terms/{k}": v for k, v in terms.items()}}
     return losses, {k: v.float().cpu() for k, v in metrics.items()}
 
 
@@ -115,10 +121,14 @@ def _tspin_losses(batch, scores, policy_real, policy_generated, n_real, n_genera
     its implicit reward, as there is no reference)."""
     policy_historical = torch.stack([s[2][0] for s in scores])
     n_historical = torch.tensor([float(s[2][1]) for s in scores], device=policy_real.device)
-    losses = tspin_loss(policy_real, policy_generated, policy_historical, alpha=alpha, beta=history_weight)
+    current, historical = tspin_terms(policy_real, policy_generated, policy_historical, alpha=alpha,
+                                      beta=history_weight)
+    losses = current + historical
     nll = real_nll_per_token(policy_real, n_real)
+    terms = {"current": current.detach(), "historical": historical.detach()}
     if sft_weight:
         losses = losses + sft_weight * nll
+        terms["nll"] = sft_weight * nll.detach()
     real, gen, hist = (x.detach() for x in (policy_real, policy_generated, policy_historical))
     margin = alpha * (real - gen)
     metrics = {"loss": losses.detach(), "dead_pairs": torch.tensor([float(b["dead"]) for b in batch]),
@@ -126,7 +136,8 @@ def _tspin_losses(batch, scores, policy_real, policy_generated, n_real, n_genera
                "logp/real_per_token": real / n_real.clamp(min=1), "logp/generated_per_token": gen / n_generated.clamp(min=1),
                "logp/historical_per_token": hist / n_historical.clamp(min=1),
                "rewards/real": alpha * real, "rewards/generated": alpha * gen, "rewards/margin": margin,
-               "rewards/accuracy": (margin > 0).float(), "rewards/historical_margin": alpha * (gen - hist)}
+               "rewards/accuracy": (margin > 0).float(), "rewards/historical_margin": alpha * (gen - hist),
+               **{f"terms/{k}": v for k, v in terms.items()}}
     return losses, {k: v.float().cpu() for k, v in metrics.items()}
 
 
@@ -212,7 +223,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     history = state["history"]
     result = {"steps": state["step"], "planned_steps": steps, "examples": state.get("examples"), "pairs": len(items),
               "dead_pairs": dead,
-              "learning_rate": lr, "beta": beta, "skipped_steps": state["skipped"], "checks": state["checks"],
+              "objective": cfg.spin.objective, "learning_rate": lr, "beta": beta, "skipped_steps": state["skipped"], "checks": state["checks"],
               "best_check": _best(state["checks"]), "unlearning_warnings": state["warnings"], "history": history,
               "final": history[-1] if history else {}}
     if accelerator.is_main_process:
@@ -346,5 +357,6 @@ def _log_step(window: list[dict], step: int, steps: int, lr: float, start: float
     row = {"step": step, "lr": lr, **{k: sum(w[k] for w in window) / len(window) for k in keys},
            "elapsed_s": round(time.time() - start, 2)}
     if show:
-        log.info("step %d/%d  " + "  ".join(f"{k} {row[k]:.4g}" for k in METRICS if k in row), step, steps)
+        shown = [k for k in METRICS if k in row] + sorted(k for k in row if k.startswith("terms/"))
+        log.info("step %d/%d  " + "  ".join(f"{k} {row[k]:.4g}" for k in shown), step, steps)
     return row

@@ -14,7 +14,8 @@ from spinlm.cli import main
 from spinlm.config import Config
 from spinlm.io import read_json, read_jsonl
 from spinlm.logprobs import sequence_logps
-from spinlm.loss import OBJECTIVES, objective_loss, space_loss, spin_loss, sppo_hard_loss, tspin_loss
+from spinlm.loss import (OBJECTIVES, objective_loss, objective_terms, space_loss, spin_loss, sppo_hard_loss, tspin_loss,
+                         tspin_terms)
 from spinlm.modeling import load_model, load_tokenizer
 from spinlm.train import batch_losses, pair_items
 
@@ -136,6 +137,24 @@ def test_objective_loss_dispatches():
     assert OBJECTIVES == ("spin", "space", "sppo_hard")
 
 
+def test_objective_terms_hand_values_and_sum_to_the_loss():
+    """The named terms (issue 19, item 3: what each objective moves) by hand, and their sum is the loss."""
+    pr, pg, rr, rg = t(-3.0, -1.0), t(-5.0, -2.5), t(-4.0, -1.5), t(-4.5, -2.0)  # r(y) = 1, 0.5; r(y') = -0.5, -0.5
+    space = objective_terms("space", pr, pg, rr, rg, mu=2.0)
+    assert list(space) == ["real", "generated"]
+    assert space["real"].tolist() == pytest.approx([log1pexp(math.log(2) - 1), log1pexp(math.log(2) - 0.5)])
+    assert space["generated"].tolist() == pytest.approx([2 * log1pexp(-0.5 - math.log(2))] * 2)
+    sppo = objective_terms("sppo_hard", pr, pg, rr, rg, beta=0.5)  # targets r(y) = 1, r(y') = -1
+    assert sppo["real"].tolist() == pytest.approx([0.0, 0.25]) and sppo["generated"].tolist() == pytest.approx([0.25] * 2)
+    assert objective_terms("spin", pr, pg, rr, rg) == {}
+    for objective, terms, kw in (("space", space, {"mu": 2.0}), ("sppo_hard", sppo, {"beta": 0.5})):
+        assert torch.allclose(sum(terms.values()), objective_loss(objective, pr, pg, rr, rg, **kw))
+    current, historical = tspin_terms(pr, pg, t(-4.0, -2.5), alpha=0.5, beta=0.3)  # cur = 1, 0.75; hist = -0.5, 0
+    assert current.tolist() == pytest.approx([log1pexp(-1.0), log1pexp(-0.75)])
+    assert historical.tolist() == pytest.approx([0.3 * log1pexp(0.5), 0.3 * math.log(2)])
+    assert torch.allclose(current + historical, tspin_loss(pr, pg, t(-4.0, -2.5), alpha=0.5, beta=0.3))
+
+
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_objectives_packed_equal_plain(tiny_model, pairs, objective):
     cfg = Config()
@@ -158,17 +177,27 @@ def test_objectives_packed_equal_plain(tiny_model, pairs, objective):
     assert expected.std() > 1e-3  # the pairs differ
 
 
-@pytest.mark.parametrize("objective", ["space", "sppo_hard"])
-def test_train_with_an_objective(tiny_model, pairs, tmp_path, objective):
+@pytest.mark.parametrize("objective, sft_weight", [("space", 0.0), ("sppo_hard", 0.3)])
+def test_train_with_an_objective(tiny_model, pairs, tmp_path, objective, sft_weight):
     out = tmp_path / objective
     assert main(["train", "--model", str(tiny_model), "--pairs", str(pairs), "--out", str(out),
-                 f"--spin.objective={objective}", "--spin.beta=0.5", "--train.batch_size=8",
-                 "--train.learning_rate=1e-3", "--train.optimizer=adamw", *COMMON]) == 0
+                 f"--spin.objective={objective}", "--spin.beta=0.5", "--train.batch_size=8", "--run.log_every=1",
+                 f"--spin.sft_weight={sft_weight}", "--train.learning_rate=1e-3", "--train.optimizer=adamw",
+                 *COMMON]) == 0
     info = read_json(out / "spinlm_train.json")
-    last = info["history"][-1]
+    assert info["objective"] == objective
+    history, last = info["history"], info["history"][-1]
     at_reference = 2 * math.log(2) if objective == "space" else 2 * (0.5 / 0.5) ** 2  # mu 1; (1/(2 beta))^2 x 2
-    assert last["loss"] < 0.9 * at_reference  # training started at p_t (the scoring model) and went down
+    assert last["loss"] - last.get("terms/nll", 0.0) < 0.9 * at_reference  # started at p_t (the scoring model)
     assert last["rewards/real"] > 0 > last["rewards/generated"]  # both sides moved the way the objective pushes
+    # the diagnostics: the loss's own terms (the NLL term where sft_weight is on) sum to the logged loss
+    names = {"terms/real", "terms/generated"} | ({"terms/nll"} if sft_weight else set())
+    for row in history:
+        assert {k for k in row if k.startswith("terms/")} == names
+        assert sum(row[k] for k in names) == pytest.approx(row["loss"], rel=1e-5)
+        assert row["terms/nll" if sft_weight else "terms/real"] >= 0
+        assert row["logp/real_per_token"] < 0 and row["logp/generated_per_token"] < 0
+    assert history[-1]["terms/generated"] < history[0]["terms/generated"]  # the generated side was pushed down
 
 
 def test_objective_config_errors(tiny_model, pairs, tmp_path, capsys):
@@ -262,6 +291,15 @@ def test_tspin_run_keeps_y0_and_resumes_to_the_same_weights(tiny_model, task_dat
     log0, log1 = (read_json(it / "model" / "spinlm_train.json") for it in (it0, it1))
     assert "logps/historical" in log1["history"][0] and "rewards/historical_margin" in log1["history"][0]
     assert log0["history"][0]["rewards/historical_margin"] == pytest.approx(0.0, abs=1e-6)  # y' = y0 at t = 0
+    for row in log1["history"]:  # T-SPIN's two terms are the loss
+        assert row["terms/current"] + row["terms/historical"] == pytest.approx(row["loss"], rel=1e-5)
+    assert all(row["terms/historical"] == 0 for row in log0["history"])  # history weight 0 at iteration 0
+    assert main(["report", str(tmp_path / "ref")]) == 0
+    text = (tmp_path / "ref" / "report" / "README.md").read_text()
+    table = text.split("## What each objective moved")[1].split("\n## ")[0]
+    assert "| iteration-1 | tspin |" in table and "logp/historical_per_token" in table and "terms/historical" in table
+    first, final = log1["history"][0]["logp/real_per_token"], log1["history"][-1]["logp/real_per_token"]
+    assert f"{first:.4g} -> {final:.4g}" in table.split("| iteration-1 |")[1].splitlines()[0]
     generated_differ = any(r["generated_ids"] != y0[r["id"]]["generated_ids"] for r in read_jsonl(it1 / "generations.jsonl"))
     assert generated_differ  # iteration 1's samples come from p_1, not p_0
 

@@ -65,6 +65,11 @@ def test_report_readme_plots_and_verdict(run_dir, capsys):
     for line in _expected_verdict(summary):
         assert line in text, line
     assert "| iteration-1 |" in text and "| model | accuracy | NLL/token |" in text
+    moved = text.split("## What each objective moved")[1].split("\n## ")[0]  # issue 19, item 3
+    history = read_json(run_dir / "iteration-1" / "model" / "spinlm_train.json")["history"]
+    row = next(line for line in moved.splitlines() if line.startswith("| iteration-1 | spin |"))
+    assert f"{history[0]['logp/real_per_token']:.4g} -> {history[-1]['logp/real_per_token']:.4g}" in row
+    assert "terms/" not in moved  # SPIN's loss is one term of the margin
 
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert set(images) == {"metrics.png", "training.png", "sft.png"}
