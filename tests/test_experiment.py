@@ -240,3 +240,38 @@ def test_regime_quick_runs_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     said = again.stdout + again.stderr
     assert "running 2 spinlm runs" in said and "sft: " not in said  # resumed: nothing retrained
+
+
+def test_family_quick_runs_every_objective_and_chooses_on_validation(tmp_path):
+    """issue 19, item 4: the family experiment's machinery on the regime's tiny task: each objective's
+    runs, baselines at equal steps, the choice on validation only, the table and the plot."""
+    out = tmp_path / "family"
+    done = experiment("family", out, "--seeds", "0", "--iterations", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_json(out / "results.json")
+    assert list(results["tasks"]) == ["regime"]  # --quick: the regime's task only
+    r = results["tasks"]["regime"]
+    assert sorted(r["settings"]) == ["space=mu1", "spin=beta0.1", "tspin=alpha1-hist0.1"]
+    for setting, (run,) in r["settings"].items():
+        name = f"{setting}-seed0"
+        cfg = yaml.safe_load((out / "regime" / "runs" / f"{name}.yaml").read_text())
+        assert cfg["spin"]["objective"] == setting.split("=")[0] and cfg["spin"]["sft_weight"] == 0.0
+        assert cfg["train"]["eval_every"] == 0
+        steps = [read_json(out / "regime" / "runs" / name / f"iteration-{t}" / "model" / "spinlm_train.json")["steps"]
+                 for t in range(2)]
+        assert [p["steps"] for p in run["iterations"]] == [steps[0], steps[0] + steps[1]]  # baselines at equal steps
+        assert all(p["continued_sft"]["test_accuracy"] is not None for p in run["iterations"])
+    # each objective's choice (one candidate each here) and the best one, from validation accuracy alone
+    val = {s: rs[0]["iterations"][-1]["spin"]["val_accuracy"] for s, rs in r["settings"].items()}
+    assert {o: c["setting"] for o, c in r["chosen"].items()} == {s.split("=")[0]: s for s in r["settings"]}
+    assert r["best"] == max(val, key=val.get)
+    history = read_json(out / "regime" / "runs" / "tspin=alpha1-hist0.1-seed0" / "iteration-1" / "model" /
+                        "spinlm_train.json")["history"]
+    assert any(h["terms/historical"] > 0 for h in history)  # T-SPIN's second iteration used y0
+    text = (out / "results.md").read_text()
+    assert "## regime" in text and "(best)" in text and f"Best objective on validation: **{r['best']}**" in text
+    assert_png(out / "family.png")
+    again = experiment("family", out, "--seeds", "0", "--iterations", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "sft: " not in again.stdout + again.stderr  # resumed: nothing retrained
+    assert read_json(out / "results.json") == results

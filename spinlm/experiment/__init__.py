@@ -5,6 +5,7 @@
     spinlm experiment loss-beta    [--out DIR] [--seeds 0 1]   [--iterations 2]
     spinlm experiment theory       [--out DIR] [--seeds 0 1 2] [--iterations 6]
     spinlm experiment regime       [--out DIR] [--seeds 0 1 2] [--iterations 3]
+    spinlm experiment family       [--out DIR] [--seeds 0 1 2] [--iterations 3]
 
 Each builds its inputs under OUT (the demo's task, tokenizer and tiny Llama: no network), runs
 ordinary `spinlm run` directories side by side (re-running the same command resumes), and writes
@@ -17,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import convergence, loss_beta, regime, spin_vs_sft, theory
+from . import convergence, family, loss_beta, regime, spin_vs_sft, theory
 from .common import Setup
 
 
@@ -43,4 +44,7 @@ EXPERIMENTS = {
     "regime": Experiment(regime.experiment, (0, 1, 2), 3,
                          "the paper's regime: a data-limited start where more SFT hurts; SPIN (beta 0.1, 1, 5; "
                          "stabilized) vs continued SFT at equal steps, chosen on validation; a same-capacity student"),
+    "family": Experiment(family.experiment, (0, 1, 2), 3,
+                         "the SPIN family: SPIN, SPIN + NLL, T-SPIN, SPACE, SPPO-hard vs continued SFT at equal steps, "
+                         "settings chosen on validation, in the regime's data-limited task and on the demo task"),
 }

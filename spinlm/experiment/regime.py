@@ -48,15 +48,22 @@ SETTINGS = {  # name -> config sections over the demo's (which are the "stabiliz
 QUICK_SETTINGS = ("beta1", "stabilized")
 
 
-def experiment(setup: Setup) -> dict:
-    out = setup.out
+def data_limited_start(setup: Setup) -> tuple[dict, Path]:
+    """(the base config, the SFT start): the data-limited task under OUT/demo, SFT for the whole
+    curve without stopping early, its best epoch on validation NLL kept, in OUT/sft."""
     task = QUICK_REGIME_TASK if setup.quick else REGIME_TASK
     _build_inputs(setup.demo_dir(), task, QUICK_MODEL if setup.quick else MODEL)
     base = base_config(setup)
     curve_cfg = copy.deepcopy(base)
     epochs = 12 if setup.quick else CURVE_EPOCHS
     curve_cfg["sft"].update({"epochs": epochs, "patience": epochs})  # never stops early; keeps the best epoch
-    start = fine_tune(curve_cfg, base["model"]["name_or_path"], out / "sft")
+    return base, fine_tune(curve_cfg, base["model"]["name_or_path"], setup.out / "sft")
+
+
+def experiment(setup: Setup) -> dict:
+    out = setup.out
+    task = QUICK_REGIME_TASK if setup.quick else REGIME_TASK
+    base, start = data_limited_start(setup)
     jobs = {}
     settings = {k: SETTINGS[k] for k in QUICK_SETTINGS} if setup.quick else SETTINGS
     for seed in setup.seeds:
@@ -81,13 +88,8 @@ def experiment(setup: Setup) -> dict:
 
 
 def collect(jobs: dict[str, dict], failed: list[str], start: Path, kl: dict) -> dict:
-    runs = spin_vs_sft.collect(jobs, failed)["seeds"]
-    by_setting: dict[str, list[dict]] = {}
-    for name, r in runs.items():
-        by_setting.setdefault(name.rsplit("-seed", 1)[0], []).append(r)
-    last_val = {s: statistics.mean(r["iterations"][-1]["spin"]["val_accuracy"] for r in rs)
-                for s, rs in by_setting.items() if all(r["iterations"][-1]["spin"]["val_accuracy"] is not None for r in rs)}
-    chosen = max(last_val, key=last_val.get) if last_val else None  # ties: the first in SETTINGS' order
+    by_setting = by_setting_of(jobs, failed)
+    chosen, last_val = choose(by_setting)
     info = read_json(start / "spinlm_sft.json") or {}  # the start's SFT run: validation NLL per epoch
     return {"curve": info.get("history", []), "sft_best_step": info.get("best_step"), "settings": by_setting,
             "chosen": chosen, "val_accuracy_last": last_val, "failed": failed,
@@ -95,9 +97,48 @@ def collect(jobs: dict[str, dict], failed: list[str], start: Path, kl: dict) -> 
                               for name, r in kl.get("runs", {}).items()}}
 
 
-def _per_t(rs: list[dict], t: int | None, side: str, key: str) -> list[float]:
+def by_setting_of(jobs: dict[str, dict], failed: list[str]) -> dict[str, list[dict]]:
+    """The finished runs (spin_vs_sft.collect's per-run results) grouped by setting: jobs are named
+    SETTING-seedN."""
+    by_setting: dict[str, list[dict]] = {}
+    for name, r in spin_vs_sft.collect(jobs, failed)["seeds"].items():
+        by_setting.setdefault(name.rsplit("-seed", 1)[0], []).append(r)
+    return by_setting
+
+
+def choose(by_setting: dict[str, list[dict]]) -> tuple[str | None, dict[str, float]]:
+    """(the setting with the best mean validation accuracy after the last iteration, every
+    setting's); ties go to the first in order. Test numbers never enter."""
+    last_val = {s: statistics.mean(r["iterations"][-1]["spin"]["val_accuracy"] for r in rs)
+                for s, rs in by_setting.items() if all(r["iterations"][-1]["spin"]["val_accuracy"] is not None for r in rs)}
+    return (max(last_val, key=last_val.get) if last_val else None), last_val
+
+
+def per_t(rs: list[dict], t: int | None, side: str, key: str) -> list[float]:
     pts = [r["start"] if t is None else r["iterations"][t][side] for r in rs]
     return [p[key] for p in pts if p[key] is not None]
+
+
+COMPARISON_HEADER = ["| setting | after iteration | steps | SPIN test acc | continued SFT test acc | SPIN - SFT (paired) | "
+                     "SPIN NLL/token | SFT NLL/token | SPIN val acc |", "|---|---|---|---|---|---|---|---|---|"]
+
+
+def setting_rows(label: str, rs: list[dict]) -> list[str]:
+    """COMPARISON_HEADER's rows for one setting's runs (one per seed): the start, then per iteration
+    mean ± sd over seeds and the paired SPIN - continued SFT test accuracy."""
+    start_acc, start_nll = fmt(per_t(rs, None, "", "test_accuracy")), fmt(per_t(rs, None, "", "test_nll"), 4)
+    lines = [f"| {label} | start | 0 | {start_acc} | {start_acc} | - | {start_nll} | {start_nll} | "
+             f"{fmt(per_t(rs, None, '', 'val_accuracy'))} |"]
+    for t in range(len(rs[0]["iterations"])):
+        diff = [r["iterations"][t]["spin"]["test_accuracy"] - r["iterations"][t]["continued_sft"]["test_accuracy"]
+                for r in rs if r["iterations"][t]["spin"]["test_accuracy"] is not None
+                and r["iterations"][t]["continued_sft"]["test_accuracy"] is not None]
+        steps = [r["iterations"][t]["steps"] for r in rs]
+        lines.append(f"| {label} | {t} | {fmt(steps, 0)} | {fmt(per_t(rs, t, 'spin', 'test_accuracy'))} | "
+                     f"{fmt(per_t(rs, t, 'continued_sft', 'test_accuracy'))} | {fmt(diff)} | "
+                     f"{fmt(per_t(rs, t, 'spin', 'test_nll'), 4)} | {fmt(per_t(rs, t, 'continued_sft', 'test_nll'), 4)} | "
+                     f"{fmt(per_t(rs, t, 'spin', 'val_accuracy'))} |")
+    return lines
 
 
 def table(results: dict) -> str:
@@ -115,24 +156,9 @@ def table(results: dict) -> str:
     lines += ["## 2. SPIN vs continued SFT at equal steps, per setting", "",
               f"Chosen on validation (mean validation accuracy after the last iteration): **{results['chosen']}** "
               f"({', '.join(f'{s} {v:.3f}' for s, v in results['val_accuracy_last'].items())}).", "",
-              "| setting | after iteration | steps | SPIN test acc | continued SFT test acc | SPIN - SFT (paired) | "
-              "SPIN NLL/token | SFT NLL/token | SPIN val acc |", "|---|---|---|---|---|---|---|---|---|"]
+              *COMPARISON_HEADER]
     for setting, rs in results["settings"].items():
-        mark = " (chosen)" if setting == results["chosen"] else ""
-        start_acc = fmt(_per_t(rs, None, "", "test_accuracy"))
-        lines.append(f"| {setting}{mark} | start | 0 | {start_acc} | {start_acc} | - | "
-                     f"{fmt(_per_t(rs, None, '', 'test_nll'), 4)} | {fmt(_per_t(rs, None, '', 'test_nll'), 4)} | "
-                     f"{fmt(_per_t(rs, None, '', 'val_accuracy'))} |")
-        for t in range(len(rs[0]["iterations"])):
-            diff = [r["iterations"][t]["spin"]["test_accuracy"] - r["iterations"][t]["continued_sft"]["test_accuracy"]
-                    for r in rs if r["iterations"][t]["spin"]["test_accuracy"] is not None
-                    and r["iterations"][t]["continued_sft"]["test_accuracy"] is not None]
-            steps = [r["iterations"][t]["steps"] for r in rs]
-            lines.append(f"| {setting}{mark} | {t} | {fmt(steps, 0)} | {fmt(_per_t(rs, t, 'spin', 'test_accuracy'))} | "
-                         f"{fmt(_per_t(rs, t, 'continued_sft', 'test_accuracy'))} | {fmt(diff)} | "
-                         f"{fmt(_per_t(rs, t, 'spin', 'test_nll'), 4)} | "
-                         f"{fmt(_per_t(rs, t, 'continued_sft', 'test_nll'), 4)} | "
-                         f"{fmt(_per_t(rs, t, 'spin', 'val_accuracy'))} |")
+        lines += setting_rows(setting + (" (chosen)" if setting == results["chosen"] else ""), rs)
     lines += ["", "Mean ± sample sd over seeds; *SPIN - SFT (paired)*: per seed, SPIN's test accuracy minus the "
               "continued-SFT baseline's at the same steps. Only the chosen row was chosen; the others are shown "
               "for completeness and were not selected on test.", "",
@@ -163,7 +189,7 @@ def plot(results: dict, path: Path) -> None:
         its = range(len(rs[0]["iterations"]))
         xs = [0] + [statistics.mean(r["iterations"][t]["steps"] for r in rs) for t in its]
         for ax, key in ((acc_ax, "test_accuracy"), (nll_ax, "test_nll")):
-            per = [_per_t(rs, None, "", key)] + [_per_t(rs, t, "spin", key) for t in its]
+            per = [per_t(rs, None, "", key)] + [per_t(rs, t, "spin", key) for t in its]
             if all(per):
                 band(ax, xs, per, f"SPIN {setting}")
     first = next(iter(results["settings"].values()), None)
@@ -171,7 +197,7 @@ def plot(results: dict, path: Path) -> None:
         its = range(len(first[0]["iterations"]))
         xs = [0] + [statistics.mean(r["iterations"][t]["steps"] for r in first) for t in its]
         for ax, key in ((acc_ax, "test_accuracy"), (nll_ax, "test_nll")):
-            per = [_per_t(first, None, "", key)] + [_per_t(first, t, "continued_sft", key) for t in its]
+            per = [per_t(first, None, "", key)] + [per_t(first, t, "continued_sft", key) for t in its]
             if all(per):
                 band(ax, xs, per, "continued SFT (equal steps)", marker="s")
     for ax, title in ((acc_ax, "test accuracy"), (nll_ax, "test NLL per token")):
