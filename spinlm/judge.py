@@ -11,9 +11,9 @@
    (`--judge-url`, `--judge-model`; the API key comes from the variable `--api-key-env` names and is
    never logged or written), with the versioned instructions of `spinlm.judge_prompts`.
    `--concurrency` requests in flight, retries with backoff on connection errors, 429 and 5xx,
-   `--timeout-s` per request (spinlm.server's request code). Every reply is appended to
-   `DIR/judgments.log` as it arrives, keyed by the exact request, so a re-run asks only what is
-   missing.
+   `--timeout-s` per request: the openai client does the HTTP (`pip install 'spinlm[server]'`),
+   through spinlm.server. Every reply is appended to `DIR/judgments.log` as it arrives, keyed by
+   the exact request, so a re-run asks only what is missing.
 3. Scores: single mode parses a grade `[[N]]` (1-10, the last one in the reply); pairwise mode
    asks each comparison in both orders (A/B swapped) to cancel position bias and parses `[[A]]`,
    `[[B]]` or `[[C]]` (tie). A reply without a parsable verdict is counted and listed, never
@@ -199,11 +199,10 @@ def _reference(q: Question, k: int) -> str | None:
 def ask(judge: Judge, jobs: list[dict], cache_path: Path, progress: bool = True) -> dict[str, str]:
     """The judge's reply to every job, from the cache or asked now (concurrently, each reply
     appended to the cache as it arrives); key -> reply text."""
-    from .server import Endpoint, _auth_header, base_url, chat
+    from .server import base_url, chat, endpoint
 
-    headers = {"Content-Type": "application/json", **_auth_header(judge.api_key_env, "--api-key-env")}
-    endpoint = Endpoint(base_url(judge.url), judge.model, headers, judge.timeout_s, judge.retries,
-                        role="judge server", retries_setting="--retries")
+    ep = endpoint(base_url(judge.url), judge.model, judge.api_key_env, judge.timeout_s, judge.retries,
+                  key_setting="--api-key-env", role="judge server", retries_setting="--retries")
     with RowLog(cache_path, CACHE_FORMAT) as cache:
         todo = list({j["key"]: j for j in jobs if j["key"] not in cache.done}.values())
         if len(todo) < len(jobs):
@@ -211,13 +210,14 @@ def ask(judge: Judge, jobs: list[dict], cache_path: Path, progress: bool = True)
         bar = progress_bar(len(todo), "judge", progress)
         pool = ThreadPoolExecutor(max_workers=judge.concurrency, thread_name_prefix="spinlm-judge")
         try:
-            futures = {pool.submit(chat, endpoint, j["messages"], judge.max_tokens): j["key"] for j in todo}
+            futures = {pool.submit(chat, ep, j["messages"], judge.max_tokens): j["key"] for j in todo}
             for future in as_completed(futures):
                 cache.add([(futures[future], {"reply": future.result()})])
                 bar.update(1)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)  # on an error, what finished is already cached
             bar.close()
+            ep.client.close()
         return {key: row["reply"] for key, row in cache.done.items()}
 
 
@@ -311,9 +311,10 @@ def _rates(outcomes: list[str]) -> dict:
 def judge_run(cfg: Config, questions: list[Question], judge: Judge, out_dir: Path, model_b: str | None = None,
               sample: bool = False) -> dict:
     """Answer (one model, or two for pairwise), judge, write DIR/judge.json and DIR/judgments.jsonl."""
-    from .server import _auth_header
+    from .server import _api_key, require_openai
 
-    _auth_header(judge.api_key_env, "--api-key-env")  # a missing key fails before any model is loaded
+    require_openai("spinlm judge")  # a missing client or key fails before any model is loaded
+    _api_key(judge.api_key_env, "--api-key-env")
     out_dir.mkdir(parents=True, exist_ok=True)
     model_a = cfg.model.name_or_path
     answers_a = answer(model_a, questions, cfg, out_dir, "a", sample)

@@ -43,16 +43,23 @@ refuse some head sizes only at the first request) ends the stage with one error 
 server's state and the last lines of its log; rows finished before are kept, and a re-run
 generates only the others. Requests to a dead managed server are not retried.
 
-`chat()` sends one `/v1/chat/completions` request through the same retrying client; `spinlm judge`
-uses it to reach its judge model (spinlm/judge.py).
+`chat()` sends one `/v1/chat/completions` request through the same client; `spinlm judge` uses it
+to reach its judge model (spinlm/judge.py).
 
-Only the standard library is used for HTTP, so no client package is needed.
+The HTTP is the `openai` client's (`pip install 'spinlm[server]'`), as vLLM's and SGLang's docs use
+it: a connection pool, `generation.timeout_s` per request, and `generation.retries` retries with
+exponential backoff on connection errors, timeouts, HTTP 408/409/429 and 5xx. vLLM's fields go in
+`extra_body` and come back in the answer's extra fields. What spinlm adds: the managed server, the
+token-id prompt and its text fallback, the API key from `generation.api_key_env` alone (none of the
+environment's OPENAI_* settings is sent), no proxy for loopback servers, and no retries once a
+managed server's process has exited. `GET /health` (not an OpenAI endpoint) uses the standard
+library.
 """
 
 from __future__ import annotations
 
 import http.client
-import json
+import importlib
 import logging
 import os
 import re
@@ -61,6 +68,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -82,28 +90,94 @@ STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL
 LOG_TAIL_LINES = 20
 
 
-class _Transient(Exception):
-    """Worth retrying: connection refused/reset, timeout, HTTP 429 or 5xx."""
-
-
-class _Rejected(Exception):
-    """HTTP 4xx other than 429: retrying the same request cannot help."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(f"HTTP {code}: {message}")
-        self.code = code
-
-
 @dataclass
 class Endpoint:
-    url: str  # base URL without a trailing slash
+    url: str  # base URL without a trailing slash or /v1
     model: str
-    headers: dict  # may hold the API key: never log or save it
-    timeout_s: float
+    client: object  # an openai.OpenAI: pooling, timeouts, retries with backoff; holds the API key, never log it
     retries: int
     role: str = "generation server"  # how error messages name it (the judge uses "judge server")
     retries_setting: str = "generation.retries"
-    alive: Callable[[], bool] | None = None  # a managed server's process is still running
+
+
+class _Rejected(UserError):
+    """An HTTP error the client does not retry (4xx other than 408/409/429): the same request cannot succeed."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def require_openai(what: str = "generation.backend: server"):
+    """The openai package (the `server` extra), or one UserError saying how to install it."""
+    try:
+        import openai
+    except ImportError:
+        raise UserError(f"{what} talks to the server through the openai client, which is not installed in this "
+                        f"environment ({sys.executable}): pip install 'spinlm[server]'") from None
+    return openai
+
+
+def endpoint(url: str, model: str, api_key_env: str | None, timeout_s: float, retries: int,
+             alive: Callable[[], bool] | None = None, *, key_setting: str = "generation.api_key_env",
+             role: str = "generation server", retries_setting: str = "generation.retries") -> Endpoint:
+    """An OpenAI client for the server at `url` (a base URL, as base_url() returns).
+
+    The key comes only from the variable `api_key_env` names; without one a placeholder goes (the
+    client insists on a key). Nothing else of the environment's OpenAI settings (OPENAI_API_KEY,
+    OPENAI_BASE_URL, organization and project ids) reaches the server. `alive`: whether a managed
+    server's process still runs; once it has exited, requests fail at once instead of being retried."""
+    openai = require_openai()
+    key = _api_key(api_key_env, key_setting) or "EMPTY"
+    client = openai.OpenAI(base_url=url + "/v1", api_key=key, timeout=timeout_s, max_retries=retries,
+                           http_client=_http_client(openai, url, alive),
+                           default_headers={"Authorization": f"Bearer {key}", "OpenAI-Organization": openai.Omit(),
+                                            "OpenAI-Project": openai.Omit()})
+    return Endpoint(url, model, client, retries, role, retries_setting)
+
+
+def _http_client(openai, url: str, alive: Callable[[], bool] | None):
+    """The client's own HTTP pool, except: loopback servers without the environment's proxies (a proxy
+    set for the outside world must not catch them), and a managed server behind _WhileAlive."""
+    if not _loopback(url):
+        return None
+    if alive is None:
+        return openai.DefaultHttpxClient(trust_env=False)
+    httpx = importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__)  # httpx (or httpx2: openai 3)
+    inner = httpx.HTTPTransport(limits=openai.DEFAULT_CONNECTION_LIMITS)
+    return openai.DefaultHttpxClient(trust_env=False, transport=_WhileAlive(inner, alive, httpx.Response))
+
+
+class _WhileAlive:
+    """An HTTP transport that, once the managed server's process has exited, answers every request
+    itself with HTTP 503 and `x-should-retry: false` (the header the openai client obeys), so a dead
+    server ends the stage at once rather than after every retry's backoff."""
+
+    def __init__(self, inner, alive: Callable[[], bool], response_cls):
+        self.inner, self.alive, self.response_cls = inner, alive, response_cls
+
+    def handle_request(self, request):
+        if self.alive():
+            try:
+                return self.inner.handle_request(request)
+            except Exception:
+                if self.alive():
+                    raise  # the client retries connection errors and timeouts
+        return self.response_cls(503, headers={"x-should-retry": "false"}, request=request,
+                                 json={"error": {"message": "the server's process has exited (not retried)"}})
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _loopback(url: str) -> bool:
+    return (urllib.parse.urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+
+
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    """For `GET /health` (not an OpenAI endpoint): no proxy for loopback servers, as in _http_client."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({})) if _loopback(url) else \
+        urllib.request.build_opener()
 
 
 def generate_server(tokenizer, prompts: list[list[int]], seeds: list[int], cfg: Config, model_path: str,
@@ -116,29 +190,31 @@ def generate_server(tokenizer, prompts: list[list[int]], seeds: list[int], cfg: 
     rows arrive in any order. `stops`: the ids that end a response (default: the tokenizer's EOS).
     """
     g = cfg.generation
-    headers = {"Content-Type": "application/json", **_auth_header(g.api_key_env)}
+    require_openai()
+    _api_key(g.api_key_env)
     if not prompts:
         return
     stops = sorted(set(stops or [tokenizer.eos_token_id]))
     with _server(g, model_path) as (url, alive):
-        endpoint = Endpoint(url, g.server_model or model_path, headers, g.timeout_s, g.retries, alive=alive)
+        ep = endpoint(url, g.server_model or model_path, g.api_key_env, g.timeout_s, g.retries, alive)
         log.info("sending %d prompts to %s", len(prompts), url)
         bar = progress_bar(len(prompts), desc, progress)
         try:
-            _generate_all(endpoint, tokenizer, prompts, seeds, g, on_result, bar, stops)
+            _generate_all(ep, tokenizer, prompts, seeds, g, on_result, bar, stops)
         finally:
             bar.close()
+            ep.client.close()
 
 
-def _auth_header(api_key_env: str | None, setting: str = "generation.api_key_env") -> dict:
-    """The Bearer header from the variable named by `setting`; the key is never logged or saved."""
+def _api_key(api_key_env: str | None, setting: str = "generation.api_key_env") -> str | None:
+    """The key from the variable named by `setting` (None without one); never logged or saved."""
     if not api_key_env:
-        return {}
+        return None
     key = os.environ.get(api_key_env)
     if not key:
         raise UserError(f"{setting} names the environment variable {api_key_env}, which is not set "
                         "or empty: export it with the server's API key")
-    return {"Authorization": f"Bearer {key}"}
+    return key
 
 
 def base_url(url: str) -> str:
@@ -184,11 +260,11 @@ def _first_row(endpoint: Endpoint, tokenizer, ids: list[int], seed: int, g: Gene
     """(whether prompts go as text, the first row's response)."""
     try:
         return False, _complete(endpoint, ids, seed, g, stops)
-    except UserError as e:
-        if not isinstance(e.__cause__, _Rejected) or e.__cause__.code not in (400, 422):
+    except _Rejected as e:
+        if e.status not in (400, 422):
             raise
         log.info("%s does not take token-id prompts or vLLM's sampling extras (%s); sending prompts as text, "
-                 "without them", endpoint.url, e.__cause__)
+                 "without them", endpoint.url, e)
     text = _prompt(tokenizer, ids, as_text=True)
     if list(tokenizer(text)["input_ids"]) != list(ids):
         log.warning("the server tokenizes text prompts itself, and its tokenizer's default encoding of the rendered "
@@ -203,30 +279,22 @@ def _prompt(tokenizer, ids: list[int], as_text: bool) -> list[int] | str:
 
 def _complete(endpoint: Endpoint, prompt: list[int] | str, seed: int, g: GenerationConfig,
               stops: list[int] | None = None) -> dict:
-    """One completion request with retries; the server's JSON answer. With `stops`, vLLM's extras
-    too: sampled ids back, these stop ids, and every other sampling setting neutral (so that no
-    generation_config of the checkpoint fills them in)."""
-    body = {"model": endpoint.model, "prompt": prompt, "max_tokens": g.max_new_tokens, "temperature": g.temperature,
-            "top_p": g.top_p, "seed": seed}
-    if g.top_k > 0:
-        body["top_k"] = g.top_k  # not in the OpenAI schema: an extra parameter of vLLM and SGLang
+    """One completion request (the client retries); the server's answer as a dict. With `stops`,
+    vLLM's extras too: sampled ids back, these stop ids, and every other sampling setting neutral (so
+    that no generation_config of the checkpoint fills them in)."""
+    extra = {"top_k": g.top_k} if g.top_k > 0 else {}  # not in the OpenAI schema: vLLM's and SGLang's
     if stops is not None:
-        body.update(return_token_ids=True, stop_token_ids=stops, top_k=g.top_k if g.top_k > 0 else -1, min_p=0.0,
-                    repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
-    try:
-        return request_with_retries(endpoint, "/v1/completions", body)
-    except _Rejected as e:
-        raise UserError(f"the generation server at {endpoint.url} rejected a completion request ({e})") from e
+        extra.update(return_token_ids=True, stop_token_ids=stops, top_k=g.top_k if g.top_k > 0 else -1, min_p=0.0,
+                     repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+    return _ask(endpoint, "completion", lambda: endpoint.client.completions.create(
+        model=endpoint.model, prompt=prompt, max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+        seed=seed, extra_body=extra or None))
 
 
 def chat(endpoint: Endpoint, messages: list[dict], max_tokens: int, temperature: float = 0.0) -> str:
-    """One `/v1/chat/completions` request (non-streaming) with retries; the reply's text."""
-    body = {"model": endpoint.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-            "stream": False}
-    try:
-        answer = request_with_retries(endpoint, "/v1/chat/completions", body)
-    except _Rejected as e:
-        raise UserError(f"the {endpoint.role} at {endpoint.url} rejected a chat request ({e})") from e
+    """One `/v1/chat/completions` request (non-streaming; the client retries); the reply's text."""
+    answer = _ask(endpoint, "chat", lambda: endpoint.client.chat.completions.create(
+        model=endpoint.model, messages=messages, max_tokens=max_tokens, temperature=temperature, stream=False))
     try:
         content = answer["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
@@ -234,66 +302,45 @@ def chat(endpoint: Endpoint, messages: list[dict], max_tokens: int, temperature:
     return content or ""
 
 
-def request_with_retries(endpoint: Endpoint, path: str, body: dict) -> dict:
-    """POST JSON; retry transient failures with exponential backoff (0.5 s, 1 s, 2 s, ... at most 30 s)."""
-    tries = endpoint.retries + 1
-    for attempt in range(tries):
-        try:
-            return _post(endpoint, path, body)
-        except _Transient as e:
-            reason = e
-        if endpoint.alive is not None and not endpoint.alive():
-            tries = attempt + 1  # a dead managed server: no retry can help
-            break
-        if attempt + 1 < tries:
-            time.sleep(min(0.5 * 2 ** attempt, 30.0))
-    raise UserError(f"the {endpoint.role} at {endpoint.url} is unreachable or failing after {tries} "
-                    f"{'try' if tries == 1 else 'tries'} ({endpoint.retries_setting}={endpoint.retries}): {reason}. "
-                    "Check that the server is running and reachable at that address.")
-
-
-def _post(endpoint: Endpoint, path: str, body: dict) -> dict:
-    request = urllib.request.Request(endpoint.url + path, data=json.dumps(body).encode(), headers=endpoint.headers,
-                                     method="POST")
+def _ask(endpoint: Endpoint, kind: str, send: Callable) -> dict:
+    """send() through the client, which retries connection errors, timeouts, HTTP 408/409/429 and 5xx
+    with exponential backoff (0.5 s, 1 s, 2 s, ... at most 8 s, or the server's Retry-After); the
+    answer as a dict, extra fields (vLLM's token ids) included. Failures: UserErrors naming the server
+    and the setting to change."""
+    openai = require_openai()
     try:
-        with _opener(endpoint.url).open(request, timeout=endpoint.timeout_s) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        message = _error_message(e)
-        if e.code == 429 or e.code >= 500:
-            raise _Transient(f"HTTP {e.code}: {message}") from None
-        raise _Rejected(e.code, message) from None
-    except urllib.error.URLError as e:
-        raise _Transient(str(e.reason)) from None
-    except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts, resets, truncated or non-JSON answers
-        raise _Transient(f"{type(e).__name__}: {e}") from None
+        return send().model_dump()
+    except openai.APIStatusError as e:
+        reason = f"HTTP {e.status_code}: {_error_message(e)}"
+        if e.status_code in (408, 409, 429) or e.status_code >= 500:
+            raise _failing(endpoint, reason, dead=e.response.headers.get("x-should-retry") == "false") from None
+        raise _Rejected(f"the {endpoint.role} at {endpoint.url} rejected a {kind} request ({reason})",
+                        e.status_code) from None
+    except openai.APIConnectionError as e:  # timeouts too
+        cause = e.__cause__
+        raise _failing(endpoint, f"{type(e).__name__}: {cause or e}") from None
+    except openai.OpenAIError as e:  # e.g. an answer that is not JSON
+        raise UserError(f"the {endpoint.role} at {endpoint.url} gave an answer the openai client cannot read "
+                        f"({type(e).__name__}: {e})") from None
 
 
-def _opener(url: str) -> urllib.request.OpenerDirector:
-    """No proxy for loopback servers (a proxy set for the outside world must not catch them)."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host in ("127.0.0.1", "localhost", "::1"):
-        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    return urllib.request.build_opener()
+def _failing(endpoint: Endpoint, reason: str, dead: bool = False) -> UserError:
+    tries = "no retries: its process has exited" if dead else \
+        f"{endpoint.retries + 1} {'try' if endpoint.retries == 0 else 'tries'}"
+    return UserError(f"the {endpoint.role} at {endpoint.url} is unreachable or failing ({tries}; "
+                     f"{endpoint.retries_setting}={endpoint.retries}): {reason}. "
+                     "Check that the server is running and reachable at that address.")
 
 
-def _error_message(error: urllib.error.HTTPError) -> str:
-    """The server's own words: FastAPI's `detail`, OpenAI's `error.message`, or the raw body."""
-    try:
-        raw = error.read().decode("utf-8", "replace")
-    except OSError:
-        raw = ""
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return raw.strip()[:1000] or str(error.reason)
-    if isinstance(data, dict):
-        inner = data.get("error")
-        inner = inner.get("message") if isinstance(inner, dict) else inner
-        for value in (data.get("detail"), data.get("message"), inner):
+def _error_message(error) -> str:
+    """The server's own words: OpenAI's `error.message`, FastAPI's `detail`, or the raw body."""
+    body = error.body  # the client has unwrapped OpenAI's {"error": {...}}
+    if isinstance(body, dict):
+        for value in (body.get("detail"), body.get("message"), body.get("error")):
             if value:
                 return str(value)[:1000]
-    return raw.strip()[:1000]
+    text = error.response.text.strip() if body is None else str(body)
+    return text[:1000] or error.response.reason_phrase
 
 
 def _parse(answer: dict, tokenizer, sent: list[int] | None = None, stops: list[int] = ()) -> dict:
@@ -304,7 +351,9 @@ def _parse(answer: dict, tokenizer, sent: list[int] | None = None, stops: list[i
         choice = answer["choices"][0]
         text = choice["text"]
     except (KeyError, IndexError, TypeError):
-        raise UserError(f"the generation server's answer is not an OpenAI completion: {str(answer)[:500]}") from None
+        text = None
+    if not isinstance(text, str):
+        raise UserError(f"the generation server's answer is not an OpenAI completion: {str(answer)[:500]}")
     finish = "length" if choice.get("finish_reason") == "length" else "eos"
     seen = choice.get("prompt_token_ids", answer.get("prompt_token_ids"))
     if sent is not None and seen is not None and list(seen) != list(sent):
@@ -436,8 +485,10 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 def preflight(g: GenerationConfig) -> None:
     """What `spinlm validate` can check of a server setup without generating: the API key
-    variable, that an unmanaged server answers at all, that a managed command exists."""
-    _auth_header(g.api_key_env)
+    variable, that an unmanaged server answers at all, that a managed command exists; and that the
+    openai client is installed."""
+    require_openai()
+    _api_key(g.api_key_env)
     if g.server_url:
         url = base_url(g.server_url)
         try:
