@@ -333,3 +333,79 @@ def test_managed_server_is_stopped_on_interrupt(tiny_model, tmp_path, caplog):
     assert seen[0] == {"text": "hi", "tokens": hi_tokens, "finish": "eos"}
     port = int(re.search(r"ready at http://127.0.0.1:(\d+)", caplog.text)[1])
     assert not _port_open(port)
+
+
+def test_no_openai_setting_of_the_environment_reaches_the_server(tiny_model, tmp_path, examples, monkeypatch):
+    """The openai client reads OPENAI_API_KEY, OPENAI_BASE_URL, organization and project ids and
+    proxies from the environment: none of them may reach (or redirect) spinlm's server requests."""
+    for name, value in (("OPENAI_API_KEY", "sk-real-secret-0c1d"), ("OPENAI_ORG_ID", "org-real"),
+                        ("OPENAI_PROJECT_ID", "proj-real"), ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1"),
+                        ("OPENAI_CUSTOM_HEADERS", "Authorization: Bearer sk-custom-secret"),
+                        ("HTTP_PROXY", "http://127.0.0.1:9"), ("ALL_PROXY", "http://127.0.0.1:9")):
+        monkeypatch.setenv(name, value)
+    with scripted_server(lambda n, h, body: _completion(body)) as (url, state):
+        cfg = _cfg(tiny_model, tmp_path, f"--generation.server_url={url}")
+        generate_file(str(tiny_model), examples[:3], tmp_path / "gen.jsonl", cfg, 0)
+    assert [path for path, _, _ in state["requests"]] == ["/v1/completions"] * 3
+    for _, headers, _ in state["requests"]:
+        sent = {k.lower(): v for k, v in headers.items()}
+        assert sent["authorization"] == "Bearer EMPTY"  # the client's placeholder: no generation.api_key_env
+        assert "openai-organization" not in sent and "openai-project" not in sent
+        assert not any("secret" in v or "real" in v for v in sent.values())
+
+
+DYING_SERVER = '''
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        data = json.dumps({"choices": [{"text": "hi", "finish_reason": "stop"}]}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(data))); self.end_headers()
+        self.wfile.write(data); self.wfile.flush()
+        os._exit(5)  # dies after its first answer
+
+HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+'''
+
+
+def test_a_dead_managed_server_is_not_retried(tiny_model, tmp_path, capsys):
+    """generation.retries=6 would back off for about 20 s against a server that is gone; spinlm stops
+    retrying once the managed server's process has exited, and says so with its exit code."""
+    (tmp_path / "serve.py").write_text(DYING_SERVER)
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(tmp_path / 'serve.py'))} {{port}} # {{model}}"
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"id": "r{i}", "prompt": "What is {i} plus 3?", "response": "{i + 3}"}}\n'
+                            for i in range(4)))
+    start = time.monotonic()
+    code, err = _cli(["generate", "--model", str(tiny_model), "--data", str(data), "--out", str(tmp_path / "gen.jsonl"),
+                      "--run.progress=false", "--generation.backend=server", f"--generation.server_command={command}",
+                      "--generation.retries=6", "--generation.concurrency=1"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "no retries: its process has exited" in err and "the generation server exited with code 5" in err
+    assert time.monotonic() - start < 15  # server start-up and stop included; the backoff alone would be ~20 s
+
+
+def test_without_the_openai_client_one_clear_error(tiny_model, task_data, tmp_path):
+    """A real Python in which `import openai` fails (None in sys.modules is how Python blocks an
+    import): spinlm imports, and the server backend and `spinlm judge` each give one UserError."""
+    run = ("import sys; sys.modules['openai'] = None; from spinlm.cli import main; import spinlm.server, "
+           "spinlm.judge; sys.exit(main(sys.argv[1:]))")
+    (tmp_path / "q.jsonl").write_text('{"question_id": 1, "category": "math", "turns": ["What is 2 plus 3?"]}\n')
+    (tmp_path / "run.yaml").write_text(f"model: {{name_or_path: {tiny_model}}}\ndata: {{train: {task_data['train']}}}\n"
+                                       f"run: {{dir: {tmp_path / 'run'}}}\n")
+    server = ["--generation.backend=server", "--generation.server_url=http://127.0.0.1:9"]
+    for argv, what in ((["validate", str(tmp_path / "run.yaml"), *server], "generation.backend: server"),
+                       (["generate", "--model", str(tiny_model), "--data", str(task_data["train"]), "--out",
+                         str(tmp_path / "gen.jsonl"), "--run.progress=false", *server], "generation.backend: server"),
+                       (["judge", "--model", str(tiny_model), "--questions", str(tmp_path / "q.jsonl"), "--judge-url",
+                         "http://127.0.0.1:9", "--judge-model", "j", "--out", str(tmp_path / "judge")], "spinlm judge")):
+        proc = subprocess.run([sys.executable, "-c", run, *argv], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert f"{what} talks to the server through the openai client" in proc.stderr
+        assert "pip install 'spinlm[server]'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "judge" / "answers-a.log").exists()  # before any answer was generated
