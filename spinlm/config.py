@@ -93,8 +93,8 @@ class GenerationConfig:
     batch_size: int = _f(64, "Most prompts per generation batch (batches are sorted by prompt length).")
     batch_tokens: int = _f(16384, "Token budget of a generation batch: rows x (longest prompt + max_new_tokens).")
     backend: str = _f("local", "local (transformers generate in this process), server (an OpenAI-compatible "
-                      "/v1/completions server: vLLM, SGLang, TGI, transformers serve) or vllm (a vLLM engine in "
-                      "this process; needs vLLM installed).")
+                      "/v1/completions server: vLLM, SGLang, TGI, transformers serve; needs "
+                      "`pip install 'spinlm[server]'`) or vllm (a vLLM engine in this process; needs vLLM installed).")
     server_url: str | None = _f(None, "backend server, unmanaged: base URL of a running server, e.g. "
                                 "http://127.0.0.1:8000 (a trailing /v1 is fine); it must serve the model being generated with.")
     server_command: str | None = _f(None, "backend server, managed: command started for each model, with {model} and "
@@ -102,7 +102,8 @@ class GenerationConfig:
     server_model: str | None = _f(None, "Model name sent in requests (default: the model path being generated with).")
     concurrency: int = _f(8, "backend server: most requests in flight at once.")
     timeout_s: float = _f(300.0, "backend server: seconds to wait for one response.")
-    retries: int = _f(4, "backend server: retries (exponential backoff) on connection errors, timeouts, HTTP 429/5xx.")
+    retries: int = _f(4, "backend server: retries (exponential backoff) on connection errors, timeouts, "
+                         "HTTP 408/409/429/5xx.")
     server_start_timeout_s: float = _f(600.0, "backend server, managed: seconds to wait for the server's /health.")
     api_key_env: str | None = _f(None, "backend server: name of the environment variable holding the API key "
                                  "(sent as a Bearer token; the key itself is never logged or saved).")

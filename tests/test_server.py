@@ -403,7 +403,8 @@ def test_without_the_openai_client_one_clear_error(tiny_model, task_data, tmp_pa
                        (["generate", "--model", str(tiny_model), "--data", str(task_data["train"]), "--out",
                          str(tmp_path / "gen.jsonl"), "--run.progress=false", *server], "generation.backend: server"),
                        (["judge", "--model", str(tiny_model), "--questions", str(tmp_path / "q.jsonl"), "--judge-url",
-                         "http://127.0.0.1:9", "--judge-model", "j", "--out", str(tmp_path / "judge")], "spinlm judge")):
+                         "http://127.0.0.1:9", "--judge-model", "j", "--out", str(tmp_path / "judge")],
+                        "spinlm judge")):
         proc = subprocess.run([sys.executable, "-c", run, *argv], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert f"{what} talks to the server through the openai client" in proc.stderr
