@@ -294,7 +294,7 @@ def test_managed_server_health_timeout(task_data, tiny_model, tmp_path, capsys):
 
 
 MINI_SERVER = '''
-import json, sys
+import json, os, sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 class Handler(BaseHTTPRequestHandler):
@@ -305,7 +305,9 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers["Content-Length"]))
         data = json.dumps({"choices": [{"text": "hi", "finish_reason": "stop"}]}).encode()
         self.send_response(200); self.send_header("Content-Length", str(len(data))); self.end_headers()
-        self.wfile.write(data)
+        self.wfile.write(data); self.wfile.flush()
+        if "--die-after-answering" in sys.argv:
+            os._exit(5)
 
 HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 '''
@@ -354,30 +356,12 @@ def test_no_openai_setting_of_the_environment_reaches_the_server(tiny_model, tmp
         assert not any("secret" in v or "real" in v for v in sent.values())
 
 
-DYING_SERVER = '''
-import json, os, sys
-from http.server import BaseHTTPRequestHandler, HTTPServer
-
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        data = json.dumps({"choices": [{"text": "hi", "finish_reason": "stop"}]}).encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(data))); self.end_headers()
-        self.wfile.write(data); self.wfile.flush()
-        os._exit(5)  # dies after its first answer
-
-HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
-'''
-
-
 def test_a_dead_managed_server_is_not_retried(tiny_model, tmp_path, capsys):
     """generation.retries=6 would back off for about 20 s against a server that is gone; spinlm stops
     retrying once the managed server's process has exited, and says so with its exit code."""
-    (tmp_path / "serve.py").write_text(DYING_SERVER)
-    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(tmp_path / 'serve.py'))} {{port}} # {{model}}"
+    (tmp_path / "serve.py").write_text(MINI_SERVER)
+    serve = shlex.quote(str(tmp_path / "serve.py"))
+    command = f"{shlex.quote(sys.executable)} {serve} {{port}} --die-after-answering # {{model}}"
     data = tmp_path / "data.jsonl"
     data.write_text("".join(f'{{"id": "r{i}", "prompt": "What is {i} plus 3?", "response": "{i + 3}"}}\n'
                             for i in range(4)))
