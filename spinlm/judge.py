@@ -217,7 +217,7 @@ def ask(judge: Judge, jobs: list[dict], cache_path: Path, progress: bool = True)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)  # on an error, what finished is already cached
             bar.close()
-            ep.client.close()
+        ep.client.close()  # not on an error: a request still in flight is abandoned, not cut off
         return {key: row["reply"] for key, row in cache.done.items()}
 
 

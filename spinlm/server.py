@@ -203,7 +203,7 @@ def generate_server(tokenizer, prompts: list[list[int]], seeds: list[int], cfg: 
             _generate_all(ep, tokenizer, prompts, seeds, g, on_result, bar, stops)
         finally:
             bar.close()
-            ep.client.close()
+        ep.client.close()  # not on an error: requests still in flight are abandoned, not cut off
 
 
 def _api_key(api_key_env: str | None, setting: str = "generation.api_key_env") -> str | None:
