@@ -5,6 +5,11 @@
                     state.json             optimizer hyper-parameters, scheduler, data position, logs
                     complete               written last: a directory without it is ignored
 
+    DIR/step-000040/sharded/               train.strategy fsdp: weights and optimizer state, one file
+                                           per process (torch.distributed.checkpoint), instead of the
+                                           two files above
+                    rng-rank{r}.safetensors  each process's RNG states
+
 A new checkpoint is written to `step-N.tmp`, fsynced, renamed, and only then are older
 ones removed, so at every moment the newest complete checkpoint is intact. (accelerate's
 `save_state` pickles the optimizer and RNG states; these files hold nothing executable.)
@@ -32,9 +37,10 @@ log = logging.getLogger("spinlm")
 
 
 def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -42,6 +48,13 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available():
         out.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return out
+
+
+def _set_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -116,12 +129,17 @@ def save(directory: Path, step: int, model, optimizer, scheduler, trainer_state:
     save_file({**opt_tensors, **_rng_tensors()}, str(tmp / "optimizer.safetensors"))
     fault_point("checkpoint-write")
     state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "trainer": trainer_state}
+    return _complete(tmp, final, state)
+
+
+def _complete(tmp: Path, final: Path, state: dict) -> Path:
+    """Write state.json, fsync, mark `tmp` complete, rename it to `final`, drop older checkpoints."""
     (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
     _fsync_dir(tmp)
     (tmp / "complete").write_text("ok\n", encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in directory.glob("step-*"):
+    for old in final.parent.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -135,14 +153,63 @@ def latest(directory: Path) -> Path | None:
 
 def load(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG states; return the trainer state."""
+    if (path / "sharded").exists():
+        raise UserError(f"{path}: this checkpoint was written under train.strategy fsdp (sharded) and the run now "
+                        f"uses ddp; set train.strategy back to fsdp, or delete {path.parent} to start this "
+                        "training over")
     _load_weights(model, path / "model.safetensors")
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     tensors = load_file(str(path / "optimizer.safetensors"))
     optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    _set_rng(tensors)
     log.info("resumed training from %s (optimizer step %d)", path, state["step"])
+    return state["trainer"]
+
+
+def save_sharded(directory: Path, step: int, model, optimizer, scheduler, trainer_state: dict, strategy) -> Path:
+    """`save` for an FSDP2 model, on every process together: each writes its own shard of the
+    weights and optimizer state (torch.distributed.checkpoint) and its RNG states; rank 0 writes
+    the rest and completes the checkpoint. The whole model is never gathered on one rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = directory / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if strategy.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    strategy.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / "sharded"))
+    save_file(_rng_tensors(), str(tmp / f"rng-rank{strategy.rank}.safetensors"))
+    fault_point("checkpoint-write")
+    strategy.barrier()
+    if strategy.is_main:
+        _complete(tmp, final, {"step": step, "strategy": "fsdp", "world": strategy.world,
+                               "scheduler": scheduler.state_dict(), "trainer": trainer_state})
+    strategy.barrier()
+    return final
+
+
+def load_sharded(path: Path, model, optimizer, scheduler) -> dict:
+    """`load` for a checkpoint written by save_sharded (on every process together)."""
+    import torch.distributed as torch_dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (path / "sharded").exists():
+        raise UserError(f"{path}: this checkpoint was written under train.strategy ddp and the run now uses fsdp; "
+                        f"set train.strategy back to ddp, or delete {path.parent} to start this training over")
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # the shapes to read into
+    loaded = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(loaded, checkpoint_id=str(path / "sharded"))
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = path / f"rng-rank{torch_dist.get_rank()}.safetensors"
+    if rng.exists():  # not when the run resumes with more processes than wrote the checkpoint
+        _set_rng(load_file(str(rng)))
+    log.info("resumed sharded training from %s (optimizer step %d, written by %d processes)", path, state["step"],
+             state["world"])
     return state["trainer"]

@@ -148,6 +148,13 @@ class TrainConfig:
     warmup_ratio: float = _f(0.1, "Share of the steps spent warming the learning rate up linearly.")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this; 0 = no clipping.")
     mixed_precision: str = _f("auto", "auto (bf16 on a GPU that supports it), no, bf16, fp16.")
+    strategy: str = _f("ddp", "How training (SFT, SPIN, DPO) spreads over the processes of `torchrun ... -m spinlm`: "
+                       "ddp (each holds the whole model, gradients and optimizer state) or fsdp (FSDP2: each holds "
+                       "1/N of them, weights gathered a layer at a time; bf16 compute on a GPU with "
+                       "mixed_precision auto/bf16); zero3 is planned. README 'Scaling out' has the memory sums.")
+    fsdp_cpu_offload: bool = _f(False, "strategy fsdp: keep the sharded weights, gradients and optimizer state in CPU "
+                                "memory (the optimizer steps on the CPU): for a model that does not fit otherwise, "
+                                "at the cost of speed.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint (weights, optimizer, scheduler, data position, RNG) "
                                "every N optimizer steps; 0 = never (a killed iteration then starts over).")
@@ -251,6 +258,7 @@ CHOICES = {
     ("spin", "objective"): ("spin", "space", "sppo_hard", "tspin"),
     ("train", "optimizer"): ("rmsprop", "adamw"),
     ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
+    ("train", "strategy"): ("ddp", "fsdp", "zero3"),
 }
 
 
@@ -490,6 +498,7 @@ def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
         problems.append("train.max_steps must be > 0 when set")
     problems += _server_problems(cfg.generation)
     problems += _peft_problems(cfg.peft)
+    problems += _strategy_problems(cfg)
     if problems:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -512,6 +521,25 @@ def _server_problems(g: GenerationConfig) -> list[str]:
         if missing:
             problems.append(f"generation.server_command must contain {' and '.join(missing)} (spinlm fills in the "
                             f"model path and a free port); got {g.server_command!r}")
+    return problems
+
+
+def _strategy_problems(cfg: Config) -> list[str]:
+    """Combinations train.strategy does not support (yet)."""
+    tc, problems = cfg.train, []
+    if tc.strategy == "zero3":
+        problems.append("train.strategy zero3 (DeepSpeed ZeRO-3) is not implemented yet; use fsdp (sharded "
+                        "weights, gradients and optimizer state) or ddp")
+    if tc.fsdp_cpu_offload and tc.strategy != "fsdp":
+        problems.append(f"train.fsdp_cpu_offload applies to train.strategy fsdp only; got train.strategy {tc.strategy}")
+    if tc.strategy != "fsdp":
+        return problems
+    if cfg.peft.enabled:
+        problems.append("peft.enabled with train.strategy fsdp is not supported yet: train the LoRA adapter with "
+                        "train.strategy ddp (the frozen weights are not sharded), or train every weight with fsdp")
+    if tc.mixed_precision == "fp16":
+        problems.append("train.mixed_precision fp16 with train.strategy fsdp is not supported (it needs a sharded "
+                        "gradient scaler): use bf16 (or auto) or no")
     return problems
 
 

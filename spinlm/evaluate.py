@@ -67,12 +67,16 @@ def reward_metrics(model, tokenizer, pairs: list[dict], cfg: Config, beta: float
             "rewards_real": rewards["real"].mean().item(), "rewards_generated": rewards["generated"].mean().item()}
 
 
-def greedy_metrics(model, tokenizer, examples: list[Example], cfg: Config, checker, outputs: Path | None) -> dict:
+def greedy_metrics(model, tokenizer, examples: list[Example], cfg: Config, checker, outputs: Path | None,
+                   sharded: bool = False) -> dict:
+    """Greedy-generation metrics; the processes split the batches, or, with a `sharded` (FSDP) model,
+    all generate all of them together."""
     max_new = cfg.eval.max_new_tokens or cfg.generation.max_new_tokens
     prompts = [encode_prompt(tokenizer, ex.prompt, cfg.data.max_prompt_length) for ex in examples]
     results = gather_rows(generate(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.eval.batch_size,
                                    batch_tokens=cfg.generation.batch_tokens, progress=cfg.run.progress and dist.is_main(),
-                                   desc="evaluate", shard=(dist.rank(), dist.world())))
+                                   desc="evaluate", shard=(0, 1) if sharded else (dist.rank(), dist.world()),
+                                   synced=sharded))
     correct = [bool(checker(ex, r["text"])) if checker else None for ex, r in zip(examples, results)]
     if outputs is not None and dist.is_main():
         write_jsonl(outputs, [{"id": ex.id, "greedy": r["text"], "finish": r["finish"], "correct": c}

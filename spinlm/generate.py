@@ -87,7 +87,7 @@ def length_batches(lengths: list[int], max_new_tokens: int, batch_size: int, bat
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
              batch_tokens: int | None = None, seeds: list[int] | None = None, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, progress: bool = True, desc: str = "generate",
-             rowlog: RowLog | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+             rowlog: RowLog | None = None, shard: tuple[int, int] = (0, 1), synced: bool = False) -> list[dict]:
     """Responses for token-id prompts, in input order; greedy when `seeds` is None.
 
     Each result: {"text", "tokens" (count, stop token excluded), "finish": "eos" | "length", "ids": the
@@ -97,6 +97,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     With a `rowlog`, each finished batch is appended to it durably and batches it already
     holds are not generated again (the batches are the same on every attempt). With
     `shard=(rank, world)` only every world-th batch is generated; the other rows stay {}.
+    `synced`: a model sharded over the processes (FSDP), which all generate every batch together
+    (each forward gathers the weights), stepping on until the last process is done.
     """
     dev = next(model.parameters()).device
     eos = stop_ids(tokenizer, model.generation_config)
@@ -122,7 +124,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             attention_mask[row, width - len(prompts[i]):] = 1
         processors = None if seeds is None else _processors([seeds[i] for i in idx], temperature, top_k, top_p, dev)
         out = model.generate(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
-                             generation_config=gen_config, logits_processor=processors)
+                             generation_config=gen_config, logits_processor=processors, synced_gpus=synced)
         for row, i in enumerate(idx):
             results[i] = _decode(tokenizer, out[row, width:].tolist(), eos)
         if rowlog is not None:

@@ -10,7 +10,6 @@ improvement: SPIN then starts where more SFT no longer helps, as in the paper.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -25,12 +24,13 @@ from .config import Config
 from .data import Example
 from . import checkpoint
 from .io import fault_point, write_json
-from .lora import is_adapted, merged, restore, trainable_state
+from .lora import is_adapted, restore, trainable_state
 from .packing import Group, prepare, response_logps, score_groups
-from .modeling import load_tokenizer, save
+from .modeling import load_tokenizer
 from .tokens import Limits, encode_example
 from .tracking import Log
-from .training import epoch_steps, linear_schedule, load_trainable, make_accelerator, make_optimizer
+from .strategy import make_strategy
+from .training import epoch_steps, linear_schedule, load_trainable, make_optimizer
 
 log = logging.getLogger("spinlm")
 
@@ -61,25 +61,26 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     so a killed SFT resumes where it stopped. `track(stream, step, values)` gets the logged loss
     ("sft") and each held-out check ("sft/check")."""
     sc = cfg.sft
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    strategy = make_strategy(cfg.train)
     set_seed(cfg.run.seed, deterministic=cfg.run.deterministic)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    model = load_trainable(model_path, cfg.model, accelerator, cfg.train.gradient_checkpointing, cfg.peft)
+    model = load_trainable(model_path, cfg.model, strategy.load_device, cfg.train.gradient_checkpointing, cfg.peft)
     lim = Limits.of(cfg)
     train_seqs, eval_seqs = encode_real(tokenizer, train_examples, lim), encode_real(tokenizer, eval_examples, lim)
-    world, rank, pad = accelerator.num_processes, accelerator.process_index, tokenizer.pad_token_id
+    world, rank, pad = strategy.world, strategy.rank, tokenizer.pad_token_id
     accumulation = sc.gradient_accumulation_steps
     plan = lambda epoch: epoch_steps(len(train_seqs), sc.batch_size, accumulation, world, rank, cfg.run.seed, epoch)
     per_epoch = len(plan(0))
     steps = min(per_epoch * sc.epochs, max_steps or per_epoch * sc.epochs)
-    optimizer = make_optimizer("adamw", model, sc.learning_rate, sc.weight_decay)
-    scheduler = linear_schedule(optimizer, accelerator, steps, sc.warmup_ratio)
-    budget = prepare(model, train_seqs, pad, cfg.packing)
+
+    def build(wrapped):
+        optimizer = make_optimizer("adamw", wrapped, sc.learning_rate, sc.weight_decay)
+        return optimizer, linear_schedule(optimizer, steps, sc.warmup_ratio, strategy.schedule_factor)
+
     ckpt_dir, best_dir = out.with_name(out.name + ".checkpoints"), out.with_name(out.name + ".checkpoints") / "best"
-    state = {"step": 0, "best": None, "stale": 0, "history": [], "examples": 0}
-    if (last := checkpoint.latest(ckpt_dir)) is not None:
-        state = checkpoint.load(last, model, optimizer, scheduler)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler, state = strategy.setup(model, build, checkpoint.latest(ckpt_dir))
+    state = state or {"step": 0, "best": None, "stale": 0, "history": [], "examples": 0}
+    budget = prepare(strategy.unwrap(model), train_seqs, pad, cfg.packing)
     log.info("sft: %d examples, up to %d steps, lr %g", len(train_seqs), steps, sc.learning_rate)
     start, plans = time.time(), {}
 
@@ -94,8 +95,7 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
                 track("sft/check", state["step"], {"heldout_nll": nll})
             if state["best"] is None or nll < state["best"] - 1e-4:
                 state["best"], state["stale"] = nll, 0
-                if accelerator.is_main_process:
-                    _keep_best(accelerator.unwrap_model(model), tokenizer, best_dir)
+                _keep_best(strategy, model, tokenizer, best_dir)
             else:
                 state["stale"] += 1
         return sc.patience > 0 and state["stale"] >= sc.patience
@@ -104,11 +104,11 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     while state["step"] < steps and not stopped:
         epoch, k = divmod(state["step"], per_epoch)
         micro, n_examples = plans.setdefault(epoch, plan(epoch))[k]
-        loss = _sft_step(accelerator, model, [[train_seqs[i] for i in ids] for ids in micro], pad, budget)
+        loss = _sft_step(strategy, model, [[train_seqs[i] for i in ids] for ids in micro], pad, budget)
         state["examples"] = state.get("examples", 0) + n_examples
         window["tokens"] += world * sum(len(train_seqs[i][0]) + len(train_seqs[i][1][0]) for ids in micro for i in ids)
         if cfg.train.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            strategy.clip_grad_norm(model, cfg.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -124,49 +124,51 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
         fault_point("sft-step")
         if cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0 and not stopped \
                 and state["step"] < steps:
-            if accelerator.is_main_process:
-                checkpoint.save(ckpt_dir, state["step"], accelerator.unwrap_model(model), optimizer, scheduler, state)
-            accelerator.wait_for_everyone()
+            strategy.save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state)
     result = {"steps": state["step"], "examples": state.get("examples"), "best_heldout_nll": state["best"],
               "history": state["history"]}
-    if accelerator.is_main_process:
-        best = best_dir if best_dir.exists() else best_dir.with_name("best.tmp")  # a kill between two renames
-        plain = accelerator.unwrap_model(model)
-        if eval_seqs and is_adapted(plain):  # the best adapter, merged into the weights
-            restore(plain, load_file(str(best / "adapter.safetensors")))
-        if eval_seqs and not is_adapted(plain):
+    best = best_dir if best_dir.exists() else best_dir.with_name("best.tmp")  # a kill between two renames
+    plain = strategy.unwrap(model)
+    if eval_seqs and is_adapted(plain):  # the best adapter, merged into the weights (ddp: every process has it)
+        restore(plain, load_file(str(best / "adapter.safetensors")))
+    if eval_seqs and not is_adapted(plain):
+        if strategy.is_main:
             shutil.copytree(best, out)
-        else:
-            save(merged(plain), tokenizer, out)
+    else:
+        strategy.save_model(model, tokenizer, out)
+    if strategy.is_main:
         write_json(out / "spinlm_sft.json", result)
-    accelerator.wait_for_everyone()
+    strategy.barrier()
     return result
 
 
-def _sft_step(accelerator, model, micro: list[list[Group]], pad: int, budget: int | None) -> torch.Tensor:
+def _sft_step(strategy, model, micro: list[list[Group]], pad: int, budget: int | None) -> torch.Tensor:
     """Forward and backward of one optimizer step's micro-batches: the loss is the mean NLL over all
     response tokens of the step (this process's), whatever the accumulation; DDP syncs once, after
     the last micro-batch. Returns the step's loss (detached)."""
     total_tokens = sum(len(r) for batch in micro for _, responses in batch for r in responses)
     loss = torch.zeros(())
     for j, batch in enumerate(micro):
-        sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
-        with sync:
+        with strategy.sync(model, last=j == len(micro) - 1):
             part = -torch.stack([s for group in response_logps(model, batch, pad, budget) for s, _ in group]).sum()
-            accelerator.backward(part / total_tokens)
+            strategy.backward(part / total_tokens)
         loss += part.detach().cpu() / total_tokens
     return loss
 
 
-def _keep_best(model, tokenizer, best_dir: Path) -> None:
+def _keep_best(strategy, model, tokenizer, best_dir: Path) -> None:
     """Save the best model so far (with LoRA: its adapter weights only) to best.tmp, then swap it
-    in: a kill leaves one complete copy."""
+    in: a kill leaves one complete copy. Every process takes part; rank 0 writes."""
     tmp = best_dir.with_name("best.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if is_adapted(model):
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp / "adapter.safetensors"))
+    if strategy.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    plain = strategy.unwrap(model)
+    if is_adapted(plain):
+        if strategy.is_main:
+            tmp.mkdir(parents=True)
+            save_file({k: v.contiguous() for k, v in trainable_state(plain).items()}, str(tmp / "adapter.safetensors"))
     else:
-        save(model, tokenizer, tmp)
-    shutil.rmtree(best_dir, ignore_errors=True)
-    os.replace(tmp, best_dir)
+        strategy.save_model(model, tokenizer, tmp)
+    if strategy.is_main:
+        shutil.rmtree(best_dir, ignore_errors=True)
+        os.replace(tmp, best_dir)

@@ -12,7 +12,6 @@ With `peft.enabled` only a LoRA adapter trains, and it is merged into the saved 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -21,21 +20,20 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from safetensors.torch import load_model, save_model
 
 from . import checkpoint
 from .config import Config
 from .data import Example
 from .errors import TrainingStopped, UserError
 from .io import fault_point, read_jsonl, write_json
-from .lora import merged
 from .loss import objective_loss, objective_terms, real_nll_per_token, spin_rewards, tspin_terms
 from .modeling import load_tokenizer
 from .packing import pack, prepare, response_logps
 from .score import limits
 from .tokens import encode_pair, is_dead
 from .tracking import Log
-from .training import disable_dropout, epoch_steps, linear_schedule, load_trainable, make_accelerator, make_optimizer
+from .strategy import make_strategy
+from .training import disable_dropout, epoch_steps, linear_schedule, load_trainable, make_optimizer
 
 log = logging.getLogger("spinlm")
 # the log line's metrics (every one is in the training log); then the objective's own terms/*
@@ -150,11 +148,11 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     lr, beta, tc = cfg.per_iteration("learning_rate", iteration), cfg.per_iteration("beta", iteration), cfg.train
     if cfg.spin.objective == "tspin":  # T-SPIN's alpha takes beta's place (its beta is the history weight)
         beta = cfg.spin.tspin_alpha
-    accelerator = make_accelerator(tc.mixed_precision)
+    strategy = make_strategy(tc)
     seed = cfg.run.seed + iteration
     set_seed(seed, deterministic=cfg.run.deterministic)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    model = load_trainable(model_path, cfg.model, accelerator, tc.gradient_checkpointing, cfg.peft)
+    model = load_trainable(model_path, cfg.model, strategy.load_device, tc.gradient_checkpointing, cfg.peft)
     if tc.disable_dropout:
         disable_dropout(model)
     items = pair_items(tokenizer, read_jsonl(pairs_path), cfg)
@@ -164,21 +162,22 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     if cfg.spin.drop_dead_pairs:
         items = [i for i in items if not i["dead"]]
     pad = tokenizer.pad_token_id
-    budget = prepare(model, [(i["prompt"], responses(i)) for i in items[:4]], pad, cfg.packing) if items else None
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world, rank = strategy.world, strategy.rank
     plan = lambda epoch: epoch_steps(len(items), tc.batch_size, tc.gradient_accumulation_steps, world, rank, seed,
                                      epoch)
     per_epoch = len(plan(0))
     steps = min(per_epoch * tc.epochs, tc.max_steps or math.inf)
-    optimizer = make_optimizer(tc.optimizer, model, lr, tc.weight_decay)
-    scheduler = linear_schedule(optimizer, accelerator, steps, tc.warmup_ratio)
-    state = {"step": 0, "history": [], "window": [], "skipped": 0, "checks": [], "warnings": 0}
+
+    def build(wrapped):
+        optimizer = make_optimizer(tc.optimizer, wrapped, lr, tc.weight_decay)
+        return optimizer, linear_schedule(optimizer, steps, tc.warmup_ratio, strategy.schedule_factor)
+
     ckpt_dir = out.with_name(out.name + ".checkpoints")
-    last = checkpoint.latest(ckpt_dir)
-    if last is not None:
-        state = checkpoint.load(last, model, optimizer, scheduler)
-        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]  # a --force resume may have changed lr
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler, state = strategy.setup(model, build, checkpoint.latest(ckpt_dir))
+    state = state or {"step": 0, "history": [], "window": [], "skipped": 0, "checks": [], "warnings": 0}
+    # after wrapping: under fsdp every process checks on the sharded model (no whole copy on one device)
+    budget = prepare(strategy.unwrap(model), [(i["prompt"], responses(i)) for i in items[:4]], pad,
+                     cfg.packing) if items else None
     detail = {"space": f"mu {cfg.spin.space_mu:g}",
               "tspin": f"alpha {beta:g}, history weight {objective_param(cfg, iteration):g}"}
     log.info("train iteration %d: %d pairs, %d optimizer steps, lr %g, beta %g, objective %s (%s), sft_weight %g",
@@ -190,7 +189,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     while state["step"] < steps and not stop:
         epoch, k = divmod(state["step"], per_epoch)
         micro, n_pairs = epoch_plan.setdefault(epoch, plan(epoch))[k]
-        metrics = train_step(accelerator, model, optimizer, scheduler, [[items[i] for i in ids] for ids in micro],
+        metrics = train_step(strategy, model, optimizer, scheduler, [[items[i] for i in ids] for ids in micro],
                              n_pairs, pad, budget, beta, cfg, state, iteration, ckpt_dir)
         state["examples"] = state.get("examples", 0) + n_pairs
         state["window"].append(metrics)
@@ -198,60 +197,56 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
                                         for ids in micro for i in ids)
         if state["step"] % cfg.run.log_every == 0 or state["step"] == steps:
             row = _log_step(state["window"], state["step"], steps, scheduler.get_last_lr()[0], start,
-                            accelerator.is_main_process)
+                            strategy.is_main)
             row["tokens_per_s"] = round(window["tokens"] / max(time.time() - window["since"], 1e-9), 1)
             window.update(tokens=0, since=time.time())
             state["history"].append(row)
             state["window"] = []
-            _warn_if_unlearning(row, tc.warn_real_logp_drop, iteration, state, accelerator.is_main_process)
+            _warn_if_unlearning(row, tc.warn_real_logp_drop, iteration, state, strategy.is_main)
             if track:
                 track("train", row["step"], {**row, "iteration": iteration})
         if checking and (state["step"] % tc.eval_every == 0 or state["step"] == steps):
-            stop = heldout_check(accelerator, model, tokenizer, heldout, cfg, state, ckpt_dir)
+            stop = heldout_check(strategy, model, tokenizer, heldout, cfg, state, ckpt_dir)
             if track:
                 track("train/check", state["step"], {c["metric"]: c["value"] for c in state["checks"][-1:]})
         fault_point("train-step")
         if tc.checkpoint_every and state["step"] % tc.checkpoint_every == 0 and state["step"] < steps and not stop:
-            if accelerator.is_main_process:
-                checkpoint.save(ckpt_dir, state["step"], accelerator.unwrap_model(model), optimizer, scheduler,
-                                state)
-            accelerator.wait_for_everyone()
-    accelerator.wait_for_everyone()
-    final = accelerator.unwrap_model(model)
-    if checking and state["checks"]:
-        load_model(final, str(ckpt_dir / "best" / "model.safetensors"))
+            strategy.save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state)
+    strategy.barrier()
     history = state["history"]
     result = {"steps": state["step"], "planned_steps": steps, "examples": state.get("examples"), "pairs": len(items),
               "dead_pairs": dead,
               "objective": cfg.spin.objective, "learning_rate": lr, "beta": beta, "skipped_steps": state["skipped"], "checks": state["checks"],
               "best_check": _best(state["checks"]), "unlearning_warnings": state["warnings"], "history": history,
               "final": history[-1] if history else {}}
-    if accelerator.is_main_process:
-        merged(final).save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+    best = ckpt_dir / "best" / "model.safetensors" if checking and state["checks"] else None
+    strategy.save_model(model, tokenizer, out, weights=best)
+    if strategy.is_main:
         write_json(out / "spinlm_train.json", {"iteration": iteration, **result})
     return result
 
 
-def train_step(accelerator, model, optimizer, scheduler, micro: list[list[dict]], n_pairs: int, pad: int,
+def train_step(strategy, model, optimizer, scheduler, micro: list[list[dict]], n_pairs: int, pad: int,
                budget: int | None, beta: float, cfg: Config, state: dict, iteration: int, ckpt_dir: Path) -> dict:
     """One optimizer step over this process's micro-batches; the loss is the mean over the step's
     `n_pairs` pairs of all processes. Guards non-finite values; applies the grad-norm skip policy."""
-    tc, world = cfg.train, accelerator.num_processes
+    tc, world = cfg.train, strategy.world
     metrics, count = {}, 0
     parts = [part for batch in micro for part in _rows(batch, budget, cfg.packing.backward_per_row)]
-    for j, part in enumerate(parts):
-        sync = contextlib.nullcontext() if j == len(parts) - 1 else accelerator.no_sync(model)
-        with sync:  # gradients of all parts add up; DDP all-reduces once, after the last
+    forwards = strategy.forwards(len(parts))  # fsdp: as many on every process; the extra ones count 0
+    for j in range(forwards):
+        part, weight = (parts[j], 1.0) if j < len(parts) else (parts[-1], 0.0)
+        with strategy.sync(model, last=j == forwards - 1):  # gradients of all parts add up, synced after the last
             losses, per_pair = batch_losses(model, part, pad, budget, beta, cfg.spin.loss_type, cfg.spin.sft_weight,
                                             cfg.spin.objective, objective_param(cfg, iteration))
-            accelerator.backward(losses.sum() * world / n_pairs)
-        for key, value in per_pair.items():
-            metrics.setdefault(key, []).append(value)
-        count += len(part)
-    metrics = _mean_over_processes(accelerator, metrics, count)
+            strategy.backward(losses.sum() * (weight * world / n_pairs))
+        if weight:
+            for key, value in per_pair.items():
+                metrics.setdefault(key, []).append(value)
+            count += len(part)
+    metrics = _mean_over_processes(strategy, metrics, count)
     _guard(torch.tensor(metrics["loss"]), "loss", state["step"] + 1, iteration, ckpt_dir)
-    norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
+    norm = strategy.clip_grad_norm(model, tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
     metrics["grad_norm"] = float(norm)
     _guard(norm, "gradient norm", state["step"] + 1, iteration, ckpt_dir)
     if tc.skip_grad_norm_above and metrics["grad_norm"] > tc.skip_grad_norm_above:
@@ -273,29 +268,32 @@ def _rows(batch: list[dict], budget: int | None, per_row: bool) -> list[list[dic
     return [[batch[i] for i in row] for row in pack([(b["prompt"], responses(b)) for b in batch], budget)]
 
 
-def heldout_check(accelerator, model, tokenizer, heldout: list[Example], cfg: Config, state: dict,
+def heldout_check(strategy, model, tokenizer, heldout: list[Example], cfg: Config, state: dict,
                   ckpt_dir: Path) -> bool:
     """Score the held-out metric now; keep the weights if they are the best of the iteration.
     Returns True when train.patience checks in a row brought no improvement."""
-    name, value = heldout_metric(accelerator.unwrap_model(model), tokenizer, heldout, cfg)
+    name, value = heldout_metric(strategy.unwrap(model), tokenizer, heldout, cfg,
+                                 sharded=strategy.name == "fsdp")
     checks = state["checks"]
     checks.append({"step": state["step"], "metric": name, "value": value})
     best = _best(checks)  # ties go to the earlier check: only a strict improvement is better
     if best is checks[-1]:
-        if accelerator.is_main_process:
-            keep = ckpt_dir / "best"
+        keep = ckpt_dir / "best"
+        if strategy.is_main:
             keep.mkdir(parents=True, exist_ok=True)
-            save_model(accelerator.unwrap_model(model), str(keep / "model.tmp"))
+        strategy.save_weights(model, keep / "model.tmp")
+        if strategy.is_main:
             os.replace(keep / "model.tmp", keep / "model.safetensors")
-        accelerator.wait_for_everyone()
+        strategy.barrier()
     log.info("step %d: held-out %s %.4f%s", state["step"], name, value, " (best so far)" if best is checks[-1] else "")
     stale = len(checks) - 1 - checks.index(best)  # checks since the best one
     return bool(cfg.train.patience) and stale >= cfg.train.patience
 
 
-def heldout_metric(model, tokenizer, examples: list[Example], cfg: Config) -> tuple[str, float]:
+def heldout_metric(model, tokenizer, examples: list[Example], cfg: Config, sharded: bool = False) -> tuple[str, float]:
     """Task accuracy (greedy, with eval.checker) if there is a checker, else NLL per token of the real
-    responses: the metric in-iteration checks and best-model selection use."""
+    responses: the metric in-iteration checks and best-model selection use. A `sharded` (FSDP) model
+    is checked by every process on every example together (no whole copy on one device)."""
     from .evaluate import greedy_metrics, load_checker
     from .sft import encode_real, heldout_nll
 
@@ -303,7 +301,7 @@ def heldout_metric(model, tokenizer, examples: list[Example], cfg: Config) -> tu
     model.eval()
     checker = load_checker(cfg.eval.checker)
     if checker:
-        result = ("accuracy", greedy_metrics(model, tokenizer, examples, cfg, checker, None)["accuracy"])
+        result = ("accuracy", greedy_metrics(model, tokenizer, examples, cfg, checker, None, sharded)["accuracy"])
     else:
         groups = encode_real(tokenizer, examples, limits(cfg))
         result = ("nll_per_token", heldout_nll(model, groups, tokenizer.pad_token_id, None, cfg.eval.batch_size))
@@ -330,12 +328,12 @@ def _warn_if_unlearning(row: dict, margin: float, iteration: int, state: dict, s
                         "train.eval_every to keep the best weights", iteration, row["step"], -drop, margin)
 
 
-def _mean_over_processes(accelerator, metrics: dict[str, list[torch.Tensor]], count: int) -> dict[str, float]:
+def _mean_over_processes(strategy, metrics: dict[str, list[torch.Tensor]], count: int) -> dict[str, float]:
     """Per-pair metrics of this step averaged over every pair of every process."""
     keys = sorted(metrics)
     sums = torch.stack([torch.cat(metrics[k]).sum() for k in keys] + [torch.tensor(float(count))])
-    if accelerator.num_processes > 1:
-        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    if strategy.world > 1:
+        sums = strategy.sum(sums)
     return {k: (sums[j] / sums[-1]).item() for j, k in enumerate(keys)}
 
 

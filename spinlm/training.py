@@ -1,30 +1,21 @@
-"""Pieces shared by the SFT and SPIN training loops: accelerator, optimizer, schedule, batch order."""
+"""Pieces shared by the SFT and SPIN training loops: model, optimizer, schedule, batch order
+(how the model is spread over processes: spinlm.strategy)."""
 
 from __future__ import annotations
 
 import logging
 
 import torch
-from accelerate import Accelerator
 
 from .lora import add_adapter
 from .modeling import load_model
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    """auto: bf16 autocast on a GPU that supports it (fp32 master weights), fp32 elsewhere.
-    Gradient accumulation is done by the training loops themselves (no_sync per micro-batch)."""
-    if mixed_precision == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        mixed_precision = "bf16" if cuda_bf16 else "no"
-    # cpu=True on CPU-only machines, or torchrun's processes do not join one gloo group
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
-
-
-def load_trainable(model_path: str, model_cfg, accelerator: Accelerator, checkpointing: bool, peft_cfg=None):
-    """fp32 weights: updates of lr ~1e-7 vanish in bf16 weights, so autocast carries the speed.
-    With `peft_cfg.enabled`, a LoRA adapter is added and only its weights train."""
-    model = load_model(model_path, model_cfg, dtype=torch.float32, dev=accelerator.device)
+def load_trainable(model_path: str, model_cfg, dev: torch.device, checkpointing: bool, peft_cfg=None):
+    """fp32 weights on `dev`: updates of lr ~1e-7 vanish in bf16 weights, so autocast (or FSDP's
+    bf16 compute) carries the speed. With `peft_cfg.enabled`, a LoRA adapter is added and only its
+    weights train."""
+    model = load_model(model_path, model_cfg, dtype=torch.float32, dev=dev)
     if checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -77,12 +68,12 @@ def epoch_steps(n: int, batch_size: int, accumulation: int, world: int, rank: in
     return steps
 
 
-def linear_schedule(optimizer, accelerator: Accelerator, steps: int, warmup_ratio: float):
+def linear_schedule(optimizer, steps: int, warmup_ratio: float, factor: int = 1):
     """Linear warm-up then linear decay to 0, counted in optimizer steps of this process.
 
-    A prepared scheduler steps once per process per optimizer step, hence the factor.
+    `factor`: scheduler steps per optimizer step (an accelerate-prepared scheduler steps once per
+    process: the strategy's schedule_factor).
     """
     from transformers import get_linear_schedule_with_warmup
 
-    n = accelerator.num_processes
-    return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * steps) * n, steps * n)
+    return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * steps) * factor, steps * factor)

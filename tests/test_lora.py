@@ -90,9 +90,9 @@ def test_only_adapted_layers_change(lora_run, tiny_model):
 
 
 def _trainable(path: Path, cfg: Config):
-    from spinlm.training import load_trainable, make_accelerator
+    from spinlm.training import load_trainable
 
-    return load_trainable(str(path), cfg.model, make_accelerator("no"), False, cfg.peft)
+    return load_trainable(str(path), cfg.model, torch.device("cpu"), False, cfg.peft)
 
 
 def _peft_cfg(**peft) -> Config:
@@ -134,13 +134,13 @@ def _step(model, tokenizer, optimizer) -> None:
 
 def test_checkpoint_round_trip_saves_the_adapter_only(tiny_model, tmp_path):
     from spinlm.modeling import load_tokenizer
-    from spinlm.training import linear_schedule, make_accelerator, make_optimizer
+    from spinlm.training import linear_schedule, make_optimizer
 
     cfg = _peft_cfg()
     tokenizer = load_tokenizer(str(tiny_model), cfg.model)
     model = _trainable(tiny_model, cfg)
     optimizer = make_optimizer("adamw", model, 1e-2, 0.0)
-    scheduler = linear_schedule(optimizer, make_accelerator("no"), 10, 0.0)
+    scheduler = linear_schedule(optimizer, 10, 0.0)
     _step(model, tokenizer, optimizer)
     scheduler.step()
     path = checkpoint.save(tmp_path / "ckpt", 1, model, optimizer, scheduler, {"step": 1})
@@ -150,7 +150,7 @@ def test_checkpoint_round_trip_saves_the_adapter_only(tiny_model, tmp_path):
     torch.manual_seed(123)  # a different random A: the load must overwrite it
     fresh = _trainable(tiny_model, cfg)
     fresh_optimizer = make_optimizer("adamw", fresh, 1e-2, 0.0)
-    fresh_scheduler = linear_schedule(fresh_optimizer, make_accelerator("no"), 10, 0.0)
+    fresh_scheduler = linear_schedule(fresh_optimizer, 10, 0.0)
     assert checkpoint.load(path, fresh, fresh_optimizer, fresh_scheduler) == {"step": 1}
     want, got = model.state_dict(), fresh.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
@@ -168,16 +168,16 @@ def test_checkpoint_round_trip_saves_the_adapter_only(tiny_model, tmp_path):
 
 
 def test_full_checkpoint_is_refused_for_an_adapter(tiny_model, tmp_path):
-    from spinlm.training import linear_schedule, make_accelerator, make_optimizer
+    from spinlm.training import linear_schedule, make_optimizer
 
     full = _trainable(tiny_model, Config())
     optimizer = make_optimizer("adamw", full, 1e-3, 0.0)
     path = checkpoint.save(tmp_path / "ckpt", 2, full, optimizer,
-                           linear_schedule(optimizer, make_accelerator("no"), 4, 0.0), {})
+                           linear_schedule(optimizer, 4, 0.0), {})
     adapted = _trainable(tiny_model, _peft_cfg())
     optimizer = make_optimizer("adamw", adapted, 1e-3, 0.0)
     with pytest.raises(UserError, match="peft.enabled changed"):
-        checkpoint.load(path, adapted, optimizer, linear_schedule(optimizer, make_accelerator("no"), 4, 0.0))
+        checkpoint.load(path, adapted, optimizer, linear_schedule(optimizer, 4, 0.0))
 
 
 def test_interrupted_lora_train_resumes_to_the_same_weights(lora_run, tiny_model, tmp_path, monkeypatch):

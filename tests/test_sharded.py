@@ -1,0 +1,179 @@
+"""train.strategy fsdp (FSDP2) under `torchrun --nproc_per_node 2` (gloo, CPU, fp32) against one process.
+
+Each run is a real `python -m torch.distributed.run --standalone --nproc_per_node 2 -m spinlm ...`
+with one thread per process, on the 2-layer tiny Llama:
+- a SPIN iteration (`spinlm run`: generate, score, train with in-iteration checks on the sharded
+  model and sharded checkpoints) with 4 pairs per process per step ends with the weights of one
+  process taking 8 (the same global batch), up to the order of the gradient sums: measured
+  max |difference| 3.1e-6, ||difference|| / ||weights|| 4.1e-7; the saved model is a plain
+  transformers directory that `from_pretrained` loads;
+- a sharded `spinlm train` killed (SIGKILL) between two checkpoints and again inside a checkpoint
+  write resumes to the uninterrupted sharded run's weights bit for bit (run.deterministic); its
+  checkpoints hold one shard file per process and no whole copy of the weights;
+- `spinlm sft` runs sharded (best model kept on held-out NLL) and equals DDP on the same 2 processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from spinlm.cli import main
+from spinlm.io import read_jsonl
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "spinlm"]
+COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]
+
+
+def _env(fault: str | None = None) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("SPINLM_FAULT", None)
+    if fault:
+        env["SPINLM_FAULT"] = fault
+    return env
+
+
+def _spinlm(args: list[str], two: bool, fault: str | None = None) -> subprocess.CompletedProcess:
+    launcher = TORCHRUN if two else [sys.executable, "-m", "spinlm"]
+    return subprocess.run(launcher + args, env=_env(fault), capture_output=True, text=True, timeout=600)
+
+
+def _distance(a: Path, b: Path) -> tuple[float, float]:
+    """(max |a - b| over all weights, ||a - b|| / ||a||) of two saved models."""
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert sorted(wa) == sorted(wb)
+    largest = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    apart = sum(((wa[k] - wb[k]) ** 2).sum() for k in wa) ** 0.5
+    return largest, float(apart / sum((wa[k] ** 2).sum() for k in wa) ** 0.5)
+
+
+def _run_config(path: Path, tiny_model: Path, task_data: dict, run_dir: Path, batch: int, strategy: str) -> Path:
+    cfg = {
+        "run": {"dir": str(run_dir), "progress": False, "seed": 11},
+        "model": {"name_or_path": str(tiny_model)},
+        "data": {"train": str(task_data["train"]), "max_train_rows": 32, "val_size": 8, "max_prompt_length": 64,
+                 "max_length": 128},
+        "generation": {"max_new_tokens": 10, "batch_size": 4},
+        "spin": {"iterations": 1, "mix_window": 1, "beta": 0.1},
+        "train": {"learning_rate": 1e-3, "epochs": 1, "batch_size": batch, "checkpoint_every": 2, "eval_every": 2,
+                  "strategy": strategy},
+        "eval": {"enabled": False, "checker": "spinlm.demo.task:check_example", "batch_size": 4},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one(tiny_model, task_data, tmp_path):
+    one = _run_config(tmp_path / "one.yaml", tiny_model, task_data, tmp_path / "one", batch=8, strategy="ddp")
+    two = _run_config(tmp_path / "two.yaml", tiny_model, task_data, tmp_path / "two", batch=4, strategy="fsdp")
+    single = _spinlm(["run", str(one)], two=False)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = _spinlm(["run", str(two)], two=True)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+
+    a, b = tmp_path / "one" / "iteration-0", tmp_path / "two" / "iteration-0"
+    assert read_jsonl(a / "generations.jsonl") == read_jsonl(b / "generations.jsonl")
+    ta, tb = (json.loads((d / "model" / "spinlm_train.json").read_text()) for d in (a, b))
+    assert ta["steps"] == tb["steps"] == 3 and len(tb["checks"]) == 2  # checks at steps 2 and 3, on the sharded model
+    assert [c["value"] for c in ta["checks"]] == [c["value"] for c in tb["checks"]]
+    largest, relative = _distance(a / "model", b / "model")
+    moved = _distance(a / "model", tiny_model)[0]
+    assert moved > 1e-3, "training moved the weights"
+    assert largest < 1e-5 and relative < 1e-5, f"fsdp x2 vs 1 process: max |diff| {largest:.3g}, relative {relative:.3g}"
+    assert not list(b.glob("*.checkpoints")), "checkpoints are removed once the stage is done"
+
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(b / "model")  # a plain transformers directory
+    saved = load_file(str(b / "model" / "model.safetensors"))
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in saved.items())
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+@pytest.mark.slow
+def test_fsdp_killed_training_resumes_to_identical_weights(tiny_model, pairs, tmp_path):
+    """Killed after step 3 (a checkpoint at step 2), then inside the step-4 checkpoint's write
+    (after every process wrote its shard), then finished: the uninterrupted run's weights."""
+    args = ["--pairs", str(pairs), "--model", str(tiny_model), "--train.strategy=fsdp", "--train.batch_size=4",
+            "--train.learning_rate=1e-3", "--train.epochs=1", "--train.checkpoint_every=2",
+            "--run.deterministic=true", *COMMON]
+    straight = _spinlm(["train", "--out", str(tmp_path / "straight"), *args], two=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out, ckpts = tmp_path / "resumed", tmp_path / "resumed.tmp.checkpoints"
+    first = _spinlm(["train", "--out", str(out), *args], two=True, fault="train-step:3")
+    assert first.returncode != 0 and [p.name for p in ckpts.iterdir()] == ["step-000002"], first.stderr[-3000:]
+    step2 = ckpts / "step-000002"
+    assert sorted(p.name for p in step2.iterdir()) == ["complete", "rng-rank0.safetensors", "rng-rank1.safetensors",
+                                                        "sharded", "state.json"]
+    shards = sorted(p.name for p in (step2 / "sharded").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards  # one file per process, no whole model
+    second = _spinlm(["train", "--out", str(out), *args], two=True, fault="checkpoint-write:1")
+    assert second.returncode != 0 and sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004.tmp"]
+    assert "resumed sharded training from" in second.stderr
+    final = _spinlm(["train", "--out", str(out), *args], two=True)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+    strip = lambda d: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")}
+                       for r in json.loads((d / "spinlm_train.json").read_text())["history"]]
+    assert strip(out) == strip(tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_fsdp_sft_matches_ddp(tiny_model, task_data, tmp_path):
+    """`spinlm sft` sharded (held-out checks on the sharded model, the best model kept) equals DDP with
+    the same 2 processes. (Not one process: an SFT step's loss is each process's token mean, averaged.)"""
+    args = ["sft", "--model", str(tiny_model), "--data", str(task_data["train"]), "--eval-data",
+            str(task_data["val"]), "--sft.epochs=2", "--sft.batch_size=8", "--sft.learning_rate=1e-3",
+            "--train.checkpoint_every=2", *COMMON]
+    for strategy in ("ddp", "fsdp"):
+        done = _spinlm([*args, "--out", str(tmp_path / strategy), f"--train.strategy={strategy}"], two=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ha, hb = (json.loads((tmp_path / d / "spinlm_sft.json").read_text())["history"] for d in ("ddp", "fsdp"))
+    assert len(ha) == len(hb) == 2
+    assert all(abs(x["heldout_nll"] - y["heldout_nll"]) < 1e-5 for x, y in zip(ha, hb)), (ha, hb)
+    largest, relative = _distance(tmp_path / "ddp", tmp_path / "fsdp")
+    assert largest < 1e-5 and relative < 1e-5, f"sft fsdp vs ddp: max |diff| {largest:.3g}, relative {relative:.3g}"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train.strategy=zero3"], "train.strategy zero3 (DeepSpeed ZeRO-3) is not implemented yet"),
+    (["--train.strategy=fsdp", "--peft.enabled=true"], "peft.enabled with train.strategy fsdp is not supported yet"),
+    (["--train.strategy=fsdp", "--train.mixed_precision=fp16"], "fp16 with train.strategy fsdp is not supported"),
+    (["--train.fsdp_cpu_offload=true"], "train.fsdp_cpu_offload applies to train.strategy fsdp only"),
+])
+def test_unsupported_strategy_settings_are_refused(tiny_model, pairs, tmp_path, capsys, flags, message):
+    code = main(["train", "--model", str(tiny_model), "--pairs", str(pairs), "--out", str(tmp_path / "m"), *flags,
+                 *COMMON])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_dpo_matches_one_process(tiny_model, task_data, tmp_path):
+    """`spinlm dpo` (scoring, then the shared training loop) sharded, 2 pairs per process per step,
+    equals one process taking 4."""
+    rows = read_jsonl(task_data["train"])[:12]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["response"],
+                                         "rejected": rows[(i + 1) % 12]["response"]}) + "\n"
+                             for i, r in enumerate(rows)))
+    args = ["dpo", "--model", str(tiny_model), "--data", str(prefs), "--train.epochs=1", "--train.optimizer=adamw",
+            "--train.learning_rate=1e-3", "--spin.beta=0.5", "--train.checkpoint_every=2", *COMMON]
+    single = _spinlm([*args, "--out", str(tmp_path / "one"), "--train.batch_size=4"], two=False)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = _spinlm([*args, "--out", str(tmp_path / "two"), "--train.batch_size=2", "--train.strategy=fsdp"],
+                      two=True)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "spinlm_train.json").read_text())["steps"] == 3
+    largest, relative = _distance(tmp_path / "one", tmp_path / "two")
+    assert largest < 1e-5 and relative < 1e-5, f"dpo fsdp x2 vs 1 process: max |diff| {largest:.3g}, relative {relative:.3g}"
