@@ -151,7 +151,7 @@ class TrainConfig:
     strategy: str = _f("ddp", "How training (SFT, SPIN, DPO) spreads over the processes of `torchrun ... -m spinlm`: "
                        "ddp (each holds the whole model, gradients and optimizer state) or fsdp (FSDP2: each holds "
                        "1/N of them, weights gathered a layer at a time; bf16 compute on a GPU with "
-                       "mixed_precision auto/bf16); zero3 is planned. README 'Scaling out' has the memory sums.")
+                       "mixed_precision auto/bf16); zero3 (DeepSpeed) is planned. README 'Scaling out' has the memory sums.")
     fsdp_cpu_offload: bool = _f(False, "strategy fsdp: keep the sharded weights, gradients and optimizer state in CPU "
                                 "memory (the optimizer steps on the CPU): for a model that does not fit otherwise, "
                                 "at the cost of speed.")
@@ -258,8 +258,10 @@ CHOICES = {
     ("spin", "objective"): ("spin", "space", "sppo_hard", "tspin"),
     ("train", "optimizer"): ("rmsprop", "adamw"),
     ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
-    ("train", "strategy"): ("ddp", "fsdp", "zero3"),
+    ("train", "strategy"): ("ddp", "fsdp"),
 }
+PLANNED = {("train", "strategy", "zero3"): "DeepSpeed ZeRO-3 is not implemented yet; use fsdp (sharded weights, "
+                                           "gradients and optimizer state) or ddp"}
 
 
 def _nearest(name: str, options: list[str], prefix: str = "") -> str:
@@ -443,7 +445,9 @@ def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
-            problems.append(f"{section}.{key} must be one of {', '.join(choices)}; got {value!r}")
+            planned = PLANNED.get((section, key, value))
+            problems.append(f"{section}.{key} must be one of {', '.join(choices)}; got {value!r}"
+                            + (f" ({planned})" if planned else ""))
     if "model" in need and not cfg.model.name_or_path:
         problems.append("model.name_or_path is required (a local model directory or a Hub id)")
     if "data" in need and not cfg.data.train:
@@ -527,9 +531,6 @@ def _server_problems(g: GenerationConfig) -> list[str]:
 def _strategy_problems(cfg: Config) -> list[str]:
     """Combinations train.strategy does not support (yet)."""
     tc, problems = cfg.train, []
-    if tc.strategy == "zero3":
-        problems.append("train.strategy zero3 (DeepSpeed ZeRO-3) is not implemented yet; use fsdp (sharded "
-                        "weights, gradients and optimizer state) or ddp")
     if tc.fsdp_cpu_offload and tc.strategy != "fsdp":
         problems.append(f"train.fsdp_cpu_offload applies to train.strategy fsdp only; got train.strategy {tc.strategy}")
     if tc.strategy != "fsdp":

@@ -147,10 +147,10 @@ class FSDP:
         """fully_shard on each decoder layer, then the root (embeddings, final norm, output head)."""
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        dtype = torch.bfloat16 if self.bf16 else torch.float32
-        options = dict(mesh=self._group(), mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
-                       offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.cpu_offload
-                       else OffloadPolicy())
+        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+                                         reduce_dtype=torch.float32)
+        offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.cpu_offload else OffloadPolicy()
+        options = dict(mesh=self._group(), mp_policy=precision, offload_policy=offload)
         self.aliases = _aliases(model)
         for layer in _decoder_layers(model):
             fully_shard(layer, **options)

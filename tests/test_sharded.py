@@ -11,6 +11,7 @@ with one thread per process, on the 2-layer tiny Llama:
   write resumes to the uninterrupted sharded run's weights bit for bit (run.deterministic); its
   checkpoints hold one shard file per process and no whole copy of the weights;
 - `spinlm sft` runs sharded (best model kept on held-out NLL) and equals DDP on the same 2 processes.
+- `spinlm dpo` runs sharded and equals one process; fsdp without torchrun (a group of one) equals ddp.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def test_fsdp_two_processes_match_one(tiny_model, task_data, tmp_path):
     largest, relative = _distance(a / "model", b / "model")
     moved = _distance(a / "model", tiny_model)[0]
     assert moved > 1e-3, "training moved the weights"
-    assert largest < 1e-5 and relative < 1e-5, f"fsdp x2 vs 1 process: max |diff| {largest:.3g}, relative {relative:.3g}"
+    assert largest < 1e-5 and relative < 1e-5, \
+        f"fsdp x2 vs 1 process: max |diff| {largest:.3g}, relative {relative:.3g}"
     assert not list(b.glob("*.checkpoints")), "checkpoints are removed once the stage is done"
 
     from transformers import AutoModelForCausalLM
@@ -145,8 +147,19 @@ def test_fsdp_sft_matches_ddp(tiny_model, task_data, tmp_path):
     assert largest < 1e-5 and relative < 1e-5, f"sft fsdp vs ddp: max |diff| {largest:.3g}, relative {relative:.3g}"
 
 
+@pytest.mark.slow
+def test_fsdp_in_one_process_equals_ddp(tiny_model, pairs, tmp_path):
+    """Without torchrun, fsdp shards over a group of one process: the same weights as ddp, bit for bit."""
+    args = ["train", "--model", str(tiny_model), "--pairs", str(pairs), "--train.batch_size=8",
+            "--train.learning_rate=1e-3", "--train.epochs=1", *COMMON]
+    for strategy in ("ddp", "fsdp"):
+        done = _spinlm([*args, "--out", str(tmp_path / strategy), f"--train.strategy={strategy}"], two=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert _distance(tmp_path / "ddp", tmp_path / "fsdp") == (0.0, 0.0)
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--train.strategy=zero3"], "train.strategy zero3 (DeepSpeed ZeRO-3) is not implemented yet"),
+    (["--train.strategy=zero3"], "got 'zero3' (DeepSpeed ZeRO-3 is not implemented yet"),
     (["--train.strategy=fsdp", "--peft.enabled=true"], "peft.enabled with train.strategy fsdp is not supported yet"),
     (["--train.strategy=fsdp", "--train.mixed_precision=fp16"], "fp16 with train.strategy fsdp is not supported"),
     (["--train.fsdp_cpu_offload=true"], "train.fsdp_cpu_offload applies to train.strategy fsdp only"),
@@ -176,4 +189,5 @@ def test_fsdp_dpo_matches_one_process(tiny_model, task_data, tmp_path):
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "spinlm_train.json").read_text())["steps"] == 3
     largest, relative = _distance(tmp_path / "one", tmp_path / "two")
-    assert largest < 1e-5 and relative < 1e-5, f"dpo fsdp x2 vs 1 process: max |diff| {largest:.3g}, relative {relative:.3g}"
+    assert largest < 1e-5 and relative < 1e-5, \
+        f"dpo fsdp x2 vs 1 process: max |diff| {largest:.3g}, relative {relative:.3g}"
