@@ -145,7 +145,7 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
 def _sft_step(strategy, model, micro: list[list[Group]], pad: int, budget: int | None) -> torch.Tensor:
     """Forward and backward of one optimizer step's micro-batches: the loss is the mean NLL over all
     response tokens of the step (this process's), whatever the accumulation; DDP syncs once, after
-    the last micro-batch. Returns the step's loss (detached)."""
+    the last micro-batch (fsdp after each: spinlm.strategy). Returns the step's loss (detached)."""
     total_tokens = sum(len(r) for batch in micro for _, responses in batch for r in responses)
     loss = torch.zeros(())
     for j, batch in enumerate(micro):
