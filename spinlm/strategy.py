@@ -25,6 +25,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 
 from . import checkpoint
 from .lora import merged
@@ -132,10 +133,9 @@ class FSDP:
         self.schedule_factor = 1
         self.bf16 = resolve_mixed_precision(mixed_precision) == "bf16" and torch.cuda.is_available()
         self.cpu_offload = cpu_offload
+        self.aliases: set[str] = set()  # tied names, known once the model is sharded
 
     def _group(self):
-        import torch.distributed as torch_dist
-
         if not torch_dist.is_initialized():  # one process (no torchrun): a group of one
             torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                           store=torch_dist.HashStore(), rank=0, world_size=1)
@@ -172,9 +172,7 @@ class FSDP:
     def forwards(self, n: int) -> int:
         """Every process must run as many forwards (each one gathers the weights layer by layer):
         the most any process has."""
-        import torch.distributed as torch_dist
-
-        count = torch.tensor([n])
+        count = torch.tensor([n], device=self.device)  # NCCL reduces device tensors only
         torch_dist.all_reduce(count, op=torch_dist.ReduceOp.MAX)
         return int(count.item())
 
@@ -186,8 +184,6 @@ class FSDP:
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as torch_dist
-
         tensor = tensor.to(self.device)
         torch_dist.all_reduce(tensor)
         return tensor.cpu()

@@ -11,7 +11,8 @@ with one thread per process, on the 2-layer tiny Llama:
   write resumes to the uninterrupted sharded run's weights bit for bit (run.deterministic); its
   checkpoints hold one shard file per process and no whole copy of the weights;
 - `spinlm sft` runs sharded (best model kept on held-out NLL) and equals DDP on the same 2 processes.
-- `spinlm dpo` runs sharded and equals one process; fsdp without torchrun (a group of one) equals ddp.
+- `spinlm dpo` runs sharded and equals one process; so does `spinlm train` when the processes'
+  micro-batches pack into different numbers of rows; fsdp without torchrun (a group of one) equals ddp.
 """
 
 from __future__ import annotations
@@ -145,6 +146,37 @@ def test_fsdp_sft_matches_ddp(tiny_model, task_data, tmp_path):
     assert all(abs(x["heldout_nll"] - y["heldout_nll"]) < 1e-5 for x, y in zip(ha, hb)), (ha, hb)
     largest, relative = _distance(tmp_path / "ddp", tmp_path / "fsdp")
     assert largest < 1e-5 and relative < 1e-5, f"sft fsdp vs ddp: max |diff| {largest:.3g}, relative {relative:.3g}"
+
+
+def _uneven_budget(tiny_model: Path, pairs: Path) -> int:
+    """A packed-row budget at which the 2 processes' micro-batches of 4 pairs pack into different
+    numbers of rows in some step (so fsdp must run extra, zero-weighted forwards on one of them)."""
+    from spinlm.config import build
+    from spinlm.modeling import load_tokenizer
+    from spinlm.train import _rows, pair_items
+    from spinlm.training import epoch_steps
+
+    cfg = build(overrides=COMMON)
+    items = pair_items(load_tokenizer(str(tiny_model), cfg.model), read_jsonl(pairs), cfg)
+    rows = lambda budget, rank: [sum(len(_rows([items[i] for i in ids], budget, True)) for ids in micro)
+                                 for micro, _ in epoch_steps(len(items), 4, 1, 2, rank, cfg.run.seed, 0)]
+    return next(b for b in range(48, 256, 4) if rows(b, 0) != rows(b, 1))
+
+
+@pytest.mark.slow
+def test_fsdp_uneven_packed_rows_match_one_process(tiny_model, pairs, tmp_path):
+    """With packing.backward_per_row, the processes' micro-batches may pack into different numbers
+    of rows: fsdp pads the shorter one with zero-weighted forwards and still equals one process."""
+    args = ["train", "--model", str(tiny_model), "--pairs", str(pairs), "--train.learning_rate=1e-3",
+            "--train.epochs=1", f"--packing.max_tokens={_uneven_budget(tiny_model, pairs)}", *COMMON]
+    single = _spinlm([*args, "--out", str(tmp_path / "one"), "--train.batch_size=8"], two=False)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = _spinlm([*args, "--out", str(tmp_path / "two"), "--train.batch_size=4", "--train.strategy=fsdp"],
+                      two=True)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    largest, relative = _distance(tmp_path / "one", tmp_path / "two")
+    assert largest < 1e-5 and relative < 1e-5, \
+        f"uneven rows, fsdp x2 vs 1 process: max |diff| {largest:.3g}, relative {relative:.3g}"
 
 
 @pytest.mark.slow
