@@ -22,21 +22,46 @@ gathered to rank 0's CPU memory, and rank 0 writes); fsdp checkpoints are sharde
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 
 from . import checkpoint
+from .errors import UserError
 from .lora import merged
 from .modeling import save as save_pretrained
 
 
 def make_strategy(train_cfg):
-    """The strategy train.strategy names (validated: ddp or fsdp)."""
+    """The strategy train.strategy names (validated: ddp or fsdp), checked against the launch."""
+    check_launch(train_cfg)
     if train_cfg.strategy == "fsdp":
         return FSDP(train_cfg.mixed_precision, train_cfg.fsdp_cpu_offload)
     return DDP(train_cfg.mixed_precision)
+
+
+def check_launch(train_cfg, env=None) -> None:
+    """`accelerate launch` with distributed_type FSDP sets ACCELERATE_USE_FSDP (and FSDP_* for its
+    fsdp_config) in every process. spinlm shards with train.strategy, not with accelerate's plugin, so
+    a launch that asks for FSDP must agree with the run's config: a mismatch is the user's to fix
+    (configs/accelerate/ has launch files that agree), never a silent DDP run or a doubly wrapped model."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true"):
+        return
+    launch = "accelerate launch with distributed_type FSDP"
+    if train_cfg.strategy != "fsdp":
+        raise UserError(f"{launch}, but train.strategy is {train_cfg.strategy}: spinlm shards only when the run's "
+                        "config says train.strategy: fsdp (set it, or launch with configs/accelerate/ddp.yaml)")
+    if env.get("FSDP_VERSION", "2") != "2":
+        raise UserError(f"{launch} and fsdp_version {env['FSDP_VERSION']}: spinlm shards with FSDP2 "
+                        "(fully_shard); set fsdp_version: 2 in the accelerate config")
+    offload = env.get("FSDP_OFFLOAD_PARAMS", "false").lower() in ("1", "true")
+    if offload != bool(train_cfg.fsdp_cpu_offload):
+        raise UserError(f"{launch} and fsdp_offload_params {str(offload).lower()}, but train.fsdp_cpu_offload is "
+                        f"{str(bool(train_cfg.fsdp_cpu_offload)).lower()}: set both the same (spinlm reads "
+                        "train.fsdp_cpu_offload)")
 
 
 def resolve_mixed_precision(name: str) -> str:
