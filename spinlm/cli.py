@@ -48,8 +48,12 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = add("run", "Run (or resume) the SPIN loop: generate -> score -> train -> evaluate, T iterations.", True)
     sp.add_argument("--force", action="store_true", help="Resume even if result-affecting settings changed.")
-    add("validate", "Check a run's config, model, tokenizer, every data row, lengths and disk space; "
-        "print the token estimates per iteration. `spinlm run` does the same checks first.", True)
+    sp = add("validate", "Check a run's config, model, tokenizer, every data row, lengths, disk space and memory "
+             "per device; print the token and memory estimates. `spinlm run` does the same checks first.", True)
+    sp.add_argument("--world-size", type=int, default=None, metavar="N",
+                    help="Plan the memory for N processes (default: this launch's, 1 without torchrun).")
+    sp.add_argument("--device-gib", type=float, default=None, metavar="GIB",
+                    help="Plan the memory for devices of GIB GiB (default: this machine's GPU; none on a CPU).")
     sp = sub.add_parser("demo", help="Build a tiny model and task locally, SFT it, run 3 SPIN iterations on CPU.",
                         description="The embedded CPU demo (no network).", epilog=_epilog(),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,7 +222,7 @@ def dispatch(args, overrides: list[str]) -> None:
 
         cfg = config_mod.build(args.config, overrides)
         config_mod.validate(cfg)
-        print(report(check(cfg)))
+        print(report(check(cfg, world=args.world_size, device_gib=args.device_gib)))
     elif args.command == "demo":
         from .demo.run import demo
 

@@ -44,6 +44,9 @@ class RunConfig:
                                  "the run fails. It must cover the longest wait: the other processes wait while rank "
                                  "0 alone feeds a generation server (generation.backend: server) or runs the one vLLM "
                                  "engine of generation.vllm_layout: tensor (torch's default: 30, NCCL's: 10).")
+    check_memory: bool = _f(True, "Before a run, estimate the memory per device (README 'Scaling out' has the sums; "
+                            "`spinlm validate` prints it) and refuse a plan that does not fit the GPU; false skips "
+                            "the refusal (the estimate is approximate).")
     deterministic: bool = _f(False, "Use deterministic kernels only (torch.use_deterministic_algorithms): with it, "
                              "a run killed and resumed ends with the same weights as an uninterrupted one on CPU.")
 

@@ -24,7 +24,7 @@ log = logging.getLogger("spinlm")
 # Keys that cannot change results: a resumed run may differ in these.
 HARMLESS = {"run.progress", "run.progress_every_s", "run.log_every", "run.report_to", "train.checkpoint_every",
             "generation.concurrency", "generation.timeout_s", "generation.retries", "generation.server_start_timeout_s",
-            "generation.api_key_env"}
+            "generation.api_key_env", "run.check_memory", "run.dist_timeout_min"}
 
 
 class Stage:

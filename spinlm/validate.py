@@ -5,7 +5,8 @@
 row of every split (format, fields, types, UTF-8, empty texts, duplicates); token lengths
 against the limits, with what the length policy will do; the task checker; a generation
 server's reachability (backend server); the packages of run.report_to's trackers; the
-disk space the planned models and checkpoints need. Any problem is a UserError (exit code 2).
+disk space the planned models and checkpoints need; the memory per device (spinlm.memory), refused
+when it does not fit the GPU. Any problem is a UserError (exit code 2).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Checked:
     model: dict = field(default_factory=dict)  # parameters, weight bytes (local models)
     plan: list[dict] = field(default_factory=list)  # estimated tokens per iteration
     disk: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)  # per-device estimate (spinlm.memory); {} for Hub models
 
 
 def model_weights(path: str) -> dict:
@@ -178,8 +180,40 @@ def disk_need(cfg: Config, model: dict) -> dict:
     return {"free_bytes": free, "need_bytes": need}
 
 
-def check(cfg: Config) -> Checked:
-    """Run every check; return the examples (after the length policy) and the report."""
+def memory_plan(cfg: Config, model: dict, train: dict, world: int | None, device_gib: float | None) -> dict:
+    """The per-device memory estimate (spinlm.memory) for `world` processes (default: this launch's),
+    checked against `device_gib` (default: this process's GPU; none on a CPU). {} for Hub models."""
+    import torch
+
+    from . import dist, memory
+
+    if not model:
+        return {}
+    world = world or dist.world()
+    arch = memory.arch_of(cfg.model.name_or_path, model["parameters"], cfg.model.trust_remote_code)
+    if arch is None:
+        return {"lines": ["memory: unknown (config.json lacks hidden_size, num_hidden_layers, num_attention_heads "
+                          "or vocab_size)"]}
+    on_gpu = torch.cuda.is_available() or device_gib is not None
+    plan = memory.estimate(cfg, arch, world, memory.row_tokens(cfg, train["prompt_tokens_max"],
+                                                                 train["real_tokens_max"]), on_gpu)
+    if device_gib is not None:
+        device_bytes, device = int(device_gib * memory.GIB), f"the planned device ({device_gib:g} GiB)"
+    elif torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        device_bytes, device = props.total_memory, f"GPU {torch.cuda.current_device()} ({props.name})"
+    else:
+        device_bytes, device = None, "no GPU here"
+    plan["lines"] = memory.lines(plan, device_bytes, device)
+    if cfg.run.check_memory:
+        memory.check(plan, device_bytes, device)
+    return plan
+
+
+def check(cfg: Config, world: int | None = None, device_gib: float | None = None) -> Checked:
+    """Run every check; return the examples (after the length policy) and the report. `world` and
+    `device_gib` plan the memory for another launch than this one (`spinlm validate --world-size
+    --device-gib`)."""
     from .evaluate import load_checker
 
     if cfg.peft.enabled:
@@ -212,7 +246,8 @@ def check(cfg: Config) -> Checked:
     if d.eval:
         held, splits["eval"] = _split(cfg, tokenizer, d.eval, d.eval_split, d.max_eval_rows)
     log.info("data: %d train, %d validation, %d held-out examples", len(train), len(val), len(held))
-    return Checked(train, val, held, splits, model, plan(cfg, splits["train"]), disk_need(cfg, model))
+    return Checked(train, val, held, splits, model, plan(cfg, splits["train"]), disk_need(cfg, model),
+                   memory_plan(cfg, model, splits["train"], world, device_gib))
 
 
 def report(c: Checked) -> str:
@@ -230,6 +265,7 @@ def report(c: Checked) -> str:
     need = c.disk.get("need_bytes")
     lines.append(f"disk: {'unknown (Hub model)' if need is None else f'{need / 2**30:.2f} GiB'} needed, "
                  f"{c.disk['free_bytes'] / 2**30:.1f} GiB free")
+    lines.extend(c.memory.get("lines", ["memory: unknown (Hub model: no local config.json to size it from)"]))
     lines.append("estimated tokens per iteration (upper bounds: generated responses counted at max_new_tokens):")
     lines.append("  iteration | pairs | generate (prompt + new) | score | train")
     for p in c.plan:
