@@ -55,6 +55,7 @@ test: $(TEST_STAMP) $(VLLM_STAMP)
 bench: $(TEST_STAMP) $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.vllm_generation
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.strategies
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
