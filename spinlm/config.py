@@ -158,6 +158,11 @@ class TrainConfig:
     fsdp_cpu_offload: bool = _f(False, "strategy fsdp: keep the sharded weights, gradients and optimizer state in CPU "
                                 "memory (the optimizer steps on the CPU): for a model that does not fit otherwise, "
                                 "at the cost of speed.")
+    fsdp_inference: bool = _f(False, "strategy fsdp: the score and evaluate stages (and `spinlm score` / `evaluate`) "
+                              "shard the model over the processes too, so none holds it whole (for a model that "
+                              "does not fit one device; slower: every forward gathers each layer, and evaluation's "
+                              "greedy generation runs every example on every process). Generation is not sharded: "
+                              "use generation.backend server or vllm.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint (weights, optimizer, scheduler, data position, RNG) "
                                "every N optimizer steps; 0 = never (a killed iteration then starts over).")
@@ -536,6 +541,8 @@ def _strategy_problems(cfg: Config) -> list[str]:
     tc, problems = cfg.train, []
     if tc.fsdp_cpu_offload and tc.strategy != "fsdp":
         problems.append(f"train.fsdp_cpu_offload applies to train.strategy fsdp only; got train.strategy {tc.strategy}")
+    if tc.fsdp_inference and tc.strategy != "fsdp":
+        problems.append(f"train.fsdp_inference applies to train.strategy fsdp only; got train.strategy {tc.strategy}")
     if tc.strategy != "fsdp":
         return problems
     if cfg.peft.enabled:

@@ -28,8 +28,9 @@ from .generate import gather_rows, generate
 from .io import write_jsonl
 from .packing import prepare, score_groups
 from .loss import spin_rewards
-from .modeling import load_model, load_tokenizer
+from .modeling import load_tokenizer
 from .score import limits, pair_groups
+from .strategy import inference_model
 from .sft import encode_real, heldout_nll
 from .tokens import encode_prompt, is_dead
 
@@ -94,12 +95,12 @@ def evaluate(model_path: str, examples: list[Example], cfg: Config, pairs: list[
     """All held-out metrics of `model_path` as a flat dict."""
     checker = load_checker(cfg.eval.checker)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    model = load_model(model_path, cfg.model).eval()
+    model, fsdp = inference_model(model_path, cfg)  # sharded with train.fsdp_inference: all take every example
     groups = encode_real(tokenizer, examples, limits(cfg))
     budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
     metrics = {"model": str(model_path), "examples": len(examples),
                "nll_per_token": heldout_nll(model, groups, tokenizer.pad_token_id, budget, cfg.eval.batch_size)}
-    metrics.update(greedy_metrics(model, tokenizer, examples, cfg, checker, outputs))
+    metrics.update(greedy_metrics(model, tokenizer, examples, cfg, checker, outputs, sharded=fsdp is not None))
     if pairs:
         metrics.update(reward_metrics(model, tokenizer, pairs, cfg, beta if beta is not None else cfg.per_iteration("beta", 0)))
     log.info("evaluate %s: %s", model_path, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()

@@ -12,8 +12,9 @@ The sums are README "Scaling out"'s, per process:
   kept by sdpa / flash attention), doubled in fp32; with gradient checkpointing 2 x tokens x hidden
   per layer plus one layer's full set. The logits: tokens x vocab in fp32, three times (logits,
   log-softmax, their gradient).
-- generation and scoring (not sharded): the whole model in model.dtype, plus, for local generation,
-  the KV cache of one generation batch.
+- generation and scoring: the whole model in model.dtype, plus, for local generation, the KV cache
+  of one generation batch; with train.fsdp_inference (and generation on a server or vLLM engine,
+  whose memory is its own) scoring holds 1/N of the weights and one gathered layer.
 These are estimates, within tens of percent: the framework's own buffers, the allocator's
 fragmentation and temporary copies are not counted, so a plan must fit 92% of the device.
 """
@@ -93,11 +94,15 @@ def estimate(cfg, arch: Arch, world: int, row_tokens: int, on_gpu: bool) -> dict
         train["activations"] = per_layer * arch.layers
     train["logits"] = 3 * 4 * row_tokens * arch.vocab
     weight_bytes = 4 if not on_gpu or cfg.model.dtype == "float32" else 2
-    infer = {"weights": weight_bytes * p}
     g = cfg.generation
-    if g.backend == "local":
+    if g.backend == "local":  # generation holds the whole model, and the KV cache of one batch
         length = cfg.data.max_prompt_length + g.max_new_tokens
-        infer["kv cache"] = 2 * arch.layers * arch.kv_width * weight_bytes * g.batch_size * length
+        infer = {"weights": weight_bytes * p,
+                 "kv cache": 2 * arch.layers * arch.kv_width * weight_bytes * g.batch_size * length}
+    elif tc.strategy == "fsdp" and tc.fsdp_inference:  # scoring and evaluation sharded as in training
+        infer = {"weights": weight_bytes * p / world, "gathered layer": weight_bytes * p / arch.layers}
+    else:
+        infer = {"weights": weight_bytes * p}
     return {"train": train, "train_total": sum(train.values()), "infer": infer, "infer_total": sum(infer.values()),
             "host_per_process": host, "world": world, "row_tokens": row_tokens, "strategy": tc.strategy,
             "checkpointing": tc.gradient_checkpointing, "lora": lora, "optimizer": tc.optimizer}

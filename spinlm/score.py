@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from . import dist
 from .config import Config
 from .io import RowLog, fault_point, fingerprint, read_jsonl, scratch, write_jsonl
 from .progress import bar as progress_bar
-from .packing import prepare, score_groups
-from .modeling import load_model, load_tokenizer
+from .packing import prepare, response_logps, score_groups
+from .modeling import load_tokenizer
+from .strategy import inference_model
 from .tokens import Limits, encode_pair
 
 log = logging.getLogger("spinlm")
@@ -72,6 +75,18 @@ def triplet_rows(rows: list[dict], historical: Path, out: Path, sources: list[st
             "historical_from": str(historical), "reference_pass": False}
 
 
+@torch.no_grad()
+def synced_scores(model, fsdp, groups: list, filler, pad_id: int, budget: int | None, batch_size: int) -> list:
+    """score_groups on a sharded model: this process's `groups`, then forwards of `filler` (results
+    dropped) until it has run as many forwards as the process with the most."""
+    mine = -(-len(groups) // batch_size)  # score_groups' forwards: one per batch
+    most = fsdp.forwards(mine)  # agreed before any forward: a collective between two gathers would hang
+    scores = score_groups(model, groups, pad_id, budget, batch_size)
+    for _ in range(most - mine):
+        response_logps(model, [filler], pad_id, budget)
+    return scores
+
+
 def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: str = "score",
                sources: list[str] | None = None) -> dict:
     """Score generation-format rows (id, prompt, real, generated, finish) under `model_path`; write `out`.
@@ -84,7 +99,7 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
                     "and not trained on (first: id %s)", desc, len(empty), len(rows), empty[0]["id"])
         rows = [r for r in rows if r["generated"].strip()]
     tokenizer = load_tokenizer(model_path, cfg.model)
-    model = load_model(model_path, cfg.model).eval()
+    model, fsdp = inference_model(model_path, cfg)
     groups = pair_groups(tokenizer, rows, cfg)
     budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
     chunk = cfg.eval.batch_size * 16
@@ -93,7 +108,14 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
     with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
         for c, start in enumerate(range(0, len(groups), chunk)):
             idx = range(start, min(start + chunk, len(groups)))
-            if c % dist.world() == dist.rank() and not all(i in rowlog.done for i in idx):
+            if fsdp is not None:  # every process scores its rows of every chunk, as many forwards as the others
+                mine = [i for i in idx if i % fsdp.world == fsdp.rank and i not in rowlog.done]
+                scores = synced_scores(model, fsdp, [groups[i] for i in mine], groups[idx.start],
+                                       tokenizer.pad_token_id, budget, cfg.eval.batch_size)
+                if mine:
+                    rowlog.add([(i, {"real": real, "generated": gen}) for i, (real, gen) in zip(mine, scores)])
+                    fault_point("score-chunk")
+            elif c % dist.world() == dist.rank() and not all(i in rowlog.done for i in idx):
                 scores = score_groups(model, groups[idx.start:idx.stop], tokenizer.pad_token_id, budget,
                                       cfg.eval.batch_size)
                 rowlog.add([(i, {"real": real, "generated": gen}) for i, (real, gen) in zip(idx, scores)])

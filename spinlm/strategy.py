@@ -22,6 +22,7 @@ gathered to rank 0's CPU memory, and rank 0 writes); fsdp checkpoints are sharde
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from .errors import UserError
 from .lora import merged
 from .modeling import save as save_pretrained
 
+log = logging.getLogger("spinlm")
+
 
 def make_strategy(train_cfg):
     """The strategy train.strategy names (validated: ddp or fsdp), checked against the launch."""
@@ -40,6 +43,22 @@ def make_strategy(train_cfg):
     if train_cfg.strategy == "fsdp":
         return FSDP(train_cfg.mixed_precision, train_cfg.fsdp_cpu_offload)
     return DDP(train_cfg.mixed_precision)
+
+
+def inference_model(model_path: str, cfg):
+    """(model in eval mode, sharded?) for the score and evaluate stages: the whole model on this
+    process's device, or, with train.strategy fsdp and train.fsdp_inference, sharded over the
+    processes as in training (no process holds it whole; every forward gathers each layer)."""
+    from .modeling import load_model
+
+    if cfg.train.strategy == "fsdp" and cfg.train.fsdp_inference:
+        fsdp = FSDP(cfg.train.mixed_precision, cfg.train.fsdp_cpu_offload)
+        model = fsdp.shard(load_model(model_path, cfg.model, dev=torch.device("cpu"))).eval()
+        if fsdp.is_main:
+            log.info("%s: sharded over %d processes for scoring / evaluation (train.fsdp_inference)", model_path,
+                     fsdp.world)
+        return model, fsdp
+    return load_model(model_path, cfg.model).eval(), None
 
 
 def check_launch(train_cfg, env=None) -> None:

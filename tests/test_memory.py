@@ -47,6 +47,12 @@ def test_training_sums_by_hand():
                               row_tokens=ROW, on_gpu=True)
     assert offload["host_per_process"] == 12 * p / 8 and offload["train"]["weights"] == 0
 
+    scoring = memory.estimate(_cfg("--train.strategy=fsdp", "--train.fsdp_inference=true", "--generation.backend=vllm",
+                                   "--model.dtype=bfloat16"), SEVEN_B, world=8, row_tokens=ROW, on_gpu=True)
+    assert scoring["infer"] == {"weights": 2 * p / 8, "gathered layer": 2 * p / 32}
+    assert memory.estimate(_cfg("--generation.backend=vllm"), SEVEN_B, world=8, row_tokens=ROW,
+                           on_gpu=True)["infer"] == {"weights": 2 * p}  # vLLM's memory is its own
+
     cpu = memory.estimate(_cfg("--model.dtype=auto"), SEVEN_B, world=1, row_tokens=ROW, on_gpu=False)
     assert cpu["train"]["activations"] == 2 * 34 * ROW * 4096 * 32 and cpu["infer"]["weights"] == 4 * p  # fp32
 
