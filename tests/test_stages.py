@@ -76,8 +76,10 @@ def test_prompt_ids_identical_in_generate_score_and_train(tiny_model, task_data,
             return model
         return load
 
-    for module, stage in ((spinlm.generate, "generate"), (spinlm.score, "score"), (spinlm.training, "train")):
+    for module, stage in ((spinlm.generate, "generate"), (spinlm.training, "train")):
         monkeypatch.setattr(module, "load_model", instrumented(stage))
+    monkeypatch.setattr(spinlm.score, "inference_model",
+                        lambda path, cfg: (instrumented("score")(path, cfg.model).eval(), None))
     generate_file(str(tiny_model), examples, tmp_path / "gen.jsonl", cfg, 0)
     score_files(str(tiny_model), [tmp_path / "gen.jsonl"], tmp_path / "pairs.jsonl", cfg)
     train(str(tiny_model), tmp_path / "pairs.jsonl", tmp_path / "model", cfg, 0)
