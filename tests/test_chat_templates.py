@@ -116,9 +116,11 @@ def test_every_stage_sees_the_templates_tokens(name, splits, tmp_path, monkeypat
             return m
         return load
 
-    for module, stage in ((spinlm.generate, "generate"), (spinlm.score, "score"), (spinlm.training, "train"),
-                          (spinlm.evaluate, "evaluate")):
+    for module, stage in ((spinlm.generate, "generate"), (spinlm.training, "train")):
         monkeypatch.setattr(module, "load_model", instrumented(stage))
+    for module, stage in ((spinlm.score, "score"), (spinlm.evaluate, "evaluate")):  # their model: inference_model
+        monkeypatch.setattr(module, "inference_model",
+                            lambda path, cfg, stage=stage: (instrumented(stage)(path, cfg.model).eval(), None))
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(_config(model, data, tmp_path / "run")))
     assert main(["run", str(cfg_path)]) == 0
