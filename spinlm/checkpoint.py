@@ -10,6 +10,12 @@
                                            two files above
                     rng-rank{r}.safetensors  each process's RNG states
 
+    DIR/step-000040/deepspeed/             train.strategy zero3: DeepSpeed's own checkpoint
+                                           (`engine.save_checkpoint`: each process writes its
+                                           partition of the fp32 weights and optimizer state,
+                                           `zero_pp_rank_{r}_mp_rank_00_optim_states.pt`), plus
+                                           rng-rank{r}.safetensors, state.json and complete as above
+
 A new checkpoint is written to `step-N.tmp`, fsynced, renamed, and only then are older
 ones removed, so at every moment the newest complete checkpoint is intact. (accelerate's
 `save_state` pickles the optimizer and RNG states; these files hold nothing executable.)
@@ -151,12 +157,22 @@ def latest(directory: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _written_by(path: Path) -> str:
+    """The train.strategy that wrote checkpoint `path`."""
+    return "fsdp" if (path / "sharded").exists() else "zero3" if (path / "deepspeed").exists() else "ddp"
+
+
+def _check_strategy(path: Path, now: str) -> None:
+    then = _written_by(path)
+    if then != now:
+        raise UserError(f"{path}: this checkpoint was written under train.strategy {then} and the run now uses "
+                        f"{now}; set train.strategy back to {then}, or delete {path.parent} to start this training "
+                        "over")
+
+
 def load(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG states; return the trainer state."""
-    if (path / "sharded").exists():
-        raise UserError(f"{path}: this checkpoint was written under train.strategy fsdp (sharded) and the run now "
-                        f"uses ddp; set train.strategy back to fsdp, or delete {path.parent} to start this "
-                        "training over")
+    _check_strategy(path, "ddp")
     _load_weights(model, path / "model.safetensors")
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     tensors = load_file(str(path / "optimizer.safetensors"))
@@ -198,9 +214,7 @@ def load_sharded(path: Path, model, optimizer, scheduler) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    if not (path / "sharded").exists():
-        raise UserError(f"{path}: this checkpoint was written under train.strategy ddp and the run now uses fsdp; "
-                        f"set train.strategy back to ddp, or delete {path.parent} to start this training over")
+    _check_strategy(path, "fsdp")
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     model_state, optimizer_state = get_state_dict(model, optimizer)  # the shapes to read into
     loaded = {"model": model_state, "optimizer": optimizer_state}
@@ -211,5 +225,52 @@ def load_sharded(path: Path, model, optimizer, scheduler) -> dict:
     if rng.exists():  # not when the run resumes with more processes than wrote the checkpoint
         _set_rng(load_file(str(rng)))
     log.info("resumed sharded training from %s (optimizer step %d, written by %d processes)", path, state["step"],
+             state["world"])
+    return state["trainer"]
+
+
+def save_zero3(directory: Path, step: int, engine, scheduler, trainer_state: dict, strategy) -> Path:
+    """`save` for a DeepSpeed ZeRO-3 engine, on every process together: DeepSpeed's own
+    `save_checkpoint` (each process writes its partition of the fp32 weights and optimizer state;
+    the whole model is never gathered on one rank) into `step-N.tmp`, then each process's RNG
+    states; rank 0 completes the checkpoint (state.json, fsync, rename) as `save` does."""
+    final = directory / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if strategy.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    strategy.barrier()
+    engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+    save_file(_rng_tensors(), str(tmp / f"rng-rank{strategy.rank}.safetensors"))
+    fault_point("checkpoint-write")
+    strategy.barrier()
+    if strategy.is_main:
+        _complete(tmp, final, {"step": step, "strategy": "zero3", "world": strategy.world,
+                               "scheduler": scheduler.state_dict(), "trainer": trainer_state})
+    strategy.barrier()
+    return final
+
+
+def load_zero3(path: Path, engine, optimizer, scheduler) -> dict:
+    """`load` for a checkpoint written by save_zero3 (on every process together; the same number
+    of processes: DeepSpeed does not re-partition a ZeRO checkpoint)."""
+    import torch.distributed as torch_dist
+
+    _check_strategy(path, "zero3")
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    world = torch_dist.get_world_size()
+    if state["world"] != world:
+        raise UserError(f"{path}: this zero3 checkpoint was written by {state['world']} processes and the run now "
+                        f"has {world}; DeepSpeed resumes a ZeRO checkpoint with the same number of processes only: "
+                        f"run with --nproc_per_node {state['world']}, or delete {path.parent} to start this "
+                        "training over")
+    loaded, _ = engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+    if loaded is None:
+        raise UserError(f"{path}: DeepSpeed could not load this checkpoint; delete {path.parent} to start this "
+                        "training over")
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng(load_file(str(path / f"rng-rank{torch_dist.get_rank()}.safetensors")))
+    log.info("resumed zero3 training from %s (optimizer step %d, written by %d processes)", path, state["step"],
              state["world"])
     return state["trainer"]

@@ -13,10 +13,22 @@ micro-batch, backward, clip, sum over processes, save the model, save and load a
   weights, gradients and optimizer state and gathers one layer's weights at a time; on a GPU
   with bf16 (train.mixed_precision auto or bf16) the layers compute in bf16 and gradients are
   reduced in fp32. accelerate is not asked: it never selects FSDP on a CPU.
+- `zero3`: DeepSpeed ZeRO stage 3 (`pip install 'spinlm[deepspeed]'`) over the same group: each
+  process holds 1/world of the weights, gradients and optimizer state (fp32 partitions; on a GPU
+  with bf16 the model computes in bf16 over fp32 master partitions). spinlm's own optimizer
+  (RMSprop/AdamW) is DeepSpeed's client optimizer; spinlm's loop keeps owning gradient
+  accumulation (DeepSpeed's gradient_accumulation_steps is 1, `managed_gradient_accumulation`
+  off: every micro-batch's backward reduce-scatters and adds into the partitions, and one
+  `engine.step()` per optimizer step is the boundary); clipping to train.max_grad_norm happens
+  once, inside DeepSpeed's step (spinlm's clip call runs that step and reports its norm).
+  DeepSpeed is driven directly, not through accelerate (its DeepSpeed path runs the optimizer
+  step inside `backward`, before spinlm's guards, and its process state would clash with the one
+  spinlm already started).
 
-Saved models are plain transformers directories either way (under fsdp the full state dict is
-gathered to rank 0's CPU memory, and rank 0 writes); fsdp checkpoints are sharded
-(torch.distributed.checkpoint: one file per process, never the whole model on one rank).
+Saved models are plain transformers directories either way (under fsdp and zero3 the full fp32
+state dict is gathered to rank 0's CPU memory, and rank 0 writes); fsdp checkpoints are sharded
+(torch.distributed.checkpoint: one file per process, never the whole model on one rank); zero3
+checkpoints are DeepSpeed's own (`engine.save_checkpoint`: one optimizer-state file per process).
 """
 
 from __future__ import annotations
@@ -38,10 +50,12 @@ log = logging.getLogger("spinlm")
 
 
 def make_strategy(train_cfg):
-    """The strategy train.strategy names (validated: ddp or fsdp), checked against the launch."""
+    """The strategy train.strategy names (validated: ddp, fsdp or zero3), checked against the launch."""
     check_launch(train_cfg)
     if train_cfg.strategy == "fsdp":
         return FSDP(train_cfg.mixed_precision, train_cfg.fsdp_cpu_offload)
+    if train_cfg.strategy == "zero3":
+        return ZeRO3(train_cfg.mixed_precision, train_cfg.max_grad_norm, train_cfg.batch_size)
     return DDP(train_cfg.mixed_precision)
 
 
@@ -95,6 +109,7 @@ class DDP:
     autocast on a GPU that supports it (fp32 master weights)."""
 
     name = "ddp"
+    sharded = False  # every process holds the whole model: each runs its own forwards
 
     def __init__(self, mixed_precision: str):
         from accelerate import Accelerator
@@ -165,6 +180,7 @@ class FSDP:
     """FSDP2 over every process of the torchrun group (see the module docstring)."""
 
     name = "fsdp"
+    sharded = True  # every forward gathers weights from all processes: they run the same forwards together
 
     def __init__(self, mixed_precision: str, cpu_offload: bool):
         from . import dist
@@ -180,9 +196,7 @@ class FSDP:
         self.aliases: set[str] = set()  # tied names, known once the model is sharded
 
     def _group(self):
-        if not torch_dist.is_initialized():  # one process (no torchrun): a group of one
-            torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                          store=torch_dist.HashStore(), rank=0, world_size=1)
+        _group_of_one()
         from torch.distributed.device_mesh import init_device_mesh
 
         return init_device_mesh(self.device.type, (self.world,))
@@ -216,9 +230,7 @@ class FSDP:
     def forwards(self, n: int) -> int:
         """Every process must run as many forwards (each one gathers the weights layer by layer):
         the most any process has."""
-        count = torch.tensor([n], device=self.device)  # NCCL reduces device tensors only
-        torch_dist.all_reduce(count, op=torch_dist.ReduceOp.MAX)
-        return int(count.item())
+        return _most(n, self.device)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -268,6 +280,170 @@ class FSDP:
 
     def save_checkpoint(self, directory: Path, step: int, model, optimizer, scheduler, state: dict) -> None:
         checkpoint.save_sharded(directory, step, model, optimizer, scheduler, state, self)
+
+
+class ZeRO3:
+    """DeepSpeed ZeRO stage 3 over every process of the torchrun group (see the module docstring).
+    `setup` returns the DeepSpeed engine as the model and a stand-in optimizer: the engine owns the
+    step (clip, update, zeroing the gradients); spinlm's scheduler sets the client optimizer's lr."""
+
+    name = "zero3"
+    sharded = True
+
+    def __init__(self, mixed_precision: str, max_grad_norm: float, batch_size: int):
+        import os
+
+        from . import dist
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed looks for a CUDA build
+        self.deepspeed = import_deepspeed()
+        self.process = dist.state()  # joins torchrun's group (gloo on CPU); DeepSpeed wraps it
+        self.world, self.rank, self.is_main = self.process.num_processes, self.process.process_index, \
+            self.process.is_main_process
+        self.device = self.process.device
+        self.load_device = torch.device("cpu")  # DeepSpeed moves each process's partition to its device
+        self.schedule_factor = 1
+        self.bf16 = resolve_mixed_precision(mixed_precision) == "bf16" and torch.cuda.is_available()
+        self.config = {
+            "train_micro_batch_size_per_gpu": batch_size,  # bookkeeping only: spinlm feeds the batches
+            "gradient_accumulation_steps": 1,  # spinlm accumulates (its own loss scaling) ...
+            "managed_gradient_accumulation": False,  # ... and each engine.step() is the boundary
+            "gradient_clipping": max_grad_norm if max_grad_norm > 0 else 0.0,
+            "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": self.bf16},
+            "zero_allow_untested_optimizer": True,  # torch's RMSprop / AdamW as the client optimizer
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+        }
+        self.engine = self.stepper = None
+        self.aliases: set[str] = set()
+
+    def setup(self, model, build, resume: Path | None):
+        _group_of_one()
+        self.aliases = _aliases(model)
+        optimizer, scheduler = build(model)  # spinlm's scheduler drives the client optimizer's lr
+        self.engine, *_ = self.deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        self.stepper = _EngineStep(self.engine)
+        state = _resume(checkpoint.load_zero3, resume, self.engine, self.stepper, scheduler)
+        if resume is not None:  # the lr of the step the checkpoint was written after
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+        return self.engine, self.stepper, scheduler, state
+
+    def sync(self, model, last: bool):
+        """Every backward reduce-scatters its gradients into the partitions (as fsdp)."""
+        return contextlib.nullcontext()
+
+    def forwards(self, n: int) -> int:
+        """Every forward gathers each layer's weights from all processes: as many on every one."""
+        return _most(n, self.device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # gradient_accumulation_steps 1: not rescaled
+
+    def clip_grad_norm(self, model, max_norm: float) -> torch.Tensor:
+        """Runs DeepSpeed's step (clipping to train.max_grad_norm, which its config holds) and
+        returns the gradient norm before clipping; the optimizer's step() is then a no-op."""
+        self.stepper.step()
+        return torch.tensor(float(model.get_global_grad_norm()))
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device)
+        torch_dist.all_reduce(tensor)
+        return tensor.cpu()
+
+    def barrier(self) -> None:
+        self.process.wait_for_everyone()
+
+    def unwrap(self, model):
+        return getattr(model, "module", model)  # the transformers model (its weights partitioned)
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+        """Every process takes part, one weight at a time; rank 0 gets the full fp32 weights in CPU
+        memory (tied names once), the others {}."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        plain = self.unwrap(model)
+        params = dict(plain.named_parameters())
+        full = {}
+        for name, value in plain.state_dict().items():
+            if name in self.aliases:
+                continue
+            if name in params:
+                value = safe_get_full_fp32_param(params[name])  # a collective
+            if self.is_main:
+                full[name] = value.detach().cpu().clone()
+        return full
+
+    def save_model(self, model, tokenizer, out: Path, weights: Path | None = None) -> None:
+        if weights is not None:
+            from safetensors.torch import load_file
+
+            full = load_file(str(weights)) if self.is_main else {}
+        else:
+            full = self.full_state_dict(model)
+        if self.is_main:
+            self.unwrap(model).save_pretrained(out, state_dict=full, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+        self.barrier()
+
+    def save_weights(self, model, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        full = self.full_state_dict(model)
+        if self.is_main:
+            save_file({k: v.contiguous() for k, v in full.items()}, str(path), metadata={"format": "pt"})
+        self.barrier()
+
+    def save_checkpoint(self, directory: Path, step: int, model, optimizer, scheduler, state: dict) -> None:
+        checkpoint.save_zero3(directory, step, model, scheduler, state, self)
+
+
+class _EngineStep:
+    """The optimizer the loops see under zero3: step() runs DeepSpeed's step unless clip_grad_norm
+    already did in this optimizer step; zero_grad() is DeepSpeed's (it zeroes in its step)."""
+
+    def __init__(self, engine):
+        self.engine, self.stepped = engine, False
+
+    @property
+    def param_groups(self):
+        return self.engine.optimizer.param_groups
+
+    def step(self) -> None:
+        if not self.stepped:
+            self.engine.step()
+            self.stepped = True
+
+    def zero_grad(self) -> None:
+        self.stepped = False
+
+
+def import_deepspeed():
+    """deepspeed, or a UserError saying how to install it."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        from .errors import UserError
+
+        raise UserError("train.strategy zero3 needs DeepSpeed: pip install 'spinlm[deepspeed]' (on a machine "
+                        f"without CUDA: DS_BUILD_OPS=0 pip install 'spinlm[deepspeed]'); import failed: {e}") from e
+    return deepspeed
+
+
+def _group_of_one() -> None:
+    """One process (no torchrun): a process group of one, so sharded code runs unchanged."""
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                      store=torch_dist.HashStore(), rank=0, world_size=1)
+
+
+def _most(n: int, device) -> int:
+    """The largest `n` of any process."""
+    count = torch.tensor([n], device=device)  # NCCL reduces device tensors only
+    torch_dist.all_reduce(count, op=torch_dist.ReduceOp.MAX)
+    return int(count.item())
 
 
 def _resume(load, path: Path | None, model, optimizer, scheduler) -> dict | None:

@@ -273,7 +273,7 @@ def heldout_check(strategy, model, tokenizer, heldout: list[Example], cfg: Confi
     """Score the held-out metric now; keep the weights if they are the best of the iteration.
     Returns True when train.patience checks in a row brought no improvement."""
     name, value = heldout_metric(strategy.unwrap(model), tokenizer, heldout, cfg,
-                                 sharded=strategy.name == "fsdp")
+                                 sharded=strategy.sharded)
     checks = state["checks"]
     checks.append({"step": state["step"], "metric": name, "value": value})
     best = _best(checks)  # ties go to the earlier check: only a strict improvement is better
@@ -292,7 +292,7 @@ def heldout_check(strategy, model, tokenizer, heldout: list[Example], cfg: Confi
 
 def heldout_metric(model, tokenizer, examples: list[Example], cfg: Config, sharded: bool = False) -> tuple[str, float]:
     """Task accuracy (greedy, with eval.checker) if there is a checker, else NLL per token of the real
-    responses: the metric in-iteration checks and best-model selection use. A `sharded` (FSDP) model
+    responses: the metric in-iteration checks and best-model selection use. A `sharded` (fsdp, zero3) model
     is checked by every process on every example together (no whole copy on one device)."""
     from .evaluate import greedy_metrics, load_checker
     from .sft import encode_real, heldout_nll

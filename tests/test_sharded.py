@@ -194,10 +194,15 @@ def test_fsdp_in_one_process_equals_ddp(tiny_model, pairs, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--train.strategy=zero3"], "got 'zero3' (DeepSpeed ZeRO-3 is not implemented yet"),
     (["--train.strategy=fsdp", "--peft.enabled=true"], "peft.enabled with train.strategy fsdp is not supported yet"),
     (["--train.strategy=fsdp", "--train.mixed_precision=fp16"], "fp16 with train.strategy fsdp is not supported"),
     (["--train.fsdp_cpu_offload=true"], "train.fsdp_cpu_offload applies to train.strategy fsdp only"),
+    (["--train.strategy=zero3", "--peft.enabled=true"], "peft.enabled with train.strategy zero3 is not supported yet"),
+    (["--train.strategy=zero3", "--train.mixed_precision=fp16"], "fp16 with train.strategy zero3 is not supported"),
+    (["--train.strategy=zero3", "--train.fsdp_cpu_offload=true"], "applies to train.strategy fsdp only; got "
+                                                                  "train.strategy zero3"),
+    (["--train.strategy=zero3", "--train.skip_grad_norm_above=5"], "train.skip_grad_norm_above with train.strategy "
+                                                                   "zero3 is not supported"),
 ])
 def test_unsupported_strategy_settings_are_refused(tiny_model, pairs, tmp_path, capsys, flags, message):
     code = main(["train", "--model", str(tiny_model), "--pairs", str(pairs), "--out", str(tmp_path / "m"), *flags,
@@ -224,3 +229,129 @@ def test_fsdp_dpo_matches_one_process(tiny_model, task_data, tmp_path):
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "spinlm_train.json").read_text())["steps"] == 3
     _assert_close(tmp_path / "one", tmp_path / "two", "dpo fsdp x2 vs 1 process")
+
+
+# train.strategy zero3 (DeepSpeed ZeRO-3), same checks as fsdp above; skipped only without deepspeed
+
+
+def _deepspeed():
+    pytest.importorskip("deepspeed", reason="train.strategy zero3 needs deepspeed: pip install 'spinlm[deepspeed]'")
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_match_one(tiny_model, task_data, tmp_path):
+    """A SPIN iteration (in-iteration checks on the partitioned model, a checkpoint) under zero3 with
+    2 processes x 4 pairs equals one ddp process taking 8; the model reloads with from_pretrained."""
+    _deepspeed()
+    one = _run_config(tmp_path / "one.yaml", tiny_model, task_data, tmp_path / "one", batch=8, strategy="ddp")
+    two = _run_config(tmp_path / "two.yaml", tiny_model, task_data, tmp_path / "two", batch=4, strategy="zero3")
+    single = _spinlm(["run", str(one)], two=False)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = _spinlm(["run", str(two)], two=True)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+
+    a, b = tmp_path / "one" / "iteration-0", tmp_path / "two" / "iteration-0"
+    ta, tb = (json.loads((d / "model" / "spinlm_train.json").read_text()) for d in (a, b))
+    assert ta["steps"] == tb["steps"] == 3 and len(tb["checks"]) == 2
+    assert [c["value"] for c in ta["checks"]] == [c["value"] for c in tb["checks"]]
+    assert all(abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 for x, y in zip(ta["history"], tb["history"]))
+    assert _distance(a / "model", tiny_model)[0] > 1e-3, "training moved the weights"
+    _assert_close(a / "model", b / "model", "zero3 x2 vs 1 process")
+    assert not list(b.glob("*.checkpoints")), "checkpoints are removed once the stage is done"
+
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(b / "model")  # a plain transformers directory
+    saved = load_file(str(b / "model" / "model.safetensors"))
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in saved.items())
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+@pytest.mark.slow
+def test_zero3_gradient_accumulation_matches_one_process(tiny_model, pairs, tmp_path):
+    """2 processes x 2 micro-batches of 2 pairs per step (spinlm accumulates; DeepSpeed's own
+    accumulation is off) with clipping that bites (max_grad_norm 0.05, applied once, by DeepSpeed)
+    equal one process taking 8 pairs per step."""
+    _deepspeed()
+    args = ["train", "--model", str(tiny_model), "--pairs", str(pairs), "--train.learning_rate=1e-3",
+            "--train.epochs=1", "--train.max_grad_norm=0.05", "--train.optimizer=adamw", "--run.log_every=1", *COMMON]
+    single = _spinlm([*args, "--out", str(tmp_path / "one"), "--train.batch_size=8"], two=False)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = _spinlm([*args, "--out", str(tmp_path / "two"), "--train.batch_size=2",
+                       "--train.gradient_accumulation_steps=2", "--train.strategy=zero3"], two=True)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    ha, hb = (json.loads((tmp_path / d / "spinlm_train.json").read_text())["history"] for d in ("one", "two"))
+    assert len(ha) == len(hb) == 6 and all(r["grad_norm"] > 0.05 for r in hb)  # every step clipped
+    assert all(abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 and abs(x["loss"] - y["loss"]) < 1e-5
+               for x, y in zip(ha, hb)), (ha, hb)
+    _assert_close(tmp_path / "one", tmp_path / "two", "zero3 x2, accumulation 2, clipped vs 1 process")
+
+
+@pytest.mark.slow
+def test_zero3_killed_training_resumes_to_identical_weights(tiny_model, pairs, tmp_path):
+    """Killed after step 3 (a checkpoint at step 2), then inside the step-4 checkpoint's write, then
+    finished: the uninterrupted zero3 run's weights; each checkpoint holds one DeepSpeed partition
+    file per process and no whole copy of the weights."""
+    _deepspeed()
+    args = ["--pairs", str(pairs), "--model", str(tiny_model), "--train.strategy=zero3", "--train.batch_size=4",
+            "--train.learning_rate=1e-3", "--train.epochs=1", "--train.checkpoint_every=2",
+            "--run.deterministic=true", *COMMON]
+    straight = _spinlm(["train", "--out", str(tmp_path / "straight"), *args], two=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out, ckpts = tmp_path / "resumed", tmp_path / "resumed.tmp.checkpoints"
+    first = _spinlm(["train", "--out", str(out), *args], two=True, fault="train-step:3")
+    assert first.returncode != 0 and [p.name for p in ckpts.iterdir()] == ["step-000002"], first.stderr[-3000:]
+    step2 = ckpts / "step-000002"
+    assert {"complete", "deepspeed", "rng-rank0.safetensors", "rng-rank1.safetensors", "state.json"} <= \
+        {p.name for p in step2.iterdir()}
+    files = {p.name: p.stat().st_size for p in (step2 / "deepspeed").iterdir()}
+    shards = sorted(n for n in files if n.startswith("zero_pp_rank_"))
+    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"], files
+    weights = (tiny_model / "model.safetensors").stat().st_size
+    assert all(size < weights for size in files.values()), (files, weights)  # no file holds the whole model
+    second = _spinlm(["train", "--out", str(out), *args], two=True, fault="checkpoint-write:1")
+    assert second.returncode != 0 and sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004.tmp"]
+    assert "resumed zero3 training from" in second.stderr
+    final = _spinlm(["train", "--out", str(out), *args], two=True)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+    strip = lambda d: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")}
+                       for r in json.loads((d / "spinlm_train.json").read_text())["history"]]
+    assert strip(out) == strip(tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_zero3_sft_matches_ddp(tiny_model, task_data, tmp_path):
+    """`spinlm sft` under zero3 (held-out checks, the best model kept) equals DDP on the same 2 processes."""
+    _deepspeed()
+    args = ["sft", "--model", str(tiny_model), "--data", str(task_data["train"]), "--eval-data",
+            str(task_data["val"]), "--sft.epochs=2", "--sft.batch_size=8", "--sft.learning_rate=1e-3",
+            "--train.checkpoint_every=2", *COMMON]
+    for strategy in ("ddp", "zero3"):
+        done = _spinlm([*args, "--out", str(tmp_path / strategy), f"--train.strategy={strategy}"], two=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ha, hb = (json.loads((tmp_path / d / "spinlm_sft.json").read_text())["history"] for d in ("ddp", "zero3"))
+    assert len(ha) == len(hb) == 2
+    assert all(abs(x["heldout_nll"] - y["heldout_nll"]) < 1e-5 for x, y in zip(ha, hb)), (ha, hb)
+    _assert_close(tmp_path / "ddp", tmp_path / "zero3", "sft zero3 vs ddp")
+
+
+@pytest.mark.slow
+def test_zero3_dpo_matches_one_process(tiny_model, task_data, tmp_path):
+    """`spinlm dpo` under zero3, 2 pairs per process per step, equals one process taking 4."""
+    _deepspeed()
+    rows = read_jsonl(task_data["train"])[:12]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["response"],
+                                         "rejected": rows[(i + 1) % 12]["response"]}) + "\n"
+                             for i, r in enumerate(rows)))
+    args = ["dpo", "--model", str(tiny_model), "--data", str(prefs), "--train.epochs=1", "--train.optimizer=adamw",
+            "--train.learning_rate=1e-3", "--spin.beta=0.5", *COMMON]
+    single = _spinlm([*args, "--out", str(tmp_path / "one"), "--train.batch_size=4"], two=False)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = _spinlm([*args, "--out", str(tmp_path / "two"), "--train.batch_size=2", "--train.strategy=zero3"],
+                      two=True)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "spinlm_train.json").read_text())["steps"] == 3
+    _assert_close(tmp_path / "one", tmp_path / "two", "dpo zero3 x2 vs 1 process")
