@@ -320,7 +320,11 @@ class ZeRO3:
         self.aliases: set[str] = set()
 
     def setup(self, model, build, resume: Path | None):
-        _group_of_one()
+        import os
+
+        if not torch_dist.is_initialized():  # no torchrun: a group of one, and the variable DeepSpeed asks for
+            _group_of_one()
+            os.environ.setdefault("LOCAL_RANK", "0")
         self.aliases = _aliases(model)
         optimizer, scheduler = build(model)  # spinlm's scheduler drives the client optimizer's lr
         self.engine, *_ = self.deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)

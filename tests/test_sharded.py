@@ -357,3 +357,27 @@ def test_zero3_dpo_matches_one_process(tiny_model, task_data, tmp_path):
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "spinlm_train.json").read_text())["steps"] == 3
     _assert_close(tmp_path / "one", tmp_path / "two", "dpo zero3 x2 vs 1 process")
+
+
+@pytest.mark.slow
+def test_zero3_in_one_process_equals_ddp(tiny_model, pairs, tmp_path):
+    """Without torchrun, zero3 partitions over a group of one process: the weights of ddp."""
+    _deepspeed()
+    args = ["train", "--model", str(tiny_model), "--pairs", str(pairs), "--train.batch_size=8",
+            "--train.learning_rate=1e-3", "--train.epochs=1", *COMMON]
+    for strategy in ("ddp", "zero3"):
+        done = _spinlm([*args, "--out", str(tmp_path / strategy), f"--train.strategy={strategy}"], two=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+    _assert_close(tmp_path / "ddp", tmp_path / "zero3", "zero3 vs ddp, one process")
+
+
+def test_zero3_without_deepspeed_says_how_to_install(tiny_model, pairs, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    code = main(["train", "--model", str(tiny_model), "--pairs", str(pairs), "--out", str(tmp_path / "m"),
+                 "--train.strategy=zero3", *COMMON])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'spinlm[deepspeed]'" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
