@@ -179,7 +179,7 @@ class TrainConfig:
                                "log-probs are computed without dropout, so with it the policy differs from its "
                                "reference at step 0. SFT keeps the model's dropout; a LoRA adapter keeps peft.dropout.")
     skip_grad_norm_above: float | None = _f(None, "Skip (and count) optimizer updates whose gradient norm, before "
-                                            "clipping, exceeds this; null = never skip.")
+                                            "clipping, exceeds this; null = never skip (not with strategy zero3).")
 
 
 @dataclass
