@@ -298,6 +298,16 @@ class ZeRO3:
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed looks for a CUDA build
         self.deepspeed = import_deepspeed()
+        if not torch.cuda.is_available():
+            # DeepSpeed's shared-memory all-reduce serves its inference engine only; left as is, its first
+            # use on a machine JIT-compiles it (~80 s here) in every training run's startup
+            compatible = getattr(self.deepspeed.ops, "__compatible_ops__", None)
+            if isinstance(compatible, dict):
+                compatible["deepspeed_shm_comm"] = False
+        import warnings
+
+        warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                                "deprecated", FutureWarning)  # DeepSpeed's calls, once per collective site
         self.process = dist.state()  # joins torchrun's group (gloo on CPU); DeepSpeed wraps it
         self.world, self.rank, self.is_main = self.process.num_processes, self.process.process_index, \
             self.process.is_main_process
