@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -291,8 +292,6 @@ class ZeRO3:
     sharded = True
 
     def __init__(self, mixed_precision: str, max_grad_norm: float, batch_size: int):
-        import os
-
         from . import dist
 
         if not torch.cuda.is_available():
@@ -304,8 +303,6 @@ class ZeRO3:
             compatible = getattr(self.deepspeed.ops, "__compatible_ops__", None)
             if isinstance(compatible, dict):
                 compatible["deepspeed_shm_comm"] = False
-        import warnings
-
         warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
                                 "deprecated", FutureWarning)  # DeepSpeed's calls, once per collective site
         self.process = dist.state()  # joins torchrun's group (gloo on CPU); DeepSpeed wraps it
@@ -330,8 +327,6 @@ class ZeRO3:
         self.aliases: set[str] = set()
 
     def setup(self, model, build, resume: Path | None):
-        import os
-
         if not torch_dist.is_initialized():  # no torchrun: a group of one, and the variable DeepSpeed asks for
             _group_of_one()
             os.environ.setdefault("LOCAL_RANK", "0")

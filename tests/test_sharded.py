@@ -321,6 +321,9 @@ def test_zero3_killed_training_resumes_to_identical_weights(tiny_model, pairs, t
     second = _spinlm(["train", "--out", str(out), *args], two=True, fault="checkpoint-write:1")
     assert second.returncode != 0 and sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004.tmp"]
     assert "resumed zero3 training from" in second.stderr
+    alone = _spinlm(["train", "--out", str(out), *args], two=False)  # DeepSpeed cannot re-partition: refused
+    assert alone.returncode == 2 and "written by 2 processes and the run now has 1" in alone.stderr, alone.stderr[-3000:]
+    assert "Traceback" not in alone.stderr
     final = _spinlm(["train", "--out", str(out), *args], two=True)
     assert final.returncode == 0, final.stderr[-3000:]
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
