@@ -77,11 +77,16 @@ def inference_model(model_path: str, cfg):
 
 
 def check_launch(train_cfg, env=None) -> None:
-    """`accelerate launch` with distributed_type FSDP sets ACCELERATE_USE_FSDP (and FSDP_* for its
+    """A launch through accelerate's DeepSpeed plugin is refused (spinlm's zero3 drives DeepSpeed).
+    `accelerate launch` with distributed_type FSDP sets ACCELERATE_USE_FSDP (and FSDP_* for its
     fsdp_config) in every process. spinlm shards with train.strategy, not with accelerate's plugin, so
     a launch that asks for FSDP must agree with the run's config: a mismatch is the user's to fix
     (configs/accelerate/ has launch files that agree), never a silent DDP run or a doubly wrapped model."""
     env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise UserError("accelerate launch with distributed_type DEEPSPEED: spinlm drives DeepSpeed itself "
+                        "(train.strategy: zero3; accelerate's plugin would step the optimizer inside backward, before "
+                        "spinlm's guards): launch with configs/accelerate/zero3.yaml (or torchrun) instead")
     if env.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true"):
         return
     launch = "accelerate launch with distributed_type FSDP"

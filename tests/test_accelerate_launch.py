@@ -10,6 +10,7 @@ gradient checkpointing, as configs/zephyr-7b-ultrachat.yaml trains (fsdp + check
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -60,7 +61,8 @@ def test_launch_files_are_accelerate_configs():
     from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 
     files = sorted(CONFIGS.glob("*.yaml"))
-    assert {f.name for f in files} >= {"ddp.yaml", "fsdp2.yaml", "ddp-multinode.yaml", "fsdp2-multinode.yaml"}
+    assert {f.name for f in files} >= {"ddp.yaml", "fsdp2.yaml", "ddp-multinode.yaml", "fsdp2-multinode.yaml",
+                                       "zero3.yaml"}
     for f in files:
         cfg = load_config_from_file(str(f))
         assert isinstance(cfg, ClusterConfig), f
@@ -71,6 +73,8 @@ def test_launch_files_are_accelerate_configs():
         if kind == "FSDP":
             assert raw["fsdp_config"]["fsdp_version"] == 2, f
             assert "--train.strategy=fsdp" in f.read_text(), f
+        elif f.name.startswith("zero3"):
+            assert kind == "MULTI_GPU" and "--train.strategy=zero3" in usage, f
         else:
             assert kind == "MULTI_GPU" and "--train.strategy" not in usage, f
         assert cfg.num_processes == 8 * cfg.num_machines and cfg.mixed_precision == "no", f
@@ -81,6 +85,7 @@ def test_launch_files_are_accelerate_configs():
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp", False, "fsdp_version 1"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp", False, "fsdp_offload_params true"),
     ({"ACCELERATE_USE_FSDP": "true"}, "fsdp", True, "fsdp_offload_params false"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "zero3", False, "spinlm drives DeepSpeed itself"),
 ])
 def test_launch_that_disagrees_with_the_config_is_refused(env, strategy, offload, message):
     from spinlm.config import build
@@ -100,7 +105,10 @@ def test_accelerate_launch_ddp_and_fsdp2_match_one_process(tiny_model, pairs, tm
     single = _launch(None, [*args, "--out", str(tmp_path / "one"), "--train.batch_size=8"])
     assert single.returncode == 0, single.stderr[-3000:]
     assert _max_diff(tiny_model, tmp_path / "one") > 1e-3, "training moved the weights"
-    for config, strategy in (("ddp.yaml", "ddp"), ("fsdp2.yaml", "fsdp")):
+    launches = [("ddp.yaml", "ddp"), ("fsdp2.yaml", "fsdp")]
+    if importlib.util.find_spec("deepspeed") is not None:  # make test installs it
+        launches.append(("zero3.yaml", "zero3"))
+    for config, strategy in launches:
         launch = [*args, "--out", str(tmp_path / strategy), "--train.batch_size=4", f"--train.strategy={strategy}"]
         if strategy == "fsdp":  # killed after step 3: its step-2 checkpoint is sharded, one file per process
             killed = _launch(config, launch, fault="train-step:3")
