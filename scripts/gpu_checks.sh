@@ -3,9 +3,11 @@
 # torch, transformers, accelerate, peft and pytest, and no network). Not run yet: no session so far
 # was lent a GPU. What it checks: tests/test_gpu.py (fsdp with bf16 compute and with CPU offload
 # against fp32, sharded bf16 scoring against the whole model, the memory plan against torch's
-# measured peak, the device cache released before a generation server). The CPU suites are not
-# rerun there (CI runs them). Not here: NCCL across several ranks (one GPU) and vLLM on CUDA (its
-# wheels exceed the 64 MiB that a call can carry).
+# measured peak, the device cache released before a generation server, and, where vLLM is
+# installed, the in-process vLLM backend on CUDA inside `spinlm run` with per-row seeds). The CPU
+# suites are not rerun there (CI runs them). The lent machine's image has no vLLM and its wheels
+# exceed the 64 MiB a call can carry, so on it that test skips (saying so); on a GPU machine of
+# your own, `pip install vllm` first. Not here: NCCL across several ranks (one GPU).
 #
 # Before the device call, here, in the repo root (wheels of what the image lacks):
 #   echo /.whl/ >> .git/info/exclude

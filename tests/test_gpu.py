@@ -1,10 +1,11 @@
 """Checks that need a CUDA GPU (issue 13 / 18): bf16 under fsdp, CPU offload, sharded scoring in
-bf16, the memory plan against the measured peak. They skip, saying so, on a machine without CUDA
+bf16, the memory plan against the measured peak, in-process vLLM on CUDA (where vLLM is installed). They skip, saying so, on a machine without CUDA
 (CI and the project's CPU machines); scripts/gpu_checks.sh runs them on a lent GPU machine.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -92,3 +93,36 @@ def test_release_device_memory_hands_the_cache_back(tiny_model):
     del model
     release_device_memory()
     assert torch.cuda.memory_reserved() == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM on this GPU machine")
+def test_in_process_vllm_on_the_gpu_then_training_gets_the_memory(task_data, tmp_path):
+    """generation.backend vllm on CUDA inside `spinlm run`: the engine generates (sampled ids kept,
+    a row's seed reproduces it), is shut down, and scoring and training run in the same process."""
+    import yaml
+
+    from spinlm.demo.build import build_tiny
+    from spinlm.io import read_jsonl
+
+    texts = [v for line in task_data["train"].read_text().splitlines()
+             for k, v in json.loads(line).items() if k in ("prompt", "response")]
+    tiny_model = build_tiny(tmp_path / "model", texts, hidden_size=64, num_layers=2, num_heads=2,
+                            max_position_embeddings=256)  # head_dim 32: a size vLLM's kernels take
+
+    def run(name: str):
+        cfg = {"model": {"name_or_path": str(tiny_model)},
+               "data": {"train": str(task_data["train"]), "max_train_rows": 16, "val_size": 0,
+                        "max_prompt_length": 64, "max_length": 128},
+               "run": {"dir": str(tmp_path / name), "progress": False, "seed": 5},
+               "generation": {"backend": "vllm", "max_new_tokens": 8, "vllm_args": "--max-model-len 256"},
+               "spin": {"iterations": 1}, "eval": {"enabled": False},
+               "train": {"epochs": 1, "batch_size": 4, "learning_rate": 1e-3}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        done = _spinlm(["run", str(tmp_path / f"{name}.yaml")])
+        assert done.returncode == 0, done.stderr[-4000:]
+        return read_jsonl(tmp_path / name / "iteration-0" / "generations.jsonl")
+
+    first, second = run("a"), run("b")
+    assert all(r["generated_ids"] and r["finish"] in ("eos", "length") for r in first)
+    assert [r["generated_ids"] for r in first] == [r["generated_ids"] for r in second]  # per-row seeds
+    assert (tmp_path / "a" / "iteration-0" / "model" / "model.safetensors").exists()
