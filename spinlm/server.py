@@ -474,6 +474,17 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) ->
         log.warning("the generation server (pid %d) did not stop within %g s: killing it", proc.pid, grace_s)
     _signal_group(proc, signal.SIGKILL)  # also any worker processes the server left behind
     proc.wait()
+    # Its workers (transformers serve >= 5.25 starts multiprocessing ones) are not our children: they
+    # go once their new parent reaps them. Wait for the group to be empty, so that nothing of the
+    # server (a worker holding GPU memory, say) outlives the stage; give up after `grace_s`.
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.1)
+    log.warning("processes of the generation server's group (pgid %d) are still there after %g s", proc.pid, grace_s)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

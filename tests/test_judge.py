@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -197,8 +198,14 @@ def _port_open(port: int) -> bool:
 
 
 def test_transformers_serve_as_judge_replies_are_counted_unparsable(tiny_model, tmp_path, capsys, caplog):
+    # the judge's prompts (~540 tokens) exceed the tiny model's 256 positions, which transformers serve
+    # >= 5.25 enforces: the judge is the same weights with room for them (rotary positions, no table)
+    judge = tmp_path / "judge-model"
+    shutil.copytree(tiny_model, judge)
+    config = json.loads((judge / "config.json").read_text())
+    (judge / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
     port = free_port()
-    proc = subprocess.Popen([TRANSFORMERS, "serve", str(tiny_model), "--port", str(port)],
+    proc = subprocess.Popen([TRANSFORMERS, "serve", str(judge), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -208,7 +215,7 @@ def test_transformers_serve_as_judge_replies_are_counted_unparsable(tiny_model, 
             time.sleep(0.2)
         questions = _write_questions(tmp_path, QUESTIONS[:2])
         argv = ["judge", "--model", str(tiny_model), "--questions", str(questions), "--judge-url",
-                f"http://127.0.0.1:{port}", "--judge-model", str(tiny_model), "--judge-max-tokens=8",
+                f"http://127.0.0.1:{port}", "--judge-model", str(judge), "--judge-max-tokens=8",
                 "--concurrency=2", "--out", str(tmp_path / "out"), *GEN]
         with caplog.at_level(logging.WARNING, logger="spinlm"):
             code = main(argv)
