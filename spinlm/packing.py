@@ -16,6 +16,11 @@ as given for sdpa and eager attention, and with explicit position_ids the log-pr
 separate per-sequence forwards (tests: Llama, Qwen2, Mistral, Gemma, sdpa and eager).
 Models where that does not hold (sliding-window layers, kernels that ignore custom masks)
 are caught by `packing_matches_plain` and run on the plain padded path instead.
+
+Identical responses of one group (a dead pair: the sample equals the real response; T-SPIN's y0
+equal to either) are laid out and computed once, and each copy gets that one log-prob tensor: the
+same function of the weights, so the values and gradients are those of separate copies, without
+their tokens in the forward.
 """
 
 from __future__ import annotations
@@ -42,9 +47,19 @@ def _warn_once(model, message: str, *args) -> None:
         log.warning(message, *args)
 
 
+def distinct(responses: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The group's distinct responses (first occurrences, in order), and for each response the
+    index of its distinct copy."""
+    first: dict[tuple[int, ...], int] = {}
+    for r in responses:
+        first.setdefault(tuple(r), len(first))
+    return [list(r) for r in first], [first[tuple(r)] for r in responses]
+
+
 def group_length(group: Group) -> int:
+    """Tokens the group takes in a packed row (each distinct response once)."""
     prompt, responses = group
-    return len(prompt) + sum(len(r) for r in responses)
+    return len(prompt) + sum(len(r) for r in distinct(responses)[0])
 
 
 def pack(groups: list[Group], budget: int) -> list[list[int]]:
@@ -72,11 +87,13 @@ class PackedBatch:
     segment: torch.Tensor  # (rows, L): group slot within the row, -1 for padding
     part: torch.Tensor  # (rows, L): 0 prompt, k = k-th response, -1 padding
     keep: torch.Tensor  # (rows, L) bool: positions whose logits are needed
-    targets: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per group: per response (kept-logit index, token ids)
+    # per group: per response (kept-logit index, token ids); identical responses share one entry
+    targets: list[list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def _lay_row(groups: list[Group]):
-    """Flat token ids, positions, labels, and for each response token the position predicting it."""
+    """Flat token ids, positions, labels, and for each distinct response's tokens the positions
+    predicting them."""
     ids, pos, seg, part, sources = [], [], [], [], []
     for g, (prompt, responses) in enumerate(groups):
         end_of_prompt = len(ids) + len(prompt) - 1
@@ -84,7 +101,7 @@ def _lay_row(groups: list[Group]):
         pos += range(len(prompt))
         seg += [g] * len(prompt)
         part += [0] * len(prompt)
-        for k, response in enumerate(responses, start=1):
+        for k, response in enumerate(distinct(responses)[0], start=1):
             first = len(ids)
             ids += response
             pos += range(len(prompt), len(prompt) + len(response))
@@ -117,8 +134,10 @@ def build(groups: list[Group], budget: int, pad_id: int) -> PackedBatch:
     for r, members in enumerate(rows):
         sources = iter(laid[r][4])
         for i in members:
-            targets[i] = [(kept_index[r, torch.tensor(next(sources), dtype=torch.long)], torch.tensor(resp, dtype=torch.long))
-                          for resp in groups[i][1]]
+            unique, copy_of = distinct(groups[i][1])
+            laid_out = [(kept_index[r, torch.tensor(next(sources), dtype=torch.long)], torch.tensor(resp, dtype=torch.long))
+                        for resp in unique]
+            targets[i] = [laid_out[k] for k in copy_of]
     return PackedBatch(input_ids, position_ids, segment, part, keep, targets)
 
 
@@ -192,9 +211,12 @@ def packed_logps(model, groups: list[Group], budget: int, pad_id: int,
             logits = model(**inputs).logits
     logits = logits.float()  # (n_kept, vocab)
     lse = torch.logsumexp(logits, dim=-1)
-    out = []
+    out, done = [], {}  # a response laid out once (identical copies in a group) is summed once
     for per_response in batch.targets:
-        out.append([((logits[idx.to(dev), tok.to(dev)] - lse[idx.to(dev)]).sum(), len(tok)) for idx, tok in per_response])
+        for idx, tok in per_response:
+            if id(idx) not in done:
+                done[id(idx)] = ((logits[idx.to(dev), tok.to(dev)] - lse[idx.to(dev)]).sum(), len(tok))
+        out.append([done[id(idx)] for idx, _ in per_response])
     return out
 
 

@@ -79,6 +79,38 @@ def test_layout_positions_and_mask():
     assert batch.keep.tolist() == [[False, True, True, True, False, False, True, True, False]]
 
 
+def test_identical_responses_are_laid_out_once():
+    # a dead pair (generated == real) and a T-SPIN triplet whose y0 equals y: each distinct response once
+    groups = [([11, 12], [[21, 22], [21, 22]]), ([41], [[51], [61, 62], [51]])]
+    batch = build(groups, budget=100, pad_id=0)
+    assert batch.input_ids.tolist() == [[11, 12, 21, 22, 41, 51, 61, 62]]
+    # kept logits: each prompt's last position (predicting every response's first token) and the distinct
+    # responses' own positions (22's predictor, 62's predictor)
+    assert batch.keep.tolist() == [[False, True, True, False, True, False, True, False]]
+    assert batch.targets[0][0] is batch.targets[0][1] and batch.targets[1][0] is batch.targets[1][2]
+    assert pack(groups, budget=4) == [[0], [1]]  # lengths 4 and 4, not 6 and 6
+
+
+@pytest.mark.parametrize("native", [None, False], ids=["auto", "head-hook"])
+def test_identical_responses_give_the_values_and_gradients_of_separate_copies(native):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ARCHS["llama"]())
+    groups = [(p, [a, a]) for p, (a, _) in _groups(2)] + [(p, [a, b, a]) for p, (a, b) in _groups(3)]
+    results, grads = [], []
+    for fn in (lambda: packed_logps(model, groups, 64, 0, native=native), lambda: plain_logps(model, groups, 0)):
+        model.zero_grad()
+        out = fn()
+        # weights differ per copy, so a copy counted once (or its gradient once) would show
+        total = sum(v * (k + 1) for per in out for k, (v, _) in enumerate(per))
+        total.backward()
+        results.append([[v.item() for v, _ in per] for per in out])
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    for packed, plain in zip(*results):
+        assert packed == pytest.approx(plain, abs=1e-4)
+        assert packed[0] == packed[-1]  # the copies are one value, exactly
+    assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
 def test_pack_respects_budget_and_keeps_every_group():
     lengths = [50, 10, 30, 45, 5, 5, 70, 100]
     groups = [([1] * (n - 1), [[2]]) for n in lengths]
