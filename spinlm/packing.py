@@ -63,21 +63,31 @@ def group_length(group: Group) -> int:
 
 
 def pack(groups: list[Group], budget: int) -> list[list[int]]:
-    """Group indices per row: first-fit decreasing, rows of <= budget tokens (a longer group
-    gets a row of its own)."""
-    order = sorted(range(len(groups)), key=lambda i: group_length(groups[i]), reverse=True)
+    """Group indices per row, rows of <= budget tokens (a longer group gets a row of its own).
+    First-fit decreasing decides how many rows; the groups are then spread over that many rows,
+    longest first onto the emptiest, when that makes the longest row shorter: rows are padded to
+    the longest, and first-fit leaves its last row nearly empty (the demo's SFT batches: 1006
+    tokens computed for 786 before, 790 after)."""
+    lengths = [group_length(g) for g in groups]
+    order = sorted(range(len(groups)), key=lambda i: lengths[i], reverse=True)
     rows: list[list[int]] = []
     room: list[int] = []
     for i in order:
-        n = group_length(groups[i])
-        slot = next((k for k, free in enumerate(room) if free >= n), None)
+        slot = next((k for k, free in enumerate(room) if free >= lengths[i]), None)
         if slot is None:
             rows.append([i])
-            room.append(budget - n)
+            room.append(budget - lengths[i])
         else:
             rows[slot].append(i)
-            room[slot] -= n
-    return rows
+            room[slot] -= lengths[i]
+    spread: list[list[int]] = [[] for _ in rows]
+    load = [0] * len(rows)
+    for i in order:
+        k = min(range(len(rows)), key=load.__getitem__)
+        spread[k].append(i)
+        load[k] += lengths[i]
+    fits = all(n <= budget or len(row) == 1 for n, row in zip(load, spread))
+    return spread if fits and max(load, default=0) < budget - min(room, default=0) else rows
 
 
 @dataclass

@@ -121,6 +121,19 @@ def test_pack_respects_budget_and_keeps_every_group():
         assert total <= 60 or len(row) == 1
 
 
+def test_pack_spreads_groups_over_its_rows_so_they_pad_less():
+    # first-fit decreasing: rows [100 + 90, 80 + 20], padded to 190; spread over the same 2 rows: [100 + 20, 90 + 80]
+    groups = [([1] * (n - 1), [[2]]) for n in (100, 90, 80, 20)]
+    rows = pack(groups, budget=200)
+    assert sorted(sorted(row) for row in rows) == [[0, 3], [1, 2]]
+    assert build(groups, 200, 0).input_ids.shape == (2, 170)
+    # where spreading would not shorten the longest row (or would break the budget), first-fit's rows stay
+    groups = [([1] * (n - 1), [[2]]) for n in (60, 50, 50, 40)]
+    assert pack(groups, budget=100) == [[0, 3], [1, 2]]
+    groups = [([1] * (n - 1), [[2]]) for n in (300, 10)]  # a group over the budget keeps a row of its own
+    assert pack(groups, budget=100) == [[0], [1]]
+
+
 def test_sliding_window_model_falls_back_to_plain(caplog):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(Gemma2Config(head_dim=8, sliding_window=16, **COMMON),
