@@ -182,6 +182,31 @@ class DDP:
         self.barrier()
 
 
+def save_model(strategy, model, tokenizer, out: Path, weights: Path | None = None) -> None:
+    """fsdp's and zero3's save_model: a plain transformers directory written by rank 0 from the
+    gathered full state dict (or from `weights`, a file save_weights wrote); every process takes part."""
+    if weights is not None:
+        from safetensors.torch import load_file
+
+        full = load_file(str(weights)) if strategy.is_main else {}
+    else:
+        full = strategy.full_state_dict(model)
+    if strategy.is_main:
+        strategy.unwrap(model).save_pretrained(out, state_dict=full, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    strategy.barrier()
+
+
+def save_weights(strategy, model, path: Path) -> None:
+    """fsdp's and zero3's save_weights: the gathered full state dict as one safetensors file (rank 0)."""
+    from safetensors.torch import save_file
+
+    full = strategy.full_state_dict(model)
+    if strategy.is_main:
+        save_file({k: v.contiguous() for k, v in full.items()}, str(path), metadata={"format": "pt"})
+    strategy.barrier()
+
+
 class FSDP:
     """FSDP2 over every process of the torchrun group (see the module docstring)."""
 
@@ -264,25 +289,8 @@ class FSDP:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v for k, v in full.items() if k not in self.aliases}
 
-    def save_model(self, model, tokenizer, out: Path, weights: Path | None = None) -> None:
-        if weights is not None:
-            from safetensors.torch import load_file
-
-            full = load_file(str(weights)) if self.is_main else {}
-        else:
-            full = self.full_state_dict(model)
-        if self.is_main:
-            model.save_pretrained(out, state_dict=full, safe_serialization=True)
-            tokenizer.save_pretrained(out)
-        self.barrier()
-
-    def save_weights(self, model, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        full = self.full_state_dict(model)
-        if self.is_main:
-            save_file({k: v.contiguous() for k, v in full.items()}, str(path), metadata={"format": "pt"})
-        self.barrier()
+    save_model = save_model  # a plain directory: the weights gathered to rank 0 (full_state_dict)
+    save_weights = save_weights
 
     def save_checkpoint(self, directory: Path, step: int, model, optimizer, scheduler, state: dict) -> None:
         checkpoint.save_sharded(directory, step, model, optimizer, scheduler, state, self)
@@ -390,25 +398,8 @@ class ZeRO3:
                 full[name] = value.detach().cpu().clone()
         return full
 
-    def save_model(self, model, tokenizer, out: Path, weights: Path | None = None) -> None:
-        if weights is not None:
-            from safetensors.torch import load_file
-
-            full = load_file(str(weights)) if self.is_main else {}
-        else:
-            full = self.full_state_dict(model)
-        if self.is_main:
-            self.unwrap(model).save_pretrained(out, state_dict=full, safe_serialization=True)
-            tokenizer.save_pretrained(out)
-        self.barrier()
-
-    def save_weights(self, model, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        full = self.full_state_dict(model)
-        if self.is_main:
-            save_file({k: v.contiguous() for k, v in full.items()}, str(path), metadata={"format": "pt"})
-        self.barrier()
+    save_model = save_model  # a plain directory: the weights gathered to rank 0 (full_state_dict)
+    save_weights = save_weights
 
     def save_checkpoint(self, directory: Path, step: int, model, optimizer, scheduler, state: dict) -> None:
         checkpoint.save_zero3(directory, step, model, scheduler, state, self)

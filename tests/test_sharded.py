@@ -63,12 +63,13 @@ def _distance(a: Path, b: Path) -> tuple[float, float]:
     return largest, float(apart / sum((wa[k] ** 2).sum() for k in wa) ** 0.5)
 
 
-def _assert_close(a: Path, b: Path, what: str) -> None:
-    """The two saved models within 1e-5 (max |difference| and relative to the weights' norm); the
-    measured distance is printed (pytest -s or -rP shows it) and named in the assertion."""
+def _assert_close(a: Path, b: Path, what: str, largest_bound: float = 1e-5) -> None:
+    """The two saved models within 1e-5 relative to the weights' norm (issue 13's criterion) and
+    within `largest_bound` in max |difference|; the measured distance is printed (pytest -s or -rP
+    shows it) and named in the assertion."""
     largest, relative = _distance(a, b)
     print(f"measured {what}: max |diff| {largest:.3g}, ||diff|| / ||weights|| {relative:.3g}")
-    assert largest < 1e-5 and relative < 1e-5, f"{what}: max |diff| {largest:.3g}, relative {relative:.3g}"
+    assert largest < largest_bound and relative < 1e-5, f"{what}: max |diff| {largest:.3g}, relative {relative:.3g}"
 
 
 def _run_config(path: Path, tiny_model: Path, task_data: dict, run_dir: Path, batch: int, strategy: str) -> Path:
@@ -377,7 +378,9 @@ def test_zero3_in_one_process_equals_ddp(tiny_model, pairs, tmp_path):
     for strategy in ("ddp", "zero3"):
         done = _spinlm([*args, "--out", str(tmp_path / strategy), f"--train.strategy={strategy}"], two=False)
         assert done.returncode == 0, done.stderr[-3000:]
-    _assert_close(tmp_path / "ddp", tmp_path / "zero3", "zero3 vs ddp, one process")
+    # lr 1e-3 over 16 steps amplifies DeepSpeed's other summation order (flat fp32 partitions): max |diff|
+    # measured 6.7e-6 before packing spread groups over rows (2026-12-06), 1.36e-5 after (relative 1.4e-6)
+    _assert_close(tmp_path / "ddp", tmp_path / "zero3", "zero3 vs ddp, one process", largest_bound=3e-5)
 
 
 def test_zero3_without_deepspeed_says_how_to_install(tiny_model, pairs, tmp_path, capsys, monkeypatch):
