@@ -102,8 +102,8 @@ class PackedBatch:
 
 
 def _lay_row(groups: list[Group]):
-    """Flat token ids, positions, labels, and for each distinct response's tokens the positions
-    predicting them."""
+    """Flat token ids, positions, labels, and for each response token the position predicting it
+    (`groups` with their distinct responses only: `build` removes the copies)."""
     ids, pos, seg, part, sources = [], [], [], [], []
     for g, (prompt, responses) in enumerate(groups):
         end_of_prompt = len(ids) + len(prompt) - 1
@@ -111,7 +111,7 @@ def _lay_row(groups: list[Group]):
         pos += range(len(prompt))
         seg += [g] * len(prompt)
         part += [0] * len(prompt)
-        for k, response in enumerate(distinct(responses)[0], start=1):
+        for k, response in enumerate(responses, start=1):
             first = len(ids)
             ids += response
             pos += range(len(prompt), len(prompt) + len(response))
@@ -124,6 +124,8 @@ def _lay_row(groups: list[Group]):
 
 def build(groups: list[Group], budget: int, pad_id: int) -> PackedBatch:
     """Pack `groups` into rows; targets come back in the order of `groups`."""
+    copies = [distinct(responses) for _, responses in groups]  # each distinct response is laid out once
+    groups = [(prompt, unique) for (prompt, _), (unique, _) in zip(groups, copies)]
     rows = pack(groups, budget)
     laid = [_lay_row([groups[i] for i in members]) for members in rows]
     width = max(len(ids) for ids, *_ in laid)
@@ -144,10 +146,9 @@ def build(groups: list[Group], budget: int, pad_id: int) -> PackedBatch:
     for r, members in enumerate(rows):
         sources = iter(laid[r][4])
         for i in members:
-            unique, copy_of = distinct(groups[i][1])
             laid_out = [(kept_index[r, torch.tensor(next(sources), dtype=torch.long)], torch.tensor(resp, dtype=torch.long))
-                        for resp in unique]
-            targets[i] = [laid_out[k] for k in copy_of]
+                        for resp in groups[i][1]]
+            targets[i] = [laid_out[k] for k in copies[i][1]]
     return PackedBatch(input_ids, position_ids, segment, part, keep, targets)
 
 
