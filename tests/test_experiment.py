@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,12 @@ pytestmark = pytest.mark.slow
 def experiment(name: str, out: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "spinlm", "experiment", name, "--quick", "--out", str(out), *flags],
                           capture_output=True, text=True, timeout=900)
+
+
+def trained(said: str) -> bool:
+    """Whether an experiment's output shows a fine-tuning started (sft.py's first line; a stage that
+    was done already says "NAME: done already" instead)."""
+    return re.search(r"\bsft: \d+ examples, up to \d+ steps", said) is not None
 
 
 def assert_png(path: Path) -> None:
@@ -239,7 +246,7 @@ def test_regime_quick_runs_and_resumes(tmp_path):
     again = experiment("regime", out, "--seeds", "0", "--iterations", "1")
     assert again.returncode == 0, again.stderr[-3000:]
     said = again.stdout + again.stderr
-    assert "running 2 spinlm runs" in said and "sft: " not in said  # resumed: nothing retrained
+    assert "running 2 spinlm runs" in said and not trained(said)  # resumed: nothing retrained
 
 
 def test_family_quick_runs_every_objective_and_chooses_on_validation(tmp_path):
@@ -261,6 +268,15 @@ def test_family_quick_runs_every_objective_and_chooses_on_validation(tmp_path):
                  for t in range(2)]
         assert [p["steps"] for p in run["iterations"]] == [steps[0], steps[0] + steps[1]]  # baselines at equal steps
         assert all(p["continued_sft"]["test_accuracy"] is not None for p in run["iterations"])
+    # continued SFT sees neither objective nor generations: the runs of a seed with the same steps share
+    # one set of baselines, trained in the seed's first run (spin), none in the others
+    runs = out / "regime" / "runs"
+    assert sorted(p.name for p in (runs / "spin=beta0.1-seed0").glob("continued-sft*")) == \
+        ["continued-sft", "continued-sft-0"]
+    for setting in ("space=mu1", "tspin=alpha1-hist0.1"):
+        assert not list((runs / f"{setting}-seed0").glob("continued-sft*"))
+        assert [p["continued_sft"] for p in r["settings"][setting][0]["iterations"]] == \
+            [p["continued_sft"] for p in r["settings"]["spin=beta0.1"][0]["iterations"]]
     # each objective's choice (one candidate each here) and the best one, from validation accuracy alone
     val = {s: rs[0]["iterations"][-1]["spin"]["val_accuracy"] for s, rs in r["settings"].items()}
     assert {o: c["setting"] for o, c in r["chosen"].items()} == {s.split("=")[0]: s for s in r["settings"]}
@@ -273,5 +289,5 @@ def test_family_quick_runs_every_objective_and_chooses_on_validation(tmp_path):
     assert_png(out / "family.png")
     again = experiment("family", out, "--seeds", "0", "--iterations", "2")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "sft: " not in again.stdout + again.stderr  # resumed: nothing retrained
+    assert not trained(again.stdout + again.stderr)  # resumed: nothing retrained
     assert read_json(out / "results.json") == results

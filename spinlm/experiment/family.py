@@ -9,9 +9,9 @@ SFT curve on 400 problems) and the demo's (5000 problems, early stopping on vali
 From it, per seed, each candidate setting of each objective in FAMILY (the papers' defaults; the
 paper's loss alone: no NLL term except in spin+nll, no in-iteration checks) for the iterations
 asked, and for every run and iteration t continued SFT for as many optimizer steps as the run's
-iterations 0..t took (spin-vs-sft's baseline, its own for every run, so each difference is
-paired on seed and steps). Each objective's setting is
-chosen on validation (mean validation accuracy after the last iteration over seeds); so is the
+iterations 0..t took (spin-vs-sft's baseline; the runs of a seed whose iterations took the same
+steps share one, which is the same model for each: see baseline_holders), so each difference is
+paired on seed and steps. Each objective's setting is chosen on validation (mean validation accuracy after the last iteration over seeds); so is the
 best objective. Test numbers, with paired objective - continued SFT differences per seed, are
 reported for the chosen settings, and for every candidate as well (marked), never chosen on test.
 
@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import statistics
 from pathlib import Path
 
+from ..loop import iteration_steps
 from .common import Setup, band, base_config, build_inputs, fine_tune, fmt, run_all, spin_config, write_results
 from . import regime, spin_vs_sft
 
@@ -67,24 +69,48 @@ def compare(setup: Setup, task: str) -> dict:
         start = fine_tune(base, base["model"]["name_or_path"], setup.out / "sft")
     jobs = {}
     for seed in setup.seeds:
-        for name, spin in candidates(setup.quick).items():
+        for i, (name, spin) in enumerate(candidates(setup.quick).items()):
             train = {"eval_every": 0}
             if task == "regime" and not setup.quick:
                 train.update(regime.PAPER_EPOCHS)  # as `spinlm experiment regime`: 2 epochs of 400 prompts
             jobs[f"{name}-seed{seed}"] = spin_config(base, start, setup.out / "runs" / f"{name}-seed{seed}", seed,
                                                      setup.overrides, spin=copy.deepcopy(spin), train=train,
-                                                     eval={"continued_sft": True})
+                                                     eval={"continued_sft": i == 0})  # the seed's first run trains it
     failed = run_all(setup.out / "runs", jobs, setup.workers)
-    for name, cfg in jobs.items():
-        if name not in failed:
-            spin_vs_sft.baselines(Path(cfg["run"]["dir"]), start, cfg)
-    by_setting = regime.by_setting_of(jobs, failed)
+    holders = baseline_holders(jobs, failed)
+    for holder in dict.fromkeys(holders.values()):
+        spin_vs_sft.baselines(holder, start, jobs[holder.name])
+    by_setting = regime.by_setting_of(jobs, failed, holders)
     chosen = {}
     for objective in dict.fromkeys(s.split("=", 1)[0] for s in by_setting):
         choice, last_val = regime.choose({s: rs for s, rs in by_setting.items() if s.split("=", 1)[0] == objective})
         chosen[objective] = {"setting": choice, "val_accuracy_last": last_val}
     best, _ = regime.choose({c["setting"]: by_setting[c["setting"]] for c in chosen.values() if c["setting"]})
     return {"settings": by_setting, "chosen": chosen, "best": best, "failed": failed}
+
+
+def baseline_holders(jobs: dict[str, dict], failed: list[str]) -> dict[str, Path]:
+    """Finished job -> the run directory that holds its continued-SFT baselines. Continued SFT sees
+    neither the objective nor the generated responses: from the same start, with the same seed,
+    data, sft/train/eval settings and number of steps, it is the same model. So the runs that agree
+    on all of these (and on every iteration's steps) share one set of baselines, trained in the
+    first of them (the one that trained its last one in-run where it finished); the others' pairing
+    on seed and steps is unchanged."""
+    groups: dict[str, list[str]] = {}
+    for name, cfg in jobs.items():
+        if name in failed:
+            continue
+        run_dir = Path(cfg["run"]["dir"])
+        rest = {k: v for k, v in cfg.items() if k not in ("spin", "run")}
+        rest["eval"] = {k: v for k, v in cfg["eval"].items() if k != "continued_sft"}
+        key = json.dumps([cfg["run"]["seed"], cfg["spin"]["iterations"], rest,
+                          iteration_steps(run_dir, cfg["spin"]["iterations"])], sort_keys=True)
+        groups.setdefault(key, []).append(name)
+    holders = {}
+    for names in groups.values():
+        first = next((n for n in names if jobs[n]["eval"]["continued_sft"]), names[0])
+        holders.update({n: Path(jobs[first]["run"]["dir"]) for n in names})
+    return holders
 
 
 def table(results: dict) -> str:

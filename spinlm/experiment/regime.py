@@ -97,11 +97,12 @@ def collect(jobs: dict[str, dict], failed: list[str], start: Path, kl: dict) -> 
                               for name, r in kl.get("runs", {}).items()}}
 
 
-def by_setting_of(jobs: dict[str, dict], failed: list[str]) -> dict[str, list[dict]]:
+def by_setting_of(jobs: dict[str, dict], failed: list[str],
+                  baseline_dirs: dict[str, Path] | None = None) -> dict[str, list[dict]]:
     """The finished runs (spin_vs_sft.collect's per-run results) grouped by setting: jobs are named
     SETTING-seedN."""
     by_setting: dict[str, list[dict]] = {}
-    for name, r in spin_vs_sft.collect(jobs, failed)["seeds"].items():
+    for name, r in spin_vs_sft.collect(jobs, failed, baseline_dirs)["seeds"].items():
         by_setting.setdefault(name.rsplit("-seed", 1)[0], []).append(r)
     return by_setting
 

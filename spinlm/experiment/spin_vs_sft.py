@@ -43,13 +43,17 @@ def experiment(setup: Setup) -> dict:
 
 
 def baselines(run_dir: Path, start: Path, cfg_dict: dict) -> None:
-    """RUN/continued-sft-{t}: continued SFT for the steps of iterations 0..t (the run's own
-    continued-sft/ already covers all T iterations)."""
+    """RUN/continued-sft-{t}: continued SFT for the steps of iterations 0..t; the last one is
+    RUN/continued-sft, which a run with eval.continued_sft trained already."""
     cfg = resolved(cfg_dict)
     cumulative = list(itertools.accumulate(iteration_steps(run_dir, cfg.spin.iterations)))
     data = check(cfg)
-    for t, steps in enumerate(cumulative[:-1]):
-        sft_for_steps(Stage(run_dir), run_dir / f"continued-sft-{t}", str(start), data, cfg, steps)
+    for t, steps in enumerate(cumulative):
+        sft_for_steps(Stage(run_dir), run_dir / baseline_name(t, len(cumulative)), str(start), data, cfg, steps)
+
+
+def baseline_name(t: int, iterations: int) -> str:
+    return "continued-sft" if t == iterations - 1 else f"continued-sft-{t}"
 
 
 def _point(entry: dict, seconds: float) -> dict:
@@ -58,13 +62,15 @@ def _point(entry: dict, seconds: float) -> dict:
             "seconds": seconds}
 
 
-def collect(jobs: dict[str, dict], failed: list[str]) -> dict:
-    """Per seed: the start, then per iteration t the SPIN model and the equal-steps baseline."""
+def collect(jobs: dict[str, dict], failed: list[str], baseline_dirs: dict[str, Path] | None = None) -> dict:
+    """Per seed: the start, then per iteration t the SPIN model and the equal-steps baseline (in
+    the run's own directory, or `baseline_dirs[name]`'s where runs share their baselines)."""
     seeds = {}
     for name, cfg in jobs.items():
         if name in failed:
             continue
         run_dir = Path(cfg["run"]["dir"])
+        baseline_dir = (baseline_dirs or {}).get(name, run_dir)
         entries = summary(run_dir)
         iterations = cfg["spin"]["iterations"]
         steps = list(itertools.accumulate(iteration_steps(run_dir, iterations)))
@@ -72,8 +78,7 @@ def collect(jobs: dict[str, dict], failed: list[str]) -> dict:
                                                if k != "evaluate") for t in range(iterations)))
         rows = []
         for t in range(iterations):
-            where = "continued-sft" if t == iterations - 1 else f"continued-sft-{t}"
-            base_entry = entries.get(where) or model_entry(run_dir, where, cfg["model"]["name_or_path"])
+            base_entry = model_entry(baseline_dir, baseline_name(t, iterations), cfg["model"]["name_or_path"])
             rows.append({"iteration": t, "steps": steps[t], "spin": _point(entries[f"iteration-{t}"], spin_s[t]),
                          "continued_sft": _point(base_entry, base_entry["seconds"].get("train", 0.0))})
         seeds[name] = {"seed": cfg["run"]["seed"], "start": _point(entries["sft"], 0.0), "iterations": rows,
