@@ -61,6 +61,7 @@ bench: $(TEST_STAMP) $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.vllm_generation
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.strategies
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.vocab
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

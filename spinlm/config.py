@@ -189,7 +189,8 @@ class PackingConfig:
     max_tokens: int = _f(512, "Token budget of one packed row (a longer pair gets a row of its own; rows of a "
                          "micro-batch are padded to the longest). Pairs in a row attend through the mask, so "
                          "longer rows spend more on attention.")
-    backward_per_row: bool = _f(True, "In training, run forward and backward one packed row at a time (gradients "
+    backward_per_row: bool = _f(True, "In training (SPIN, DPO and SFT stages), run forward and backward one packed "
+                                "row at a time (gradients "
                                 "add up to the same step), so activations of one row, not of the whole "
                                 "micro-batch, are held at once.")
 

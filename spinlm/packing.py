@@ -221,14 +221,24 @@ def packed_logps(model, groups: list[Group], budget: int, pad_id: int,
         with _select_head_input(model, keep):
             logits = model(**inputs).logits
     logits = logits.float()  # (n_kept, vocab)
-    lse = torch.logsumexp(logits, dim=-1)
-    out, done = [], {}  # a response laid out once (identical copies in a group) is summed once
+    # One gather for every response token and one segment sum: indexing the logits once per
+    # response would make each response's backward a dense (n_kept, vocab) gradient
+    # (gigabytes at a 128k vocabulary). A response laid out once (identical copies in a group)
+    # is one segment, summed once.
+    slot: dict[int, int] = {}
+    index, tokens = [], []
     for per_response in batch.targets:
         for idx, tok in per_response:
-            if id(idx) not in done:
-                done[id(idx)] = ((logits[idx.to(dev), tok.to(dev)] - lse[idx.to(dev)]).sum(), len(tok))
-        out.append([done[id(idx)] for idx, _ in per_response])
-    return out
+            if id(idx) not in slot:
+                slot[id(idx)] = len(index)
+                index.append(idx)
+                tokens.append(tok)
+    flat_index, flat_tokens = torch.cat(index).to(dev), torch.cat(tokens).to(dev)
+    lengths = torch.tensor([len(t) for t in tokens], device=dev)
+    per_token = logits[flat_index, flat_tokens] - torch.logsumexp(logits, dim=-1)[flat_index]
+    owner = torch.repeat_interleave(torch.arange(len(index), device=dev), lengths)
+    sums = torch.zeros(len(index), device=dev, dtype=per_token.dtype).index_add(0, owner, per_token).unbind()
+    return [[(sums[slot[id(idx)]], len(tok)) for idx, tok in per_response] for per_response in batch.targets]
 
 
 def plain_logps(model, groups: list[Group], pad_id: int) -> list[list[tuple[torch.Tensor, int]]]:

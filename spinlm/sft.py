@@ -25,7 +25,7 @@ from .data import Example
 from . import checkpoint
 from .io import fault_point, write_json
 from .lora import is_adapted, restore, trainable_state
-from .packing import Group, prepare, response_logps, score_groups
+from .packing import Group, pack, prepare, response_logps, score_groups
 from .modeling import load_tokenizer
 from .tokens import Limits, encode_example
 from .tracking import Log
@@ -104,7 +104,8 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     while state["step"] < steps and not stopped:
         epoch, k = divmod(state["step"], per_epoch)
         micro, n_examples = plans.setdefault(epoch, plan(epoch))[k]
-        loss = _sft_step(strategy, model, [[train_seqs[i] for i in ids] for ids in micro], pad, budget)
+        loss = _sft_step(strategy, model, [[train_seqs[i] for i in ids] for ids in micro], pad, budget,
+                         cfg.packing.backward_per_row)
         state["examples"] = state.get("examples", 0) + n_examples
         window["tokens"] += world * sum(len(train_seqs[i][0]) + len(train_seqs[i][1][0]) for ids in micro for i in ids)
         if cfg.train.max_grad_norm > 0:
@@ -142,17 +143,28 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     return result
 
 
-def _sft_step(strategy, model, micro: list[list[Group]], pad: int, budget: int | None) -> torch.Tensor:
-    """Forward and backward of one optimizer step's micro-batches: the loss is the mean NLL over all
-    response tokens of the step (this process's), whatever the accumulation; DDP syncs once, after
-    the last micro-batch (fsdp after each: spinlm.strategy). Returns the step's loss (detached)."""
+def _sft_step(strategy, model, micro: list[list[Group]], pad: int, budget: int | None,
+              per_row: bool = True) -> torch.Tensor:
+    """Forward and backward of one optimizer step's micro-batches, one packed row at a time with
+    `per_row` (packing.backward_per_row: one row's activations held, as in SPIN training), else a
+    micro-batch at a time. The loss is the mean NLL over all response tokens of the step (this
+    process's), whatever the accumulation; DDP syncs once, after the last forward (fsdp after each:
+    spinlm.strategy; fsdp and zero3 run as many forwards on every process, the extra ones weighted
+    0). Returns the step's loss (detached)."""
     total_tokens = sum(len(r) for batch in micro for _, responses in batch for r in responses)
+    def rows(batch: list[Group]) -> list[list[Group]]:
+        return [[batch[i] for i in row] for row in pack(batch, budget)] if per_row and budget else [batch]
+
+    parts = [part for batch in micro for part in rows(batch)]
+    forwards = strategy.forwards(len(parts))
     loss = torch.zeros(())
-    for j, batch in enumerate(micro):
-        with strategy.sync(model, last=j == len(micro) - 1):
-            part = -torch.stack([s for group in response_logps(model, batch, pad, budget) for s, _ in group]).sum()
-            strategy.backward(part / total_tokens)
-        loss += part.detach().cpu() / total_tokens
+    for j in range(forwards):
+        part, weight = (parts[j], 1.0) if j < len(parts) else (parts[-1], 0.0)
+        with strategy.sync(model, last=j == forwards - 1):
+            nll = -torch.stack([s for group in response_logps(model, part, pad, budget) for s, _ in group]).sum()
+            strategy.backward(nll * (weight / total_tokens))
+        if weight:
+            loss += nll.detach().cpu() / total_tokens
     return loss
 
 

@@ -26,3 +26,21 @@ def test_bench_smoke_writes_all_ratios(tmp_path):
         assert isinstance(res[key], float) and res[key] > 0, key
     assert res["tokens"]["pairs"] == 16 and res["runs"]["spinlm"][0]["steps"] == res["runs"]["trl_live"][0]["steps"]
     assert "| train: spinlm vs TRL, live reference |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_vocab_bench_smoke_runs_every_peer(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "vocab.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.vocab", "--smoke", "--threads", "1", "--repeats", "1",
+                           "--out", str(out)], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert sorted(res["runs"]) == ["300", "4096"]
+    for runs in res["runs"].values():
+        assert sorted(runs) == ["packed", "packed_batch", "plain"]
+        assert all(r["step_s"] > 0 and r["rows"] >= 1 for r in runs.values())
+        # the three peers see the same pairs and the same model
+        assert len({(r["unique_tokens"], r["parameters"]) for r in runs.values()}) == 1
+    assert len({r["unique_tokens"] for runs in res["runs"].values() for r in runs.values()}) == 1  # same lengths
+    assert "| 4,096 |" in proc.stdout

@@ -111,6 +111,37 @@ def test_identical_responses_give_the_values_and_gradients_of_separate_copies(na
     assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("native", [None, False], ids=["auto", "head-hook"])
+def test_logits_gradient_does_not_grow_with_the_number_of_responses(native):
+    # Each autograd node that reads the (n_kept, vocab) logits gives them a dense gradient of that
+    # size in the backward: one node per response costs gigabytes at a real vocabulary (128k x a few
+    # thousand kept positions). Their number must not depend on how many responses are packed.
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ARCHS["llama"]())
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(out))
+
+    def readers_of_logits(groups):
+        seen.clear()
+        out = packed_logps(model, groups, 64, 0, native=native)
+        total = sum(v for per in out for v, _ in per)
+        (logits,) = seen
+        stack, visited, readers = [total.grad_fn], set(), 0
+        while stack:
+            node = stack.pop()
+            if node is None or node in visited:
+                continue
+            visited.add(node)
+            nexts = [n for n, _ in node.next_functions]
+            readers += logits.grad_fn in nexts
+            stack += nexts
+        return readers
+
+    groups = _groups(4)
+    few, many = readers_of_logits(groups[:1]), readers_of_logits(groups)
+    assert 0 < few == many, (few, many)  # 2 responses vs 12
+
+
 def test_pack_respects_budget_and_keeps_every_group():
     lengths = [50, 10, 30, 45, 5, 5, 70, 100]
     groups = [([1] * (n - 1), [[2]]) for n in lengths]
