@@ -66,17 +66,22 @@ def test_empty_generations_are_reported_and_not_trained_on(tiny_model, task_data
     assert json.loads(json.dumps(scored[0]))["ref_real_logp"] < 0
 
 
-def test_backward_per_packed_row_gives_the_same_update(tiny_model, pairs, tmp_path):
-    """packing.backward_per_row splits a micro-batch into its packed rows, one forward and backward
-    each: the summed gradients, hence the weights after training, equal one backward per micro-batch."""
-    args = ["train", "--model", str(tiny_model), "--pairs", str(pairs), "--train.batch_size=16",
-            "--packing.max_tokens=96", "--train.learning_rate=1e-3", "--train.max_steps=3", *COMMON]
+def _same_weights_per_row_and_whole(args: list[str], tiny_model, tmp_path) -> None:
+    """Trained with and without packing.backward_per_row: the same weights, moved from the start."""
     assert main([*args, "--out", str(tmp_path / "rows"), "--packing.backward_per_row=true"]) == 0
     assert main([*args, "--out", str(tmp_path / "whole"), "--packing.backward_per_row=false"]) == 0
     a, b = load_file(str(tmp_path / "rows" / "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
     start = load_file(str(tiny_model / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4
+
+
+def test_backward_per_packed_row_gives_the_same_update(tiny_model, pairs, tmp_path):
+    """packing.backward_per_row splits a micro-batch into its packed rows, one forward and backward
+    each: the summed gradients, hence the weights after training, equal one backward per micro-batch."""
+    args = ["train", "--model", str(tiny_model), "--pairs", str(pairs), "--train.batch_size=16",
+            "--packing.max_tokens=96", "--train.learning_rate=1e-3", "--train.max_steps=3", *COMMON]
+    _same_weights_per_row_and_whole(args, tiny_model, tmp_path)
     from spinlm.config import Config
     from spinlm.modeling import load_tokenizer
     from spinlm.packing import pack
@@ -94,12 +99,7 @@ def test_sft_backward_per_packed_row_gives_the_same_update(tiny_model, task_data
     args = ["sft", "--model", str(tiny_model), "--data", str(task_data["train"]), "--sft.batch_size=16",
             "--sft.epochs=1", "--sft.learning_rate=1e-2", "--packing.max_tokens=96", "--data.max_length=128",
             "--data.max_prompt_length=64", "--run.progress=false"]
-    assert main([*args, "--out", str(tmp_path / "rows"), "--packing.backward_per_row=true"]) == 0
-    assert main([*args, "--out", str(tmp_path / "whole"), "--packing.backward_per_row=false"]) == 0
-    a, b = load_file(str(tmp_path / "rows" / "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
-    start = load_file(str(tiny_model / "model.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4
+    _same_weights_per_row_and_whole(args, tiny_model, tmp_path)
     assert read_json(tmp_path / "rows" / "spinlm_sft.json")["steps"] == 3  # 48 examples, 16 a step
     from spinlm.config import Config
     from spinlm.data import load_examples

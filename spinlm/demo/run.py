@@ -38,7 +38,9 @@ def defaults(out: Path) -> dict:
         "sft": {"enabled": True, "learning_rate": 1e-3, "epochs": 40, "batch_size": 32, "patience": 2,
                 "warmup_ratio": 0.05},
         "generation": {"max_new_tokens": 16, "batch_size": 128},
-        "packing": {"max_tokens": 256},
+        # a micro-batch of this 1.4M model holds a few MB of activations: one forward per micro-batch,
+        # not per packed row (one per row was 1.2-1.6x slower in SFT here; it is for real models' memory)
+        "packing": {"max_tokens": 256, "backward_per_row": False},
         # picked by `python -m spinlm.demo.sweep` on validation accuracy (RESULTS.md): the paper's beta and
         # optimizer, a 5x higher learning rate, and the real responses' NLL as a regulariser
         "spin": {"iterations": 3, "mix_window": 2, "beta": 0.1, "loss_type": "sigmoid", "sft_weight": 1.0},
