@@ -25,12 +25,12 @@ from .data import Example
 from . import checkpoint
 from .io import fault_point, write_json
 from .lora import is_adapted, restore, trainable_state
-from .packing import Group, pack, prepare, response_logps, score_groups
+from .packing import Group, prepare, response_logps, score_groups
 from .modeling import load_tokenizer
 from .tokens import Limits, encode_example
 from .tracking import Log
 from .strategy import make_strategy
-from .training import epoch_steps, linear_schedule, load_trainable, make_optimizer
+from .training import epoch_steps, linear_schedule, load_trainable, make_optimizer, step_forwards
 
 log = logging.getLogger("spinlm")
 
@@ -152,15 +152,9 @@ def _sft_step(strategy, model, micro: list[list[Group]], pad: int, budget: int |
     spinlm.strategy; fsdp and zero3 run as many forwards on every process, the extra ones weighted
     0). Returns the step's loss (detached)."""
     total_tokens = sum(len(r) for batch in micro for _, responses in batch for r in responses)
-    def rows(batch: list[Group]) -> list[list[Group]]:
-        return [[batch[i] for i in row] for row in pack(batch, budget)] if per_row and budget else [batch]
-
-    parts = [part for batch in micro for part in rows(batch)]
-    forwards = strategy.forwards(len(parts))
     loss = torch.zeros(())
-    for j in range(forwards):
-        part, weight = (parts[j], 1.0) if j < len(parts) else (parts[-1], 0.0)
-        with strategy.sync(model, last=j == forwards - 1):
+    for part, weight, last in step_forwards(strategy, micro, lambda batch: batch, budget, per_row):
+        with strategy.sync(model, last=last):
             nll = -torch.stack([s for group in response_logps(model, part, pad, budget) for s, _ in group]).sum()
             strategy.backward(nll * (weight / total_tokens))
         if weight:

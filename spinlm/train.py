@@ -28,12 +28,12 @@ from .errors import TrainingStopped, UserError
 from .io import fault_point, read_jsonl, write_json
 from .loss import objective_loss, objective_terms, real_nll_per_token, spin_rewards, tspin_terms
 from .modeling import load_tokenizer
-from .packing import pack, prepare, response_logps
+from .packing import prepare, response_logps
 from .score import limits
 from .tokens import encode_pair, is_dead
 from .tracking import Log
 from .strategy import make_strategy
-from .training import disable_dropout, epoch_steps, linear_schedule, load_trainable, make_optimizer
+from .training import disable_dropout, epoch_steps, linear_schedule, load_trainable, make_optimizer, step_forwards
 
 log = logging.getLogger("spinlm")
 # the log line's metrics (every one is in the training log); then the objective's own terms/*
@@ -232,11 +232,9 @@ def train_step(strategy, model, optimizer, scheduler, micro: list[list[dict]], n
     `n_pairs` pairs of all processes. Guards non-finite values; applies the grad-norm skip policy."""
     tc, world = cfg.train, strategy.world
     metrics, count = {}, 0
-    parts = [part for batch in micro for part in _rows(batch, budget, cfg.packing.backward_per_row)]
-    forwards = strategy.forwards(len(parts))  # fsdp: as many on every process; the extra ones count 0
-    for j in range(forwards):
-        part, weight = (parts[j], 1.0) if j < len(parts) else (parts[-1], 0.0)
-        with strategy.sync(model, last=j == forwards - 1):  # gradients of all parts add up, synced after the last
+    groups_of = lambda batch: [(b["prompt"], responses(b)) for b in batch]
+    for part, weight, last in step_forwards(strategy, micro, groups_of, budget, cfg.packing.backward_per_row):
+        with strategy.sync(model, last=last):  # gradients of all parts add up, synced after the last
             losses, per_pair = batch_losses(model, part, pad, budget, beta, cfg.spin.loss_type, cfg.spin.sft_weight,
                                             cfg.spin.objective, objective_param(cfg, iteration))
             strategy.backward(losses.sum() * (weight * world / n_pairs))
@@ -259,13 +257,6 @@ def train_step(strategy, model, optimizer, scheduler, micro: list[list[dict]], n
     optimizer.zero_grad()
     state["step"] += 1
     return metrics
-
-
-def _rows(batch: list[dict], budget: int | None, per_row: bool) -> list[list[dict]]:
-    """The micro-batch as the packed rows it forms (one forward and backward each), or whole."""
-    if not (per_row and budget):
-        return [batch]
-    return [[batch[i] for i in row] for row in pack([(b["prompt"], responses(b)) for b in batch], budget)]
 
 
 def heldout_check(strategy, model, tokenizer, heldout: list[Example], cfg: Config, state: dict,

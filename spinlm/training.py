@@ -9,6 +9,7 @@ import torch
 
 from .lora import add_adapter
 from .modeling import load_model
+from .packing import pack
 
 
 def load_trainable(model_path: str, model_cfg, dev: torch.device, checkpointing: bool, peft_cfg=None):
@@ -77,3 +78,19 @@ def linear_schedule(optimizer, steps: int, warmup_ratio: float, factor: int = 1)
     from transformers import get_linear_schedule_with_warmup
 
     return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * steps) * factor, steps * factor)
+
+
+def step_forwards(strategy, micro: list[list], groups_of, budget: int | None, per_row: bool):
+    """One optimizer step's forwards as (part, weight, last): each micro-batch whole, or with
+    `per_row` (packing.backward_per_row) split into the packed rows it forms, so one row's
+    activations are held at a time. fsdp and zero3 run as many forwards on every process
+    (strategy.forwards): the extra ones repeat the last part with weight 0. `last` marks the forward
+    after which gradients sync. `groups_of(batch)`: the batch's (prompt, responses) groups."""
+    def rows(batch: list) -> list[list]:
+        if not (per_row and budget):
+            return [batch]
+        return [[batch[i] for i in row] for row in pack(groups_of(batch), budget)]
+
+    parts = [part for batch in micro for part in rows(batch)]
+    n = strategy.forwards(len(parts))
+    return [(parts[j], 1.0, j == n - 1) if j < len(parts) else (parts[-1], 0.0, j == n - 1) for j in range(n)]

@@ -165,12 +165,14 @@ def _uneven_budget(tiny_model: Path, pairs: Path) -> int:
     numbers of rows in some step (so fsdp must run extra, zero-weighted forwards on one of them)."""
     from spinlm.config import build
     from spinlm.modeling import load_tokenizer
-    from spinlm.train import _rows, pair_items
+    from spinlm.packing import pack
+    from spinlm.train import pair_items, responses
     from spinlm.training import epoch_steps
 
     cfg = build(overrides=COMMON)
     items = pair_items(load_tokenizer(str(tiny_model), cfg.model), read_jsonl(pairs), cfg)
-    rows = lambda budget, rank: [sum(len(_rows([items[i] for i in ids], budget, True)) for ids in micro)
+    rows = lambda budget, rank: [sum(len(pack([(items[i]["prompt"], responses(items[i])) for i in ids], budget))
+                                     for ids in micro)
                                  for micro, _ in epoch_steps(len(items), 4, 1, 2, rank, cfg.run.seed, 0)]
     return next(b for b in range(48, 256, 4) if rows(b, 0) != rows(b, 1))
 
