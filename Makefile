@@ -55,6 +55,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/spinlm demo $(ARGS)
 
 test: $(TEST_STAMP) $(VLLM_STAMP)
+	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -rs $(ARGS)
 
 bench: $(TEST_STAMP) $(VLLM_STAMP)

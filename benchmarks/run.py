@@ -66,14 +66,14 @@ def peak_rss_mb() -> float:
 
 def peer_spinlm(work: Path, args) -> dict:
     from spinlm import config
-    from spinlm.score import score_files
-    from spinlm.train import train
+    from spinlm.stages.score import score_files
+    from spinlm.stages.train import train
 
     cfg = config.build(None, [f"--model.name_or_path={work / 'model'}", "--run.progress=false",
                               f"--train.batch_size={BATCH}", "--train.epochs=1", f"--train.learning_rate={LR}",
                               f"--spin.beta={BETA}", "--train.warmup_ratio=0.1", "--data.max_length=4096",
                               "--data.max_prompt_length=2048", "--eval.batch_size=16",
-                              f"--run.log_every=1000", *args.spinlm_flags])
+                              "--run.log_every=1000", *args.spinlm_flags])
     pairs = work / "spinlm-pairs.jsonl"
     out = work / "spinlm-model"
     for stale in [*work.glob("spinlm-pairs.jsonl.partial*"), *work.glob("spinlm-model.checkpoints")]:
@@ -97,9 +97,10 @@ def _trl_trainer(work: Path, precompute: bool):
                                         "rejected": [{"role": "assistant", "content": r["generated"]}]} for r in rows])
     tok = AutoTokenizer.from_pretrained(work / "model")
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype="float32")
-    args = DPOConfig(output_dir=str(work / ("trl-pre" if precompute else "trl-live")), per_device_train_batch_size=BATCH,
-                     num_train_epochs=1, learning_rate=LR, beta=BETA, loss_type=["sigmoid"], optim="rmsprop",
-                     lr_scheduler_type="linear", warmup_steps=int(0.1 * math.ceil(len(rows) / BATCH)), max_length=None, save_strategy="no",
+    args = DPOConfig(output_dir=str(work / ("trl-pre" if precompute else "trl-live")),
+                     per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR, beta=BETA,
+                     loss_type=["sigmoid"], optim="rmsprop", lr_scheduler_type="linear",
+                     warmup_steps=int(0.1 * math.ceil(len(rows) / BATCH)), max_length=None, save_strategy="no",
                      report_to=[], logging_steps=1000, use_cpu=True, bf16=False, seed=0,
                      precompute_ref_log_probs=precompute, precompute_ref_batch_size=16, dataloader_num_workers=0,
                      disable_tqdm=True)
@@ -120,7 +121,7 @@ def peer_generate(work: Path, spinlm_way: bool, max_new_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers import GenerationConfig as HFGen
 
-    from spinlm.generate import generate, row_seed
+    from spinlm.generation.local import generate, row_seed
     from spinlm.tokens import encode_prompt
 
     rows = [json.loads(line) for line in (work / "generations.jsonl").read_text().splitlines()]
@@ -230,7 +231,8 @@ def summarize(runs: dict, tokens: dict, gflops: float, meta: dict) -> dict:
 def table(res: dict) -> str:
     rows = [("train: spinlm vs TRL, live reference", f"{res['train_speedup_vs_trl_live']:.2f}x", "2.5x"),
             ("train: spinlm vs TRL, precomputed reference", f"{res['train_speedup_vs_trl_precompute']:.2f}x", "1.8x"),
-            ("score+train: spinlm vs TRL precompute+train", f"{res['score_train_speedup_vs_trl_precompute']:.2f}x", "1.8x"),
+            ("score+train: spinlm vs TRL precompute+train", f"{res['score_train_speedup_vs_trl_precompute']:.2f}x",
+             "1.8x"),
             ("train peak memory: spinlm / TRL live", f"{res['train_peak_mem_ratio_vs_trl_live']:.2f}", "<= 0.6"),
             ("generation tokens/s: spinlm / naive", f"{res['generate_speedup_vs_naive']:.2f}x", "1.5x"),
             ("train useful-FLOP utilization", f"{100 * res['train_useful_flop_utilization']:.0f}%", "50%")]

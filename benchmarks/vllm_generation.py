@@ -71,7 +71,7 @@ def _cfg(work: Path, args, *extra):
 def _inputs(work: Path, cfg):
     """(examples, tokenizer, prompt ids, row seeds, stop ids) as spinlm's generate stage builds them."""
     from spinlm.data import load_examples
-    from spinlm.generate import checkpoint_generation_config, row_seed
+    from spinlm.generation.local import checkpoint_generation_config, row_seed
     from spinlm.modeling import load_tokenizer
     from spinlm.tokens import encode_prompt, stop_ids
 
@@ -83,8 +83,8 @@ def _inputs(work: Path, cfg):
 
 
 def peer_spinlm(work: Path, args, backend: str) -> dict:
-    from spinlm.generate import generate_file
     from spinlm.io import read_jsonl
+    from spinlm.stages.generate import generate_file
 
     extra = {"local": [], "server": ["--generation.backend=server", f"--generation.server_url={args.url}"],
              "vllm": ["--generation.backend=vllm", "--generation.vllm_args=" + " ".join(VLLM_FLAGS)]}[backend]
@@ -124,7 +124,7 @@ class _VllmTimes(logging.Handler):
 def peer_vllm_alone_inprocess(work: Path, args) -> dict:
     import vllm
 
-    from spinlm.vllm_engine import sampling_params
+    from spinlm.generation.vllm_engine import sampling_params
 
     cfg = _cfg(work, args)
     _, _, prompts, seeds, stops = _inputs(work, cfg)
@@ -155,7 +155,8 @@ def peer_vllm_alone_server(work: Path, args) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
 
 
-PEERS = {"spinlm-local": lambda w, a: peer_spinlm(w, a, "local"), "spinlm-server": lambda w, a: peer_spinlm(w, a, "server"),
+PEERS = {"spinlm-local": lambda w, a: peer_spinlm(w, a, "local"),
+         "spinlm-server": lambda w, a: peer_spinlm(w, a, "server"),
          "spinlm-vllm": lambda w, a: peer_spinlm(w, a, "vllm"), "vllm-alone-server": peer_vllm_alone_server,
          "vllm-alone-inprocess": peer_vllm_alone_inprocess}
 
@@ -172,7 +173,7 @@ def _run_peer(python: Path, name: str, args) -> dict:
 
 
 def _start_server(work: Path):
-    from spinlm.server import free_port
+    from spinlm.generation.process import free_port
 
     port = free_port()
     log = open(work / "server.log", "wb")
@@ -210,7 +211,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     make_inputs(args.work, args.prompts)
     runs = {"spinlm-local": _run_peer(Path(sys.executable), "spinlm-local", args)}
-    from spinlm.server import stop_process_group
+    from spinlm.generation.process import stop_process_group
 
     proc, args.url, startup = _start_server(args.work)
     try:
@@ -236,7 +237,8 @@ def table(res: dict) -> str:
     row = lambda name, label: (f"| {label} | {r[name]['tok_s']:.0f} | {r[name]['tokens']} | {r[name]['seconds']:.2f} |")
     return "\n".join([
         f"{res['prompts']} prompts x up to {res['max_new_tokens']} new tokens; vLLM server start-up "
-        f"{res['server_startup_s']:.1f} s, in-process engine up {r['spinlm-vllm'].get('engine_up_s', 0):.1f} s (spinlm) / "
+        f"{res['server_startup_s']:.1f} s, in-process engine up "
+        f"{r['spinlm-vllm'].get('engine_up_s', 0):.1f} s (spinlm) / "
         f"{r['vllm-alone-inprocess']['engine_up_s']:.1f} s (alone)", "",
         "| peer | tokens/s | tokens | seconds |", "|---|---|---|---|",
         row("spinlm-local", "spinlm, local backend (transformers generate)"),

@@ -43,7 +43,8 @@ def pairs(vocab: int, size: dict, n: int = PAIRS, seed: int = 0):
     scale = size["hi"] / 384
 
     def ids(median):
-        return [tokens.randrange(3, vocab) for _ in range(skewed_length(lengths, size["lo"], size["hi"], median * scale))]
+        return [tokens.randrange(3, vocab)
+                for _ in range(skewed_length(lengths, size["lo"], size["hi"], median * scale))]
 
     return [(ids(40), [ids(56), ids(56)]) for _ in range(n)]
 
@@ -131,7 +132,8 @@ def main() -> None:
     res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
            "command": "python -m benchmarks.vocab " + " ".join(sys.argv[1:]), "smoke": args.smoke,
-           "pairs": args.pairs, "budget": BUDGET, "repeats": args.repeats, "wall_s": time.time() - started, "runs": runs,
+           "pairs": args.pairs, "budget": BUDGET, "repeats": args.repeats, "wall_s": time.time() - started,
+           "runs": runs,
            "plain_over_packed_time": {v: r["plain"]["step_s"] / r["packed"]["step_s"] for v, r in runs.items()},
            "plain_over_packed_batch_time": {v: r["plain"]["step_s"] / r["packed_batch"]["step_s"]
                                             for v, r in runs.items()}}

@@ -14,9 +14,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import __version__
-from . import config as config_mod
-from .errors import UserError
+from spinlm import __version__
+from spinlm import config as config_mod
+from spinlm.errors import UserError
 
 log = logging.getLogger("spinlm")
 
@@ -105,9 +105,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_experiment(sub) -> None:
-    from .experiment import EXPERIMENTS
-
     import textwrap
+
+    from spinlm.experiment import EXPERIMENTS
 
     about = ("The paper's claims reproduced small, one command each (the plots need `pip install "
              "'spinlm[report]'`). Every --section.key=value flag applies to each SPIN run of the experiment.")
@@ -174,9 +174,9 @@ def _stage_config(args, overrides: list[str], model: str | None = None):
     if model:
         cfg.model.name_or_path = model
     config_mod.validate(cfg, need=("model",))
-    from . import dist
-    from .modeling import use_deterministic
-    from .progress import configure
+    from spinlm import dist
+    from spinlm.modeling import use_deterministic
+    from spinlm.progress import configure
 
     dist.configure(cfg.run)
     configure(cfg.run)
@@ -187,17 +187,17 @@ def _stage_config(args, overrides: list[str], model: str | None = None):
 
 def _atomic(out: str, fn) -> None:
     """Run a stage writing to OUT.tmp, then rename: a crash never leaves OUT half-written."""
-    from . import dist
-    from .io import produce, remove_scratch
+    from spinlm import dist
+    from spinlm.io import finish, produce
 
     produce(Path(out), fn)
+    finish(Path(out))
     if dist.is_main():
-        remove_scratch(Path(out))
         print(f"wrote {out}")
 
 
 def _examples(cfg, source: str | None, split: str):
-    from .data import load_examples
+    from spinlm.data import load_examples
 
     if not source:
         return []
@@ -208,23 +208,23 @@ def dispatch(args, overrides: list[str]) -> None:
     if args.command == "config":
         print(config_mod.reference())
     elif args.command == "run":
-        from .loop import run
+        from spinlm.loop import run
 
         cfg = config_mod.build(args.config, overrides)
         config_mod.validate(cfg)
         run_dir = run(cfg, force=args.force)
-        from . import dist
+        from spinlm import dist
 
         if dist.is_main():
             print(f"run directory: {run_dir}")
     elif args.command == "validate":
-        from .validate import check, report
+        from spinlm.validate import check, report
 
         cfg = config_mod.build(args.config, overrides)
         config_mod.validate(cfg)
         print(report(check(cfg, world=args.world_size, device_gib=args.device_gib)))
     elif args.command == "demo":
-        from .demo.run import demo
+        from spinlm.demo.run import demo
 
         demo(args.out, overrides, force=args.force)
     elif args.command == "experiment":
@@ -240,11 +240,11 @@ def dispatch(args, overrides: list[str]) -> None:
 def dispatch_tool(args) -> None:
     """Commands that read a finished run or model: report, lm-eval."""
     if args.command == "report":
-        from .report import report
+        from spinlm.report.report import report
 
         print(f"wrote {report(args.run_dir, args.out)}")
     else:
-        from .lmeval import lm_eval_run
+        from spinlm.eval.lmeval import lm_eval_run
 
         limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
         summary = lm_eval_run(args.model, Path(args.out), preset=args.preset, tasks=args.tasks, limit=limit,
@@ -255,26 +255,26 @@ def dispatch_tool(args) -> None:
 
 
 def dispatch_stage(args, overrides: list[str]) -> None:
-    from .io import read_jsonl, write_main
+    from spinlm.io import read_jsonl, write_main
 
     cfg = _stage_config(args, overrides, args.model)
     if args.command == "sft":
-        from .sft import sft
+        from spinlm.stages.sft import sft
 
         train = _examples(cfg, args.data, cfg.data.train_split)
         held = _examples(cfg, args.eval_data, cfg.data.eval_split)
         _atomic(args.out, lambda tmp: sft(args.model, train, held, tmp, cfg))
     elif args.command == "generate":
-        from .generate import generate_file
+        from spinlm.stages.generate import generate_file
 
         examples = _examples(cfg, args.data, cfg.data.train_split)
         _atomic(args.out, lambda tmp: generate_file(args.model, examples, tmp, cfg, args.iteration))
     elif args.command == "score":
-        from .score import score_files
+        from spinlm.stages.score import score_files
 
         _atomic(args.out, lambda tmp: score_files(args.model, [Path(g) for g in args.generations], tmp, cfg))
     elif args.command == "train":
-        from .train import train
+        from spinlm.stages.train import train
 
         _atomic(args.out, lambda tmp: train(args.model, Path(args.pairs), tmp, cfg, args.iteration))
     elif args.command == "dpo":
@@ -282,7 +282,7 @@ def dispatch_stage(args, overrides: list[str]) -> None:
     elif args.command == "judge":
         _judge(args, cfg)
     elif args.command == "evaluate":
-        from .evaluate import evaluate
+        from spinlm.stages.evaluate import evaluate
 
         examples = _examples(cfg, args.data, cfg.data.eval_split)
         pairs = read_jsonl(args.pairs) if args.pairs else None
@@ -290,9 +290,9 @@ def dispatch_stage(args, overrides: list[str]) -> None:
 
 
 def _experiment(args, overrides: list[str]) -> None:
-    from .experiment import EXPERIMENTS
-    from .experiment.common import Setup, base_config, resolved
-    from .report import require_matplotlib
+    from spinlm.experiment import EXPERIMENTS
+    from spinlm.experiment.common import Setup, base_config, resolved
+    from spinlm.report.plots import require_matplotlib
 
     exp = EXPERIMENTS[args.name]
     setup = Setup(Path(args.out or f"runs/experiment-{args.name}"), list(args.seeds or exp.seeds),
@@ -307,15 +307,18 @@ def _experiment(args, overrides: list[str]) -> None:
 
 
 def _dpo(args, cfg) -> None:
-    from .data import load_examples
-    from .dpo import dpo
+    from spinlm.data import load_examples
+    from spinlm.dpo import dpo
+    from spinlm.loss import OBJECTIVES, objective
 
     data, held = args.data or cfg.data.train, args.eval_data or cfg.data.eval
     if not data:
         raise UserError("spinlm dpo: no preference data: pass --data PREFS (or set data.train in --config)")
-    if cfg.spin.objective == "tspin":
-        raise UserError("spinlm dpo: spin.objective tspin needs the starting model's own responses, kept across "
-                        "self-play iterations; preference pairs have none. Use spin, space or sppo_hard.")
+    if objective(cfg.spin.objective).historical:
+        names = [name for name, o in OBJECTIVES.items() if not o.historical]
+        pairs = f"{', '.join(names[:-1])} or {names[-1]}"
+        raise UserError(f"spinlm dpo: spin.objective {cfg.spin.objective} needs the starting model's own responses, "
+                        f"kept across self-play iterations; preference pairs have none. Use {pairs}.")
     d = cfg.data
     train = load_examples(data, split=d.train_split, format=d.format, turn=d.turn, max_rows=d.max_train_rows,
                           preference=True)
@@ -323,7 +326,7 @@ def _dpo(args, cfg) -> None:
                             preference=True) if held else None
     val = []
     if cfg.train.eval_every > 0:  # in-training checks select on validation pairs, never on the reported held-out ones
-        from .validate import require_validation, validation_split
+        from spinlm.validate import require_validation, validation_split
 
         if d.val:
             val = load_examples(d.val, split=d.val_split, format=d.format, turn=d.turn, max_rows=d.max_eval_rows,
@@ -332,7 +335,7 @@ def _dpo(args, cfg) -> None:
             train, val = validation_split(cfg, train, data)
         require_validation(cfg, val)
     record = dpo(cfg.model.name_or_path, train, Path(args.out), cfg, heldout, val)
-    from . import dist
+    from spinlm import dist
 
     if dist.is_main():
         ev = record["eval"] or {}
@@ -341,7 +344,7 @@ def _dpo(args, cfg) -> None:
 
 
 def _judge(args, cfg) -> None:
-    from .judge import Judge, judge_run, load_questions
+    from spinlm.eval.judge import Judge, judge_run, load_questions
 
     if args.pairwise != bool(args.model_b):
         raise UserError("spinlm judge: --pairwise and --model-b go together (pairwise compares --model with --model-b)")
@@ -376,11 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.raiseExceptions = False  # a full disk must not turn every log line into a traceback
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        from .modeling import quiet_transformers
+        from spinlm.modeling import quiet_transformers
 
         quiet_transformers()
         if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun / accelerate launch: rank 0 speaks
-            from . import dist
+            from spinlm import dist
 
             if not dist.is_main():
                 log.setLevel(logging.WARNING)
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         print("spinlm: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:
-        from .errors import disk_full
+        from spinlm.errors import disk_full
 
         if disk_full(e):
             print(f"spinlm: error: the disk is full: {e}; nothing was marked done: free some space, then re-run "

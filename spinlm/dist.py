@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, Callable
 
-from .errors import UserError
+from spinlm.errors import UserError
 
 _TIMEOUT_MIN = [360.0]  # run.dist_timeout_min; read when the process group starts
 

@@ -11,7 +11,7 @@ rejected = own generation"). So this stage is SPIN's score and train stages on g
    finish "eos" (a given response is complete, so its EOS is scored and trained);
 2. the starting model computes the reference log-probs once (`OUT.pairs.jsonl`, next to the
    output; a re-run with the same inputs reuses it, a killed scoring resumes its chunks);
-3. `spinlm.train.train` trains with the same loop, `spin.loss_type`, `spin.beta` (a list's
+3. `spinlm.stages.train.train` trains with the same loop, `spin.loss_type`, `spin.beta` (a list's
    first entry), `train.*` (`train.epochs` = DPO epochs) and metrics, into `OUT` atomically; with
    `train.eval_every`, its checks select on `data.val` or a `data.val_size` slice of the pairs
    (not trained on), never on `--eval-data`;
@@ -29,12 +29,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import dist
-from .config import Config
-from .data import Example
-from .io import fingerprint, is_done, mark_done, marker, produce, read_json, read_jsonl, remove_scratch, scratch, \
-    write_json
-from .score import score_rows
+from spinlm import dist
+from spinlm.config import Config
+from spinlm.data import Example
+from spinlm.io import fingerprint, finish, is_done, marker, produce, read_json, read_jsonl, scratch, write_json
+from spinlm.stages.score import score_rows
 
 log = logging.getLogger("spinlm")
 
@@ -54,10 +53,9 @@ def scored_pairs(model_path: str, examples: list[Example], out: Path, cfg: Confi
     if is_done(out) and (read_json(marker(out)) or {}).get("fingerprint") == key:
         log.info("%s: reusing the reference log-probs scored earlier", out)
         return out
-    stats = produce(out, lambda tmp: score_rows(model_path, rows, tmp, cfg, desc, [examples[0].source.rsplit(":", 1)[0]]))
-    if dist.is_main():
-        remove_scratch(out)
-        mark_done(out, {"fingerprint": key, **stats})
+    stats = produce(out, lambda tmp: score_rows(model_path, rows, tmp, cfg, desc,
+                                                [examples[0].source.rsplit(":", 1)[0]]))
+    finish(out, {"fingerprint": key, **stats})
     dist.barrier()
     return out
 
@@ -66,7 +64,7 @@ def dpo(model_path: str, examples: list[Example], out: Path, cfg: Config,
         heldout: list[Example] | None = None, val: list[Example] | None = None) -> dict:
     """The stage: score the pairs under `model_path`, train from it into `out` (in-training checks,
     train.eval_every, on `val`), evaluate on `heldout`; return the record."""
-    from .train import train
+    from spinlm.stages.train import train
 
     pairs = scored_pairs(model_path, examples, scratch(out, "pairs.jsonl"), cfg, "score")
     eval_pairs = scratch(out, "eval-pairs.jsonl")
@@ -86,18 +84,17 @@ def dpo(model_path: str, examples: list[Example], out: Path, cfg: Config,
         return record
 
     record = produce(out, fit)
-    if dist.is_main():
-        remove_scratch(out)
+    finish(out)
     return record
 
 
 def _heldout_metrics(model_dir: Path, heldout: list[Example], eval_pairs: Path, cfg: Config) -> dict:
-    from .evaluate import evaluate
+    from spinlm.stages.evaluate import evaluate
 
     return evaluate(str(model_dir), heldout, cfg, read_jsonl(eval_pairs), cfg.per_iteration("beta", 0))
 
 
 def _versions() -> dict:
-    from .rundir import run_info
+    from spinlm.rundir import run_info
 
     return run_info()

@@ -2,7 +2,8 @@
 
 `UserError` is raised for anything the user can fix (bad config, bad data, missing files).
 The CLI turns it into one line on stderr and exit code 2, with no traceback. `TrainingStopped`
-(exit code 3) is a guard that stopped training. Any other exception is our bug: the CLI prints the traceback and exits 1.
+(exit code 3) is a guard that stopped training. Any other exception is our bug: the CLI prints the
+traceback and exits 1.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, disk_full
+from spinlm.errors import UserError, disk_full
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -49,7 +49,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def write_main(path: str | Path, obj: Any) -> None:
     """write_json on rank 0 only (every process computed `obj`)."""
-    from . import dist
+    from spinlm import dist
 
     if dist.is_main():
         write_json(path, obj)
@@ -66,7 +66,7 @@ def produce(out: Path, fn) -> Any:
     """Run `fn(tmp)` to write a file or directory at a fresh temporary path, then move it to
     `out` (replacing a stale one): a crash never leaves a half-written `out`. Returns fn's result.
     With several processes all run `fn` (each doing its share; rank 0 writes) and rank 0 moves."""
-    from . import dist
+    from spinlm import dist
 
     tmp = out.with_name(out.name + ".tmp")
     if dist.is_main():
@@ -89,6 +89,18 @@ def produce(out: Path, fn) -> Any:
         os.replace(tmp, out)
     dist.barrier()
     return result
+
+
+def finish(out: Path, info: dict | None = None) -> None:
+    """After produce(out, ...), on rank 0: the `.done` marker holding `info` (where the output counts
+    as a finished stage), then the stage's scratch files removed. The one sequence every stage,
+    recipe and experiment ends with."""
+    from spinlm import dist
+
+    if dist.is_main():
+        if info is not None:
+            mark_done(out, info)
+        remove_scratch(out)
 
 
 def scratch(out: Path, kind: str) -> Path:

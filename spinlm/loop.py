@@ -15,19 +15,20 @@ import logging
 import math
 from pathlib import Path
 
-from . import dist, progress
-from .cards import write_run_cards
-from .config import Config
-from .evaluate import evaluate
-from .generate import generate_file
-from .io import read_json, read_jsonl, write_main
-from .modeling import use_deterministic
-from .rundir import Stage, open_run, release_lock, summarize
-from .score import score_files
-from .sft import sft
-from .tracking import Tracker
-from .train import train
-from .validate import Checked, check, report
+from spinlm import dist, progress
+from spinlm.config import Config
+from spinlm.io import read_json, read_jsonl, write_main
+from spinlm.loss import objective
+from spinlm.modeling import use_deterministic
+from spinlm.report.cards import write_run_cards
+from spinlm.rundir import RunLayout, Stage, open_run, release_lock, summarize
+from spinlm.stages.evaluate import evaluate
+from spinlm.stages.generate import generate_file
+from spinlm.stages.score import score_files
+from spinlm.stages.sft import sft
+from spinlm.stages.train import train
+from spinlm.tracking import Tracker
+from spinlm.validate import Checked, check, report
 
 log = logging.getLogger("spinlm")
 
@@ -42,19 +43,19 @@ def run(cfg: Config, force: bool = False) -> Path:
     progress.configure(cfg.run)
     train_ex, val_ex, eval_ex = data.train, data.val, data.held
     tracker = Tracker(run_dir, cfg)  # run.report_to (rank 0): each stage's metrics once it is done
-    stage = Stage(run_dir, on_done=tracker.stage_done)
+    stage, layout = Stage(run_dir, on_done=tracker.stage_done), RunLayout(run_dir)
     model = cfg.model.name_or_path
     if cfg.sft.enabled:
-        stage("sft", run_dir / "sft" / "model",
+        stage("sft", layout.sft() / "model",
               lambda out: sft(model, train_ex, val_ex, out, cfg, track=tracker.sft_log()))
-        model = str(run_dir / "sft" / "model")
+        model = str(layout.sft() / "model")
     start = model
-    evaluate_stage(stage, model, run_dir / "sft", data, cfg, pairs=None, beta=None)
+    evaluate_stage(stage, model, layout.sft(), data, cfg, pairs=None, beta=None)
     for t in range(cfg.spin.iterations):
-        it = run_dir / f"iteration-{t}"
+        it = layout.iteration(t)
         stage("generate", it / "generations.jsonl", lambda out: generate_file(model, train_ex, out, cfg, t))
-        window = [run_dir / f"iteration-{s}" / "generations.jsonl" for s in range(max(0, t - cfg.spin.mix_window + 1), t + 1)]
-        y0 = run_dir / "iteration-0" / "generations.jsonl" if cfg.spin.objective == "tspin" else None  # T-SPIN
+        window = [layout.generations(s) for s in range(max(0, t - cfg.spin.mix_window + 1), t + 1)]
+        y0 = layout.generations(0) if objective(cfg.spin.objective).historical else None
         stage("score", it / "pairs.jsonl", lambda out: score_files(model, window, out, cfg, historical=y0))
         if eval_ex and cfg.eval.enabled:
             stage("generate-eval", it / "eval-generations.jsonl",
@@ -93,13 +94,12 @@ def continued_sft(stage: Stage, run_dir: Path, start: str, data: Checked, cfg: C
     train.batch_size examples as the SPIN iterations took together (equal steps and examples;
     SPIN's steps also run the generated responses, so SPIN spends about twice the tokens)."""
     steps = sum(iteration_steps(run_dir, cfg.spin.iterations))
-    sft_for_steps(stage, run_dir / "continued-sft", start, data, cfg, steps)
+    sft_for_steps(stage, RunLayout(run_dir).continued_sft(), start, data, cfg, steps)
 
 
 def iteration_steps(run_dir: Path, iterations: int) -> list[int]:
     """Optimizer steps each finished iteration of a run took (0 where none is recorded)."""
-    return [(read_json(run_dir / f"iteration-{t}" / "model" / "spinlm_train.json") or {}).get("steps", 0)
-            for t in range(iterations)]
+    return [(read_json(RunLayout(run_dir).train_log(t)) or {}).get("steps", 0) for t in range(iterations)]
 
 
 def sft_for_steps(stage: Stage, where: Path, start: str, data: Checked, cfg: Config, steps: int) -> None:

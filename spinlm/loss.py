@@ -7,6 +7,8 @@ Language Models", ICML 2024 (arXiv 2401.01335), Eq. (4.7) and Algorithm 1.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +81,6 @@ def real_nll_per_token(policy_real_logps: torch.Tensor, real_tokens: torch.Tenso
 
 # --- the SPIN family: published changes of the objective, same loop (issue 19) ------------------
 # Notation as above: r(y) = log p_theta(y|x) - log p_t(y|x), summed over the response's tokens.
-
-OBJECTIVES = ("spin", "space", "sppo_hard")  # the pair objectives; spin.objective tspin (triplets) too
-
 
 def space_loss(
     policy_real_logps: torch.Tensor,
@@ -166,7 +165,7 @@ def tspin_loss(
         l    = -log sigma(cur) - beta log sigma(hist)
 
     beta 0 at iteration 0, where y' and y0 come from the same model. spin.objective tspin: the loop
-    keeps iteration 0's generations as y0 and trains on triplets (spinlm.train).
+    keeps iteration 0's generations as y0 and trains on triplets (spinlm.stages.train).
     """
     current, historical = tspin_terms(policy_real_logps, policy_generated_logps, policy_historical_logps, alpha, beta)
     return current + historical
@@ -182,45 +181,83 @@ def tspin_terms(policy_real_logps, policy_generated_logps, policy_historical_log
     return -F.logsigmoid(cur), -beta * F.logsigmoid(hist)
 
 
-def objective_loss(
-    objective: str,
-    policy_real_logps: torch.Tensor,
-    policy_generated_logps: torch.Tensor,
-    ref_real_logps: torch.Tensor,
-    ref_generated_logps: torch.Tensor,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    mu: float = 1.0,
-) -> torch.Tensor:
-    """Per-pair losses of the pair objective `objective` (one of OBJECTIVES): spin (spin_loss with
-    `loss_type`), space (space_loss with `mu`), sppo_hard (sppo_hard_loss with `beta`)."""
-    args = (policy_real_logps, policy_generated_logps, ref_real_logps, ref_generated_logps)
-    if objective == "spin":
-        return spin_loss(*args, beta=beta, loss_type=loss_type)
-    if objective == "space":
-        return space_loss(*args, mu=mu)
-    if objective == "sppo_hard":
-        return sppo_hard_loss(*args, beta=beta)
-    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+# --- the table: every objective by name; the stages name the objective and never branch on it -----
+# `policy` and `ref` are dicts of summed log-probs per response name, shape (batch,): "real", "generated"
+# (and "historical" for T-SPIN); `ref` is None for a reference-free objective.
 
 
-def objective_terms(
-    objective: str,
-    policy_real_logps: torch.Tensor,
-    policy_generated_logps: torch.Tensor,
-    ref_real_logps: torch.Tensor,
-    ref_generated_logps: torch.Tensor,
-    beta: float = 0.1,
-    mu: float = 1.0,
-) -> dict[str, torch.Tensor]:
-    """The named per-pair terms whose sum is objective_loss, for the pair objectives with more than
-    one (space, sppo_hard: "real" and "generated"); spin's loss is one term of the margin: {}. They
-    show which side of an objective still moves and which has stalled."""
-    args = (policy_real_logps, policy_generated_logps, ref_real_logps, ref_generated_logps)
-    if objective == "space":
-        return dict(zip(("real", "generated"), space_terms(*args, mu=mu)))
-    if objective == "sppo_hard":
-        return dict(zip(("real", "generated"), sppo_hard_terms(*args, beta=beta)))
-    if objective == "spin":
-        return {}
-    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+@dataclass(frozen=True)
+class Objective:
+    """One objective of the SPIN family: all the train stage and the loop need to know of it.
+
+    responses: the responses each row packs after its prompt, in this order;
+    needs_reference: whether it uses p_t's log-probs (the score stage's forward pass);
+    params(spin, beta, iteration): its parameters under their own names, from the config's `spin`
+        section and the iteration's beta (the per-iteration `spin.beta`);
+    terms(policy, ref, **params): the named per-row terms whose sum is the loss;
+    rewards(policy, ref, **params): the implicit-reward metrics per row (real, generated, margin,
+        accuracy = margin > 0, ...).
+    """
+
+    name: str
+    responses: tuple[str, ...]
+    needs_reference: bool
+    params: Callable[[Any, float, int], dict]
+    terms: Callable[..., dict[str, torch.Tensor]]
+    rewards: Callable[..., dict[str, torch.Tensor]]
+
+    @property
+    def historical(self) -> bool:
+        """Whether rows carry the starting model's response y0, generated once at iteration 0 and kept."""
+        return "historical" in self.responses
+
+    def loss(self, policy: dict, ref: dict | None, **params) -> torch.Tensor:
+        """Per-row losses (batch,): the sum of the terms."""
+        return sum(self.terms(policy, ref, **params).values())
+
+
+def _sides(policy: dict, ref: dict) -> tuple[torch.Tensor, ...]:
+    return policy["real"], policy["generated"], ref["real"], ref["generated"]
+
+
+def _pair_rewards(policy: dict, ref: dict, beta: float, **_) -> dict[str, torch.Tensor]:
+    return spin_rewards(*_sides(policy, ref), beta)
+
+
+def _tspin_rewards(policy: dict, ref: None, alpha: float, **_) -> dict[str, torch.Tensor]:
+    """T-SPIN has no reference: its implicit reward is alpha x log p_theta."""
+    real, gen, hist = policy["real"], policy["generated"], policy["historical"]
+    margin = alpha * (real - gen)
+    return {"real": alpha * real, "generated": alpha * gen, "margin": margin, "accuracy": (margin > 0).float(),
+            "historical_margin": alpha * (gen - hist)}
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Objective("spin", ("real", "generated"), True,
+              params=lambda spin, beta, t: {"beta": beta, "loss_type": spin.loss_type},
+              terms=lambda p, r, beta, loss_type: {"loss": spin_loss(*_sides(p, r), beta=beta, loss_type=loss_type)},
+              rewards=_pair_rewards),
+    # beta: SPACE's loss has none; it scales the logged implicit rewards only
+    Objective("space", ("real", "generated"), True,
+              params=lambda spin, beta, t: {"mu": spin.space_mu, "beta": beta},
+              terms=lambda p, r, mu, **_: dict(zip(("real", "generated"), space_terms(*_sides(p, r), mu))),
+              rewards=_pair_rewards),
+    Objective("sppo_hard", ("real", "generated"), True,
+              params=lambda spin, beta, t: {"beta": beta},
+              terms=lambda p, r, beta: dict(zip(("real", "generated"), sppo_hard_terms(*_sides(p, r), beta))),
+              rewards=_pair_rewards),
+    # the history weight is 0 at iteration 0, where y' and y0 come from the same model (the paper's setting)
+    Objective("tspin", ("real", "generated", "historical"), False,
+              params=lambda spin, beta, t: {"alpha": spin.tspin_alpha,
+                                            "history_weight": 0.0 if t == 0 else spin.tspin_history_weight},
+              terms=lambda p, r, alpha, history_weight: dict(zip(("current", "historical"), tspin_terms(
+                  p["real"], p["generated"], p["historical"], alpha=alpha, beta=history_weight))),
+              rewards=_tspin_rewards),
+)}
+
+
+def objective(name: str) -> Objective:
+    """The table's entry for `name` (spin.objective)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {name!r}")
+    return OBJECTIVES[name]

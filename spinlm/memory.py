@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UserError
+from spinlm.errors import UserError
+from spinlm.generation import backend_for
+from spinlm.loss import objective
 
 GIB = 2**30
 
@@ -95,7 +97,7 @@ def estimate(cfg, arch: Arch, world: int, row_tokens: int, on_gpu: bool) -> dict
     train["logits"] = 3 * 4 * row_tokens * arch.vocab
     weight_bytes = 4 if not on_gpu or cfg.model.dtype == "float32" else 2
     g = cfg.generation
-    if g.backend == "local":  # generation holds the whole model, and the KV cache of one batch
+    if backend_for(cfg).needs_local_model:  # generation holds the whole model, and the KV cache of one batch
         length = cfg.data.max_prompt_length + g.max_new_tokens
         infer = {"weights": weight_bytes * p,
                  "kv cache": 2 * arch.layers * arch.kv_width * weight_bytes * g.batch_size * length}
@@ -111,7 +113,7 @@ def estimate(cfg, arch: Arch, world: int, row_tokens: int, on_gpu: bool) -> dict
 def row_tokens(cfg, prompt_max: int, real_max: int) -> int:
     """Tokens of the largest row one forward and backward holds: a packed row (packing.max_tokens, or
     one longer pair alone) with packing.backward_per_row, else a whole micro-batch of the longest pairs."""
-    responses = 3 if cfg.spin.objective == "tspin" else 2  # [prompt | real | generated (| historical)]
+    responses = len(objective(cfg.spin.objective).responses)  # [prompt | real | generated (| historical)]
     pair = prompt_max + real_max + (responses - 1) * cfg.generation.max_new_tokens
     if cfg.packing.enabled and cfg.packing.backward_per_row:
         return max(cfg.packing.max_tokens, pair)
@@ -139,7 +141,8 @@ def check(plan: dict, device_bytes: int | None, device: str) -> None:
                 "a smaller generation.batch_size"]
     raise UserError(f"memory: {stage} needs about {size(need)} per device ({parts}; "
                     f"train.strategy {plan['strategy']}, {processes(plan['world'])}, rows of {plan['row_tokens']} "
-                    f"tokens), but {device} has {size(device_bytes)} ({size(usable)} usable). Options: {'; '.join(ways)}. "
+                    f"tokens), but {device} has {size(device_bytes)} ({size(usable)} usable). "
+                    f"Options: {'; '.join(ways)}. "
                     "The estimate is approximate; run.check_memory: false skips this check")
 
 

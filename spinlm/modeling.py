@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .errors import UserError
-from .tokens import set_chat_template
+from spinlm.config import ModelConfig
+from spinlm.errors import UserError
+from spinlm.tokens import set_chat_template
 
 log = logging.getLogger("spinlm")
 
@@ -33,7 +33,7 @@ def use_deterministic(on: bool) -> None:
 
 def device() -> torch.device:
     """This process's device (its own GPU under torchrun / accelerate launch)."""
-    from .dist import state
+    from spinlm.dist import state
 
     return state().device
 

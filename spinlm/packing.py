@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .logprobs import sequence_logps
+from spinlm.logprobs import sequence_logps
 
 log = logging.getLogger("spinlm")
 Group = tuple[list[int], list[list[int]]]  # (prompt ids, [response ids, ...])
@@ -146,7 +146,8 @@ def build(groups: list[Group], budget: int, pad_id: int) -> PackedBatch:
     for r, members in enumerate(rows):
         sources = iter(laid[r][4])
         for i in members:
-            laid_out = [(kept_index[r, torch.tensor(next(sources), dtype=torch.long)], torch.tensor(resp, dtype=torch.long))
+            laid_out = [(kept_index[r, torch.tensor(next(sources), dtype=torch.long)],
+                         torch.tensor(resp, dtype=torch.long))
                         for resp in groups[i][1]]
             targets[i] = [laid_out[k] for k in copies[i][1]]
     return PackedBatch(input_ids, position_ids, segment, part, keep, targets)

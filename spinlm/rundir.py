@@ -1,4 +1,5 @@
-"""The run directory: opening (lock, config drift check), stages with markers, summary."""
+"""The run directory: its layout (every path of a run, RunLayout), opening it (lock, config drift
+check), stages with markers, the summary and the choice of RUN/best."""
 
 from __future__ import annotations
 
@@ -6,25 +7,79 @@ import atexit
 import json
 import logging
 import os
-import socket
 import platform
+import re
+import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from . import __version__, dist
-from .config import Config, to_yaml
-from .errors import UserError
-from .io import fault_point, is_done, mark_done, marker, produce, read_json, remove_scratch, write_json
+from spinlm import __version__, dist
+from spinlm.config import Config, to_yaml
+from spinlm.errors import UserError
+from spinlm.io import fault_point, finish, is_done, marker, produce, read_json, write_json
 
 log = logging.getLogger("spinlm")
 # Keys that cannot change results: a resumed run may differ in these.
 HARMLESS = {"run.progress", "run.progress_every_s", "run.log_every", "run.report_to", "train.checkpoint_every",
             "generation.concurrency", "generation.timeout_s", "generation.retries", "generation.server_start_timeout_s",
             "generation.api_key_env", "run.check_memory", "run.dist_timeout_min"}
+
+
+SFT, CONTINUED_SFT, BEST = "sft", "continued-sft", "best"  # RUN/<name> of the models beside the iterations
+
+
+def iteration_name(t: int) -> str:
+    return f"iteration-{t}"
+
+
+def iteration_of(name: str) -> int | None:
+    """t of a directory named iteration-t, else None."""
+    m = re.fullmatch(r"iteration-(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where everything of a run lives, the one place that names its paths:
+
+        RUN/sft/model                       the SFT model (when sft.enabled), its metrics.json beside it
+        RUN/iteration-T/generations.jsonl   p_T's responses to the training prompts
+        RUN/iteration-T/pairs.jsonl         the pairs iteration T trains on, scored under p_T
+        RUN/iteration-T/eval-*.jsonl        the same for the held-out prompts
+        RUN/iteration-T/model               p_{T+1}, with spinlm_train.json; metrics.json beside it
+        RUN/continued-sft/model             the baseline: as many SFT steps as SPIN took
+        RUN/best -> the model chosen on validation; RUN/summary.json, RUN/config.yaml
+    """
+
+    root: Path
+
+    def sft(self) -> Path:
+        return self.root / SFT
+
+    def continued_sft(self) -> Path:
+        return self.root / CONTINUED_SFT
+
+    def iteration(self, t: int) -> Path:
+        return self.root / iteration_name(t)
+
+    def generations(self, t: int) -> Path:
+        return self.iteration(t) / "generations.jsonl"
+
+    def train_log(self, t: int) -> Path:
+        """spinlm_train.json of iteration t's model: its steps and training history."""
+        return self.iteration(t) / "model" / "spinlm_train.json"
+
+    def sft_log(self) -> Path:
+        return self.sft() / "model" / "spinlm_sft.json"
+
+    def names(self, iterations: int) -> list[str]:
+        """The models of a run in order: the SFT start, then each iteration's."""
+        return [SFT] + [iteration_name(t) for t in range(iterations)]
 
 
 class Stage:
@@ -49,9 +104,7 @@ class Stage:
         info = produce(out, fn)
         fault_point("stage-output")
         seconds = round(time.time() - start, 2)
-        if dist.is_main():
-            mark_done(out, {"stage": name, "seconds": seconds, "info": info if isinstance(info, dict) else None})
-            remove_scratch(out)
+        finish(out, {"stage": name, "seconds": seconds, "info": info if isinstance(info, dict) else None})
         dist.barrier()
         fault_point("stage-done")
         log.info("%s finished in %.1f s", name, seconds)
@@ -183,8 +236,8 @@ def model_entry(run_dir: Path, name: str, start_model: str) -> dict:
     seconds = {"sft": _seconds(d / "model"), "generate": _seconds(d / "generations.jsonl")
                + _seconds(d / "eval-generations.jsonl"),
                "score": _seconds(d / "pairs.jsonl") + _seconds(d / "eval-pairs.jsonl"),
-               "train": _seconds(d / "model") if name != "sft" else 0.0, "evaluate": _seconds(d / "metrics.json")}
-    if name != "sft":
+               "train": _seconds(d / "model") if name != SFT else 0.0, "evaluate": _seconds(d / "metrics.json")}
+    if name != SFT:
         seconds.pop("sft")
     saved = read_json(d / "metrics.json", {})
     return {"name": name, "model": str(d / "model") if (d / "model").exists() else start_model,
@@ -193,8 +246,9 @@ def model_entry(run_dir: Path, name: str, start_model: str) -> dict:
 
 def summarize(run_dir: Path, cfg: Config) -> list[dict]:
     """RUN/summary.json: one entry per evaluated model (SFT, then each iteration)."""
-    names = ["sft"] + [f"iteration-{t}" for t in range(cfg.spin.iterations)]
-    names += ["continued-sft"] if (run_dir / "continued-sft" / "metrics.json").exists() else []
+    layout = RunLayout(run_dir)
+    names = layout.names(cfg.spin.iterations)
+    names += [CONTINUED_SFT] if (layout.continued_sft() / "metrics.json").exists() else []
     entries = [model_entry(run_dir, name, cfg.model.name_or_path) for name in names]
     best = select_best(entries)
     if dist.is_main():
@@ -218,8 +272,8 @@ def select_best(entries: list[dict]) -> dict | None:
     checker, else by NLL per token, on the validation data; None without validation data for every
     model (selecting on the split the table reports would flatter the choice). Ties go to the
     earlier model."""
-    baseline = next((e for e in entries if e["name"] == "continued-sft"), None)
-    entries = [e for e in entries if e["name"] != "continued-sft"]
+    baseline = next((e for e in entries if e["name"] == CONTINUED_SFT), None)
+    entries = [e for e in entries if e["name"] != CONTINUED_SFT]
     if not entries or not all(e["val_metrics"] for e in entries):
         return None
     val = [e["val_metrics"] for e in entries]
@@ -260,7 +314,8 @@ def format_table(entries: list[dict]) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    head = ("| model | accuracy | NLL/token | reward acc | margin | dead pairs | generate s | score s | train s | eval s |\n"
+    head = ("| model | accuracy | NLL/token | reward acc | margin | dead pairs | "
+            "generate s | score s | train s | eval s |\n"
             "|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for e in entries:
@@ -269,5 +324,6 @@ def format_table(entries: list[dict]) -> str:
         rows.append(f"| {e['name']} | {f(m.get('accuracy'), '.3f')} | {f(m.get('nll_per_token'), '.4f')} | "
                     f"{f(m.get('reward_accuracy'), '.3f')} | {f(m.get('reward_margin'), '.4f')} | "
                     f"{f(m.get('dead_pair_share'), '.2f')} | "
-                    f"{s.get('generate', 0):.1f} | {s.get('score', 0):.1f} | {train_s:.1f} | {s.get('evaluate', 0):.1f} |")
+                    f"{s.get('generate', 0):.1f} | {s.get('score', 0):.1f} | {train_s:.1f} | "
+                    f"{s.get('evaluate', 0):.1f} |")
     return "\n".join([head] + rows)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from spinlm.errors import UserError
 
 _PROBE = "SPINLM-PROBE-7c1f"  # an assistant reply that no template changes, to find the turn end
 
@@ -160,6 +160,24 @@ def encode_pair(tokenizer, row: dict, limits: Limits,
     generated_ids = list(sampled) if sampled is not None else encode_response(
         tokenizer, row["prompt"], row["generated"], row["finish"] == "eos", counts)
     return prompt_ids, real_ids[:room], generated_ids[:room]
+
+
+def encode_real(tokenizer, examples, limits: Limits) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt, [real]) token-id groups of examples (spinlm.data.Example)."""
+    out = []
+    for ex in examples:
+        prompt, (real,) = encode_example(tokenizer, ex.prompt, [(ex.real, True)], limits)
+        out.append((prompt, [real]))
+    return out
+
+
+def pair_groups(tokenizer, rows: list[dict], limits: Limits) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt, [real, generated]) token-id groups of generation rows."""
+    groups = []
+    for row in rows:
+        prompt, real, generated = encode_pair(tokenizer, row, limits)
+        groups.append((prompt, [real, generated]))
+    return groups
 
 
 def is_dead(real_ids: list[int], generated_ids: list[int]) -> bool:

@@ -29,15 +29,15 @@ import json
 import logging
 import math
 import os
-import re
 import uuid
 from pathlib import Path
 from typing import Callable
 
-from . import dist
-from .config import Config, trackers
-from .errors import UserError
-from .io import marker, read_json, write_json
+from spinlm import dist
+from spinlm.config import Config, trackers
+from spinlm.errors import UserError
+from spinlm.io import marker, read_json, write_json
+from spinlm.rundir import CONTINUED_SFT, SFT, RunLayout, iteration_of
 
 log = logging.getLogger("spinlm")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
@@ -62,9 +62,10 @@ def require(cfg: Config) -> None:
 def first_step(run_dir: Path, iteration: int) -> int:
     """The global step where iteration `iteration` starts: SFT's steps plus those of the iterations
     before it, as their finished models recorded them."""
-    steps = (read_json(run_dir / "sft" / "model" / "spinlm_sft.json") or {}).get("steps", 0)
+    layout = RunLayout(run_dir)
+    steps = (read_json(layout.sft_log()) or {}).get("steps", 0)
     for t in range(iteration):
-        steps += (read_json(run_dir / f"iteration-{t}" / "model" / "spinlm_train.json") or {}).get("steps", 0)
+        steps += (read_json(layout.train_log(t)) or {}).get("steps", 0)
     return steps
 
 
@@ -170,7 +171,7 @@ class Tracker:
         if not self.trackers:
             return
         where = out.parent
-        t = int(m.group(1)) if (m := re.fullmatch(r"iteration-(\d+)", where.name)) else None
+        t = iteration_of(where.name)
         if name in ("generate", "generate-eval") and t is not None:
             info = read_json(marker(out), {}) or {}
             stats, seconds = info.get("info") or {}, info.get("seconds") or 0.0
@@ -187,11 +188,11 @@ class Tracker:
                 self.log("train", start + row["step"], {**row, "iteration": t})
         elif name == "evaluate":
             metrics = read_json(out, {}) or {}
-            if where.name == "sft":
+            if where.name == SFT:
                 step, prefix = first_step(self.run_dir, 0), ""
             elif t is not None:
                 step, prefix = first_step(self.run_dir, t + 1), ""
-            elif where.name == "continued-sft":
+            elif where.name == CONTINUED_SFT:
                 step, prefix = first_step(self.run_dir, self.cfg.spin.iterations), "continued_sft/"
             else:
                 return

@@ -16,13 +16,15 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config
-from .data import Example, load_examples, split_validation
-from .errors import UserError
-from .lora import require_peft
-from .modeling import check_local, load_tokenizer
-from .tokens import Encoding, encode_prompt, encode_response
-from .tracking import require as require_trackers
+from spinlm.config import Config
+from spinlm.data import Example, load_examples, split_validation
+from spinlm.errors import UserError
+from spinlm.generation import backend_for
+from spinlm.modeling import check_local, load_tokenizer
+from spinlm.rundir import RunLayout
+from spinlm.tokens import Encoding, encode_prompt, encode_response
+from spinlm.tracking import require as require_trackers
+from spinlm.training.lora import require_peft
 
 log = logging.getLogger("spinlm")
 
@@ -169,8 +171,9 @@ def disk_need(cfg: Config, model: dict) -> dict:
     if not model:
         return {"free_bytes": free, "need_bytes": None}
     fp32 = model["parameters"] * 4
-    models = (not (run_dir / "sft" / "model.done").exists() and cfg.sft.enabled) + sum(
-        not (run_dir / f"iteration-{t}" / "model.done").exists() for t in range(cfg.spin.iterations))
+    layout = RunLayout(run_dir)
+    models = (not (layout.sft() / "model.done").exists() and cfg.sft.enabled) + sum(
+        not (layout.iteration(t) / "model.done").exists() for t in range(cfg.spin.iterations))
     optimizer = fp32 * (2 if cfg.train.optimizer == "adamw" else 1)
     need = models * fp32 + (fp32 + optimizer if cfg.train.checkpoint_every and models else 0)
     if need > free:
@@ -185,7 +188,7 @@ def memory_plan(cfg: Config, model: dict, train: dict, world: int | None, device
     checked against `device_gib` (default: this process's GPU; none on a CPU). {} for Hub models."""
     import torch
 
-    from . import dist, memory
+    from spinlm import dist, memory
 
     if not model:
         return {}
@@ -214,7 +217,7 @@ def check(cfg: Config, world: int | None = None, device_gib: float | None = None
     """Run every check; return the examples (after the length policy) and the report. `world` and
     `device_gib` plan the memory for another launch than this one (`spinlm validate --world-size
     --device-gib`)."""
-    from .evaluate import load_checker
+    from spinlm.metrics import load_checker
 
     if cfg.peft.enabled:
         require_peft()
@@ -222,14 +225,7 @@ def check(cfg: Config, world: int | None = None, device_gib: float | None = None
     model = model_weights(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model)
     load_checker(cfg.eval.checker)
-    if cfg.generation.backend == "server":
-        from .server import preflight
-
-        preflight(cfg.generation)
-    if cfg.generation.backend == "vllm":
-        from .vllm_engine import require_vllm
-
-        require_vllm()
+    backend_for(cfg).preflight()  # the generation backend's packages; a server's reachability
     d, splits = cfg.data, {}
     rows, counts = _load(cfg, d.train, d.train_split, d.max_train_rows)
     rows, split_val = validation_split(cfg, rows, d.train)

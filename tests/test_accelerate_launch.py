@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from spinlm.errors import UserError
-from spinlm.strategy import check_launch
+from spinlm.training.strategy import check_launch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]

@@ -15,17 +15,18 @@ import json
 import pytest
 import yaml
 
-import spinlm.evaluate
-import spinlm.generate
+import spinlm.generation.local
 import spinlm.modeling
-import spinlm.score
-import spinlm.training
-from chat_formats import FAMILIES, build_family_tokenizer
+import spinlm.stages.evaluate
+import spinlm.stages.score
+import spinlm.training.steps
 from spinlm.cli import main
 from spinlm.demo.build import build_model
 from spinlm.demo.task import make_splits
 from spinlm.io import read_jsonl
 from spinlm.tokens import Encoding, Limits, encode_pair, stop_ids, turn_end_ids
+
+from chat_formats import FAMILIES, build_family_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +117,10 @@ def test_every_stage_sees_the_templates_tokens(name, splits, tmp_path, monkeypat
             return m
         return load
 
-    for module, stage in ((spinlm.generate, "generate"), (spinlm.training, "train")):
+    for module, stage in ((spinlm.generation.local, "generate"), (spinlm.training.steps, "train")):
         monkeypatch.setattr(module, "load_model", instrumented(stage))
-    for module, stage in ((spinlm.score, "score"), (spinlm.evaluate, "evaluate")):  # their model: inference_model
+    # their model: inference_model
+    for module, stage in ((spinlm.stages.score, "score"), (spinlm.stages.evaluate, "evaluate")):
         monkeypatch.setattr(module, "inference_model",
                             lambda path, cfg, stage=stage: (instrumented(stage)(path, cfg.model).eval(), None))
     cfg_path = tmp_path / "run.yaml"

@@ -8,7 +8,7 @@ import typing
 import pytest
 
 from spinlm import config as C
-from spinlm.config import Config, build, merge, parse_overrides, reference, validate
+from spinlm.config import Config, build, merge, parse, parse_overrides, reference, validate
 from spinlm.errors import UserError
 
 REQUIRED = ["--model.name_or_path=some/model", "--data.train=train.jsonl"]
@@ -345,13 +345,13 @@ def test_python_object_tag_for_a_class_is_rejected(tmp_path):
 
 def test_safe_load_is_what_reads_files(tmp_path, monkeypatch):
     calls = []
-    real = C.yaml.safe_load
+    real = parse.yaml.safe_load
 
     def spy(text):
         calls.append(text)
         return real(text)
 
-    monkeypatch.setattr(C.yaml, "safe_load", spy)
+    monkeypatch.setattr(parse.yaml, "safe_load", spy)  # spinlm.config.parse reads the files and the flags
     build(write(tmp_path, "train: {epochs: 4}\n"), ["--train.batch_size=2"])
     assert any("epochs: 4" in str(c) for c in calls)
     assert "2" in calls  # flag values go through safe_load too
@@ -459,6 +459,15 @@ def test_quoted_no_is_a_string_in_yaml(tmp_path):
     cfg = build(write(tmp_path, 'train:\n  mixed_precision: "no"\n'), [*REQUIRED])
     assert cfg.train.mixed_precision == "no"
     validate(cfg)
+
+
+def test_choices_are_the_literal_annotations_in_their_historic_order():
+    # validate() lists bad choices in CHOICES order: generation's before data's, as it always has
+    assert list(C.CHOICES)[:6] == [("model", "dtype"), ("generation", "backend"), ("generation", "vllm_layout"),
+                                   ("data", "format"), ("data", "turn"), ("data", "prompt_overflow")]
+    for (section, key), choices in C.CHOICES.items():
+        hint = typing.get_type_hints(C.SECTIONS[section])[key]
+        assert typing.get_origin(hint) is typing.Literal and typing.get_args(hint) == choices
 
 
 def test_choices_match_loss_module():

@@ -192,14 +192,17 @@ def test_sweep_table_selects_on_validation_and_reports_test(tmp_path):
         rows = [{"name": n, "metrics": {"accuracy": t}, "val_metrics": {"accuracy": v}}
                 for n, v, t in zip(names, val, test)]
         if cont:
-            rows.append({"name": "continued-sft", "metrics": {"accuracy": cont[1]}, "val_metrics": {"accuracy": cont[0]}})
+            rows.append({"name": "continued-sft", "metrics": {"accuracy": cont[1]},
+                         "val_metrics": {"accuracy": cont[0]}})
         return rows
 
     a = {"beta": 0.1, "learning_rate": 1e-5, "sft_weight": 0.0, "drop_dead_pairs": False}
     b = {"beta": 5.0, "learning_rate": 5e-5, "sft_weight": 1.0, "drop_dead_pairs": True}
     jobs = []
-    for knobs, seed, val, test in ((a, 0, [0.9, 0.92, 0.91], [0.8, 0.99, 0.99]), (a, 1, [0.9, 0.93, 0.9], [0.8, 0.98, 0.9]),
-                                   (b, 0, [0.9, 0.95, 0.96], [0.8, 0.7, 0.71]), (b, 1, [0.9, 0.94, 0.97], [0.8, 0.72, 0.7])):
+    for knobs, seed, val, test in ((a, 0, [0.9, 0.92, 0.91], [0.8, 0.99, 0.99]),
+                                   (a, 1, [0.9, 0.93, 0.9], [0.8, 0.98, 0.9]),
+                                   (b, 0, [0.9, 0.95, 0.96], [0.8, 0.7, 0.71]),
+                                   (b, 1, [0.9, 0.94, 0.97], [0.8, 0.72, 0.7])):
         name = f"{_name(knobs)}-seed{seed}"
         write_json(tmp_path / "runs" / name / "summary.json", summary(val, test, (0.98, 0.97) if knobs is a else None))
         jobs.append((name, knobs, seed, {}))

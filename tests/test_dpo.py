@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spinlm.cli import main
 from spinlm.io import read_json, read_jsonl
-from spinlm.score import encode_pair, limits
+from spinlm.tokens import Limits, encode_pair
 
 from conftest import COMMON
 
@@ -92,11 +92,12 @@ def test_dpo_loss_equals_spin_loss_on_the_same_pairs(tiny_model, task_data, tmp_
     cfg = config.build(None, [f"--model.name_or_path={tiny_model}", *COMMON])
     with torch.no_grad():
         for p in dpo_pairs[:3]:
-            prompt, chosen, rejected = encode_pair(tok, p, limits(cfg))
+            prompt, chosen, rejected = encode_pair(tok, p, Limits.of(cfg))
             assert chosen[-1] == rejected[-1] == tok.eos_token_id
             assert p["ref_real_logp"] == pytest.approx(_plain_logp(model, prompt, chosen), abs=1e-4)
             assert p["ref_generated_logp"] == pytest.approx(_plain_logp(model, prompt, rejected), abs=1e-4)
-    dpo_log, spin_log = read_json(tmp_path / "dpo" / "spinlm_train.json"), read_json(tmp_path / "spin" / "spinlm_train.json")
+    dpo_log, spin_log = (read_json(tmp_path / "dpo" / "spinlm_train.json"),
+                         read_json(tmp_path / "spin" / "spinlm_train.json"))
     assert [h["loss"] for h in dpo_log["history"]] == [h["loss"] for h in spin_log["history"]]
     assert dpo_log["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
     assert dpo_log["history"][-1]["loss"] != pytest.approx(math.log(2), abs=1e-4)

@@ -123,7 +123,8 @@ def test_stage_subcommands_chain(tiny_model, task_data, tmp_path):
               "--data.max_prompt_length=64", "--train.epochs=1", "--train.learning_rate=1e-4",
               "--eval.checker=spinlm.demo.task:check_example"]
     g, p, m, e = tmp_path / "g.jsonl", tmp_path / "p.jsonl", tmp_path / "m", tmp_path / "e.json"
-    assert main(["generate", "--model", str(tiny_model), "--data", str(task_data["val"]), "--out", str(g), *common]) == 0
+    assert main(["generate", "--model", str(tiny_model), "--data", str(task_data["val"]), "--out", str(g),
+                 *common]) == 0
     assert main(["score", "--model", str(tiny_model), "--generations", str(g), "--out", str(p), *common]) == 0
     assert main(["train", "--model", str(tiny_model), "--pairs", str(p), "--out", str(m), *common]) == 0
     assert main(["evaluate", "--model", str(m), "--data", str(task_data["test"]), "--pairs", str(p),

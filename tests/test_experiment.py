@@ -51,12 +51,13 @@ def test_kl_estimate_by_hand():
 
 def test_generate_keeps_the_sampled_ids(tiny_model):
     from spinlm.config import Config
-    from spinlm.generate import generate
+    from spinlm.generation.local import generate
     from spinlm.modeling import load_model, load_tokenizer
 
     tok = load_tokenizer(str(tiny_model), Config().model)
     model = load_model(str(tiny_model), Config().model).eval()
-    prompts = [tok("What is 2+2?", add_special_tokens=False)["input_ids"], tok("Hi", add_special_tokens=False)["input_ids"]]
+    prompts = [tok("What is 2+2?", add_special_tokens=False)["input_ids"],
+               tok("Hi", add_special_tokens=False)["input_ids"]]
     kept = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, seeds=[1, 2], progress=False)
     for k in kept:  # the sampled ids, with the stop token that ended a complete response
         body = k["ids"][:-1] if k["finish"] == "eos" else k["ids"]

@@ -18,12 +18,12 @@ from spinlm import config as config_mod
 from spinlm.cli import main
 from spinlm.data import load_examples, split_validation
 from spinlm.errors import UserError
-from spinlm.evaluate import reward_metrics
 from spinlm.io import read_json, read_jsonl
 from spinlm.logprobs import sequence_logps
+from spinlm.metrics import reward_metrics
 from spinlm.rundir import NO_SELECTION, select_best
+from spinlm.stages.train import pair_items, train
 from spinlm.tokens import Limits, encode_pair, encode_prompt
-from spinlm.train import pair_items, train
 
 COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,6 @@
 """Checks that need a CUDA GPU (issue 13 / 18): bf16 under fsdp, CPU offload, sharded scoring in
-bf16, the memory plan against the measured peak, in-process vLLM on CUDA (where vLLM is installed). They skip, saying so, on a machine without CUDA
+bf16, the memory plan against the measured peak, in-process vLLM on CUDA (where vLLM is installed). They
+skip, saying so, on a machine without CUDA
 (CI and the project's CPU machines); scripts/gpu_checks.sh runs them on a lent GPU machine.
 """
 
@@ -37,7 +38,8 @@ def test_fsdp_bf16_and_offload_train_like_fp32(tiny_model, pairs, tmp_path):
 
     args = ["train", "--model", str(tiny_model), "--pairs", str(pairs), "--train.batch_size=8",
             "--train.learning_rate=1e-3", "--train.epochs=1", "--run.log_every=1", *COMMON]
-    runs = {"fp32": ["--train.mixed_precision=no"], "fsdp-bf16": ["--train.strategy=fsdp", "--train.mixed_precision=bf16"],
+    runs = {"fp32": ["--train.mixed_precision=no"],
+            "fsdp-bf16": ["--train.strategy=fsdp", "--train.mixed_precision=bf16"],
             "fsdp-offload": ["--train.strategy=fsdp", "--train.mixed_precision=bf16", "--train.fsdp_cpu_offload=true"]}
     for name, flags in runs.items():
         done = _spinlm([*args, "--out", str(tmp_path / name), *flags])
@@ -70,7 +72,7 @@ def test_memory_plan_bounds_the_measured_peak(tiny_model, pairs, tmp_path):
     """The estimate of `spinlm validate` against torch's peak allocation of a real training stage."""
     from spinlm import memory
     from spinlm.config import build
-    from spinlm.train import train
+    from spinlm.stages.train import train
     from spinlm.validate import model_weights
 
     cfg = build(overrides=[f"--model.name_or_path={tiny_model}", "--data.train=x", "--train.batch_size=8",

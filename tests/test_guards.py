@@ -4,13 +4,14 @@ good checkpoint kept; the grad-norm skip policy; empty generations reported, not
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 from safetensors.torch import load_file
 
 from spinlm.cli import main
 from spinlm.io import read_json, read_jsonl, write_jsonl
-from spinlm.train import epoch_steps
+from spinlm.stages.train import epoch_steps
 
 from conftest import COMMON
 
@@ -70,7 +71,8 @@ def _same_weights_per_row_and_whole(args: list[str], tiny_model, tmp_path) -> No
     """Trained with and without packing.backward_per_row: the same weights, moved from the start."""
     assert main([*args, "--out", str(tmp_path / "rows"), "--packing.backward_per_row=true"]) == 0
     assert main([*args, "--out", str(tmp_path / "whole"), "--packing.backward_per_row=false"]) == 0
-    a, b = load_file(str(tmp_path / "rows" / "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
+    a, b = (load_file(str(tmp_path / "rows" / "model.safetensors")),
+            load_file(str(tmp_path / "whole" / "model.safetensors")))
     start = load_file(str(tiny_model / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4
@@ -85,7 +87,7 @@ def test_backward_per_packed_row_gives_the_same_update(tiny_model, pairs, tmp_pa
     from spinlm.config import Config
     from spinlm.modeling import load_tokenizer
     from spinlm.packing import pack
-    from spinlm.train import pair_items
+    from spinlm.stages.train import pair_items
 
     cfg = Config()
     cfg.data.max_prompt_length, cfg.data.max_length = 64, 128
@@ -105,11 +107,29 @@ def test_sft_backward_per_packed_row_gives_the_same_update(tiny_model, task_data
     from spinlm.data import load_examples
     from spinlm.modeling import load_tokenizer
     from spinlm.packing import pack
-    from spinlm.sft import encode_real
-    from spinlm.tokens import Limits
+    from spinlm.tokens import Limits, encode_real
 
     cfg = Config()
     cfg.data.max_prompt_length, cfg.data.max_length = 64, 128
     seqs = encode_real(load_tokenizer(str(tiny_model), cfg.model), load_examples(str(task_data["train"]))[:16],
                        Limits.of(cfg))
     assert len(pack(seqs, 96)) > 2  # really split
+
+
+def test_sft_stops_on_a_non_finite_loss_and_keeps_the_checkpoint(tiny_model, task_data, tmp_path, capsys):
+    """The SFT stage (and so the continued-SFT baseline) guards its steps as SPIN training does: a
+    learning rate of 1e30 makes the second step's loss non-finite, and training stops there (exit 3)
+    instead of training on NaN weights and marking the stage done."""
+    out = tmp_path / "sft"
+    code = main(["sft", "--model", str(tiny_model), "--data", str(task_data["train"]), "--out", str(out),
+                 "--sft.learning_rate=1e30", "--sft.batch_size=8", "--sft.epochs=1", "--train.checkpoint_every=1",
+                 *COMMON])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    found = re.search(r"sft, optimizer step (\d+): the (loss|gradient norm) is (nan|inf|-inf) \(not finite\)", err)
+    assert found and "Traceback" not in err, err
+    step = int(found.group(1))
+    assert step >= 2  # step 1 starts from the given model: finite
+    kept = out.with_name("sft.tmp.checkpoints") / f"step-{step - 1:06d}"
+    assert str(kept) in err and (kept / "complete").exists(), err
+    assert not out.exists(), "a stopped stage leaves no output that looks complete"

@@ -59,18 +59,20 @@ CASES = {
     "wrong type of a field": (lambda t, m, d: ({"data": {"train": str(_rows(t / "n.jsonl", [GOOD, {"prompt": 7,
                                                                                                "response": "x"}]))}},
                                                []), ["n.jsonl", "row 2", "field 'prompt'"]),
-    "empty response": (lambda t, m, d: ({"data": {"train": str(_rows(t / "er.jsonl", [GOOD, {**GOOD, "response": ""}]))}},
-                                        []), ["er.jsonl", "row 2", "field 'response'"]),
-    "whitespace-only response": (lambda t, m, d: ({"data": {"train": str(_rows(t / "ws.jsonl",
-                                                                               [GOOD, {**GOOD, "response": " \n\t"}]))}},
-                                                  []), ["ws.jsonl", "row 2", "field 'response'"]),
+    "empty response": (
+        lambda t, m, d: ({"data": {"train": str(_rows(t / "er.jsonl", [GOOD, {**GOOD, "response": ""}]))}},
+                         []), ["er.jsonl", "row 2", "field 'response'"]),
+    "whitespace-only response": (
+        lambda t, m, d: ({"data": {"train": str(_rows(t / "ws.jsonl", [GOOD, {**GOOD, "response": " \n\t"}]))}},
+                         []), ["ws.jsonl", "row 2", "field 'response'"]),
     "conversation without an assistant turn": (
         lambda t, m, d: ({"data": {"train": str(_rows(t / "na.jsonl", [_conv("user", "assistant"), _conv("user")]))}},
                          []), ["na.jsonl", "row 2", "field 'messages'", "no assistant"]),
     "conversation ending with a user turn": (
         lambda t, m, d: ({"data": {"train": str(_rows(t / "eu.jsonl", [_conv("user", "assistant"),
                                                                       _conv("user", "assistant", "user")])),
-                                   "turn": "last"}}, []), ["eu.jsonl", "row 2", "field 'messages'", "ends with a user"]),
+                                   "turn": "last"}}, []),
+        ["eu.jsonl", "row 2", "field 'messages'", "ends with a user"]),
     "unknown role": (lambda t, m, d: ({"data": {"train": str(_rows(t / "r.jsonl", [_conv("user", "assistant"),
                                                                                   _conv("bot", "assistant")]))}}, []),
                      ["r.jsonl", "row 2", "messages[0]", "bot"]),

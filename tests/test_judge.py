@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from spinlm import judge_prompts
 from spinlm.cli import main
+from spinlm.eval import judge_prompts
+from spinlm.eval.judge import parse_grade, parse_verdict
+from spinlm.generation.process import free_port, stop_process_group
 from spinlm.io import read_json, read_jsonl
-from spinlm.judge import parse_grade, parse_verdict
-from spinlm.server import free_port, stop_process_group
 
 from conftest import COMMON, scripted_server
 
@@ -123,9 +123,9 @@ def test_rerun_resumes_from_the_cache(tiny_model, tmp_path, capsys, monkeypatch)
         code = main(_argv(tiny_model, questions, url, tmp_path / "out", "--concurrency=1"))
     err = capsys.readouterr().err
     assert code == 2 and "quota exceeded" in err and "Traceback" not in err
-    import spinlm.judge
+    import spinlm.eval.judge
 
-    monkeypatch.setattr(spinlm.judge, "_load", lambda *a: pytest.fail("answers must come from the cache"))
+    monkeypatch.setattr(spinlm.eval.judge, "_load", lambda *a: pytest.fail("answers must come from the cache"))
     with scripted_server(_grader) as (url, state):
         assert main(_argv(tiny_model, questions, url, tmp_path / "out")) == 0
     assert len(state["requests"]) == 5 - 3  # three judgments were cached before the failure

@@ -177,7 +177,8 @@ def test_full_disk_during_writes_is_a_clear_error(tiny_model, task_data, tmp_pat
 
     py = f"{sys.executable} -m spinlm"
     for kib, name, stage in (
-            (96, "model", f"train --model {tiny_model} --pairs {pairs} --train.batch_size=8 --train.checkpoint_every=2"),
+            (96, "model", f"train --model {tiny_model} --pairs {pairs} --train.batch_size=8 "
+                          "--train.checkpoint_every=2"),
             (8, "gens.jsonl", f"generate --model {tiny_model} --data {task_data['train']}")):
         disk = tmp_path / f"disk-{name}"
         out = _run_limited(disk, kib, f"{py} {stage} --out {disk}/{name} {' '.join(common)}")

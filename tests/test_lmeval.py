@@ -47,7 +47,7 @@ def local_task(tmp_path) -> Path:
 
 def test_local_tasks_offline(tiny_model, local_task, tmp_path, capsys, monkeypatch):
     """Two local tasks with different shot counts: one simple_evaluate call each, one model load."""
-    from spinlm import lmeval
+    from spinlm.eval import lmeval
 
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
     calls, run_group = [], lmeval.run_group
@@ -76,7 +76,7 @@ def test_local_tasks_offline(tiny_model, local_task, tmp_path, capsys, monkeypat
 
 
 def test_presets_name_registered_tasks(task_manager):
-    from spinlm.lmeval import PRESETS, check_tasks
+    from spinlm.eval.lmeval import PRESETS, check_tasks
 
     known = set(task_manager.all_tasks)
     for name, benches in PRESETS.items():

@@ -12,10 +12,10 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from spinlm import checkpoint
 from spinlm.cli import main
 from spinlm.config import Config, build, validate
 from spinlm.errors import UserError
+from spinlm.training import checkpoint
 
 pytest.importorskip("peft")
 
@@ -90,7 +90,7 @@ def test_only_adapted_layers_change(lora_run, tiny_model):
 
 
 def _trainable(path: Path, cfg: Config):
-    from spinlm.training import load_trainable
+    from spinlm.training.steps import load_trainable
 
     return load_trainable(str(path), cfg.model, torch.device("cpu"), False, cfg.peft)
 
@@ -101,9 +101,9 @@ def _peft_cfg(**peft) -> Config:
 
 def test_adapter_starts_as_the_base_model(tiny_model):
     """LoRA's B starts at zero: step-0 log-probs equal the base model's, packed and plain."""
-    from spinlm.lora import merged
     from spinlm.modeling import load_tokenizer
     from spinlm.packing import prepare, response_logps
+    from spinlm.training.lora import merged
 
     cfg = _peft_cfg()
     tokenizer = load_tokenizer(str(tiny_model), cfg.model)
@@ -134,7 +134,7 @@ def _step(model, tokenizer, optimizer) -> None:
 
 def test_checkpoint_round_trip_saves_the_adapter_only(tiny_model, tmp_path):
     from spinlm.modeling import load_tokenizer
-    from spinlm.training import linear_schedule, make_optimizer
+    from spinlm.training.steps import linear_schedule, make_optimizer
 
     cfg = _peft_cfg()
     tokenizer = load_tokenizer(str(tiny_model), cfg.model)
@@ -168,7 +168,7 @@ def test_checkpoint_round_trip_saves_the_adapter_only(tiny_model, tmp_path):
 
 
 def test_full_checkpoint_is_refused_for_an_adapter(tiny_model, tmp_path):
-    from spinlm.training import linear_schedule, make_optimizer
+    from spinlm.training.steps import linear_schedule, make_optimizer
 
     full = _trainable(tiny_model, Config())
     optimizer = make_optimizer("adamw", full, 1e-3, 0.0)
@@ -183,7 +183,7 @@ def test_full_checkpoint_is_refused_for_an_adapter(tiny_model, tmp_path):
 def test_interrupted_lora_train_resumes_to_the_same_weights(lora_run, tiny_model, tmp_path, monkeypatch):
     """train stops after its step-2 checkpoint (an exception at step 3); a second call resumes
     from it and ends where an uninterrupted run ends."""
-    import spinlm.train as train_stage
+    import spinlm.stages.train as train_stage
 
     pairs = lora_run / "iteration-0" / "pairs.jsonl"  # scored under tiny_model (sft is off)
     cfg = _peft_cfg(dropout=0.1)  # dropout: the resumed run must also restore the RNG
@@ -216,7 +216,7 @@ def test_peft_config_checks_and_missing_package(monkeypatch):
     assert _peft_cfg(target_modules="[q_proj, v_proj]").peft.target_modules == ["q_proj", "v_proj"]
     assert _peft_cfg().peft.target_modules == "all-linear"
 
-    from spinlm.lora import require_peft
+    from spinlm.training.lora import require_peft
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
@@ -229,9 +229,9 @@ def test_sft_with_lora_saves_the_best_merged_model(tiny_model, task_data, tmp_pa
     is the best one logged, and the frozen weights are the start model's."""
     from spinlm.cli import _examples
     from spinlm.io import read_json
+    from spinlm.metrics import heldout_nll
     from spinlm.modeling import load_model, load_tokenizer
-    from spinlm.sft import encode_real, heldout_nll
-    from spinlm.tokens import Limits
+    from spinlm.tokens import Limits, encode_real
 
     out = tmp_path / "sft"
     flags = ["--peft.enabled=true", "--peft.r=4", "--peft.alpha=8", "--sft.epochs=1", "--sft.eval_every=2",

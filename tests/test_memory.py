@@ -30,7 +30,8 @@ def test_training_sums_by_hand():
     assert "gathered layer" not in ddp["train"]
     assert ddp["infer"] == {"weights": 2 * p, "kv cache": 2 * 32 * 4096 * 2 * 16 * (512 + 256)}
 
-    fsdp = memory.estimate(_cfg("--train.strategy=fsdp", "--train.optimizer=adamw", "--train.gradient_checkpointing=true"),
+    fsdp = memory.estimate(_cfg("--train.strategy=fsdp", "--train.optimizer=adamw",
+                                "--train.gradient_checkpointing=true"),
                            SEVEN_B, world=8, row_tokens=ROW, on_gpu=True)
     assert fsdp["train"]["weights"] == fsdp["train"]["gradients"] == 4 * p / 8
     assert fsdp["train"]["optimizer"] == 8 * p / 8
@@ -69,7 +70,8 @@ def test_rows_of_the_forward():
 def test_a_plan_that_does_not_fit_is_refused_with_the_numbers():
     ddp = memory.estimate(_cfg(), SEVEN_B, world=8, row_tokens=ROW, on_gpu=True)
     # 84e9 (weights, gradients, RMSprop) + 34 * 1536 * 4096 * 32 (activations) + 12 * 1536 * 32000 (logits) bytes
-    with pytest.raises(UserError, match=r"training needs about 85\.2 GiB .* has 80\.0 GiB \(73\.6 GiB usable\)\. Options: train.strategy fsdp"):
+    with pytest.raises(UserError, match=r"training needs about 85\.2 GiB .* has 80\.0 GiB \(73\.6 GiB usable\)\. "
+                                        r"Options: train.strategy fsdp"):
         memory.check(ddp, 80 * memory.GIB, "an 80 GiB GPU")
     fsdp = memory.estimate(_cfg("--train.strategy=fsdp"), SEVEN_B, world=8, row_tokens=ROW, on_gpu=True)
     memory.check(fsdp, 80 * memory.GIB, "an 80 GiB GPU")  # ~18 GiB: fits
@@ -88,7 +90,8 @@ def test_validate_prints_and_checks_the_plan(tiny_model, task_data, tmp_path, ca
                                              "max_prompt_length": 64, "max_length": 128}}))
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "memory per device (estimate; train.strategy ddp, 1 process," in out and "no GPU here: no device check" in out
+    assert ("memory per device (estimate; train.strategy ddp, 1 process," in out
+            and "no GPU here: no device check" in out)
     assert main(["validate", str(path), "--world-size", "8", "--device-gib", "0.001", "--train.strategy=fsdp"]) == 2
     err = capsys.readouterr().err
     assert "needs about" in err and "train.strategy fsdp, 8 processes" in err

@@ -14,10 +14,19 @@ from spinlm.cli import main
 from spinlm.config import Config
 from spinlm.io import read_json, read_jsonl
 from spinlm.logprobs import sequence_logps
-from spinlm.loss import (OBJECTIVES, objective_loss, objective_terms, space_loss, spin_loss, sppo_hard_loss, tspin_loss,
-                         tspin_terms)
+from spinlm.loss import (
+    OBJECTIVES,
+    objective,
+    space_loss,
+    space_terms,
+    spin_loss,
+    sppo_hard_loss,
+    sppo_hard_terms,
+    tspin_loss,
+    tspin_terms,
+)
 from spinlm.modeling import load_model, load_tokenizer
-from spinlm.train import batch_losses, pair_items
+from spinlm.stages.train import batch_losses, pair_items
 
 from conftest import COMMON
 from test_loss import _trl_stand_in, trl_dpo_loss
@@ -126,37 +135,62 @@ def test_tspin_hand_values_and_beta_0():
 
 # ---------------------------------------------------------------- dispatch, config, the packed forward, a run
 
-def test_objective_loss_dispatches():
+def _sides(pr, pg, rr, rg):
+    return {"real": pr, "generated": pg}, {"real": rr, "generated": rg}
+
+
+def test_the_objective_table_dispatches_to_each_loss():
     args = (t(-1.0, -4.0), t(-3.0, -2.0), t(-2.0, -3.5), t(-2.5, -2.5))
-    assert torch.equal(objective_loss("spin", *args, beta=0.2, loss_type="hinge"),
+    policy, ref = _sides(*args)
+    assert torch.equal(objective("spin").loss(policy, ref, beta=0.2, loss_type="hinge"),
                        spin_loss(*args, beta=0.2, loss_type="hinge"))
-    assert torch.equal(objective_loss("space", *args, mu=2.0), space_loss(*args, mu=2.0))
-    assert torch.equal(objective_loss("sppo_hard", *args, beta=0.2), sppo_hard_loss(*args, beta=0.2))
+    assert torch.equal(objective("space").loss(policy, ref, mu=2.0), space_loss(*args, mu=2.0))
+    assert torch.equal(objective("sppo_hard").loss(policy, ref, beta=0.2), sppo_hard_loss(*args, beta=0.2))
+    history = t(-2.0, -1.0)
+    assert torch.allclose(objective("tspin").loss({**policy, "historical": history}, None, alpha=0.5,
+                                                  history_weight=0.3),
+                          tspin_loss(args[0], args[1], history, alpha=0.5, beta=0.3))
     with pytest.raises(ValueError, match="objective"):
-        objective_loss("tspin", *args)
-    assert OBJECTIVES == ("spin", "space", "sppo_hard")
+        objective("dpo")
+    assert list(OBJECTIVES) == ["spin", "space", "sppo_hard", "tspin"]
+    assert [o.name for o in OBJECTIVES.values() if not o.needs_reference] == ["tspin"]
+    assert [len(o.responses) for o in OBJECTIVES.values()] == [2, 2, 2, 3]
+
+
+def test_the_table_maps_config_to_each_objectives_own_parameters():
+    """Parameters under their own names: T-SPIN's alpha and history weight are never called beta or mu."""
+    cfg = Config()
+    cfg.spin.space_mu, cfg.spin.tspin_alpha, cfg.spin.tspin_history_weight, cfg.spin.loss_type = 2.0, 0.7, 0.3, "hinge"
+    assert objective("spin").params(cfg.spin, 0.4, 1) == {"beta": 0.4, "loss_type": "hinge"}
+    assert objective("space").params(cfg.spin, 0.4, 1) == {"mu": 2.0, "beta": 0.4}
+    assert objective("sppo_hard").params(cfg.spin, 0.4, 1) == {"beta": 0.4}
+    assert objective("tspin").params(cfg.spin, 0.4, 1) == {"alpha": 0.7, "history_weight": 0.3}
+    assert objective("tspin").params(cfg.spin, 0.4, 0) == {"alpha": 0.7, "history_weight": 0.0}  # y' = y0 at t = 0
 
 
 def test_objective_terms_hand_values_and_sum_to_the_loss():
     """The named terms (issue 19, item 3: what each objective moves) by hand, and their sum is the loss."""
     pr, pg, rr, rg = t(-3.0, -1.0), t(-5.0, -2.5), t(-4.0, -1.5), t(-4.5, -2.0)  # r(y) = 1, 0.5; r(y') = -0.5, -0.5
-    space = objective_terms("space", pr, pg, rr, rg, mu=2.0)
+    space = objective("space").terms(*_sides(pr, pg, rr, rg), mu=2.0)
     assert list(space) == ["real", "generated"]
     assert space["real"].tolist() == pytest.approx([log1pexp(math.log(2) - 1), log1pexp(math.log(2) - 0.5)])
     assert space["generated"].tolist() == pytest.approx([2 * log1pexp(-0.5 - math.log(2))] * 2)
-    sppo = objective_terms("sppo_hard", pr, pg, rr, rg, beta=0.5)  # targets r(y) = 1, r(y') = -1
-    assert sppo["real"].tolist() == pytest.approx([0.0, 0.25]) and sppo["generated"].tolist() == pytest.approx([0.25] * 2)
-    assert objective_terms("spin", pr, pg, rr, rg) == {}
-    for objective, terms, kw in (("space", space, {"mu": 2.0}), ("sppo_hard", sppo, {"beta": 0.5})):
-        assert torch.allclose(sum(terms.values()), objective_loss(objective, pr, pg, rr, rg, **kw))
+    sppo = objective("sppo_hard").terms(*_sides(pr, pg, rr, rg), beta=0.5)  # targets r(y) = 1, r(y') = -1
+    assert (sppo["real"].tolist() == pytest.approx([0.0, 0.25])
+            and sppo["generated"].tolist() == pytest.approx([0.25] * 2))
+    assert list(objective("spin").terms(*_sides(pr, pg, rr, rg), beta=0.1, loss_type="sigmoid")) == ["loss"]
+    for terms, loss in ((space, space_loss(pr, pg, rr, rg, mu=2.0)), (sppo, sppo_hard_loss(pr, pg, rr, rg, beta=0.5))):
+        assert torch.allclose(sum(terms.values()), loss)
+    assert torch.equal(space["real"], space_terms(pr, pg, rr, rg, mu=2.0)[0])
+    assert torch.equal(sppo["generated"], sppo_hard_terms(pr, pg, rr, rg, beta=0.5)[1])
     current, historical = tspin_terms(pr, pg, t(-4.0, -2.5), alpha=0.5, beta=0.3)  # cur = 1, 0.75; hist = -0.5, 0
     assert current.tolist() == pytest.approx([log1pexp(-1.0), log1pexp(-0.75)])
     assert historical.tolist() == pytest.approx([0.3 * log1pexp(0.5), 0.3 * math.log(2)])
     assert torch.allclose(current + historical, tspin_loss(pr, pg, t(-4.0, -2.5), alpha=0.5, beta=0.3))
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
-def test_objectives_packed_equal_plain(tiny_model, pairs, objective):
+@pytest.mark.parametrize("name", ["spin", "space", "sppo_hard"])
+def test_objectives_packed_equal_plain(tiny_model, pairs, name):
     cfg = Config()
     cfg.data.max_prompt_length, cfg.data.max_length = 64, 128
     tok = load_tokenizer(str(tiny_model), cfg.model)
@@ -165,13 +199,18 @@ def test_objectives_packed_equal_plain(tiny_model, pairs, objective):
     with torch.no_grad():  # the model moved off the reference, so every objective's terms are non-trivial
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    packed, _ = batch_losses(model, items, tok.pad_token_id, 256, 0.1, "sigmoid", objective=objective, mu=2.0)
-    plain, _ = batch_losses(model, items, tok.pad_token_id, None, 0.1, "sigmoid", objective=objective, mu=2.0)
+    goal = objective(name)
+    params = {"spin": {"beta": 0.1, "loss_type": "sigmoid"}, "space": {"mu": 2.0, "beta": 0.1},
+              "sppo_hard": {"beta": 0.1}}[name]
+    packed, _ = batch_losses(model, items, tok.pad_token_id, 256, goal, params)
+    plain, _ = batch_losses(model, items, tok.pad_token_id, None, goal, params)
     with torch.no_grad():  # independent: per-sequence log-probs, unpacked
         real = sequence_logps(model, [(i["prompt"], i["real"]) for i in items], tok.pad_token_id)[0]
         gen = sequence_logps(model, [(i["prompt"], i["generated"]) for i in items], tok.pad_token_id)[0]
     ref = [torch.tensor([i[k] for i in items], dtype=torch.float64) for k in ("ref_real", "ref_generated")]
-    expected = objective_loss(objective, real.double(), gen.double(), *ref, beta=0.1, mu=2.0)
+    loss = {"spin": lambda *a: spin_loss(*a, beta=0.1), "space": lambda *a: space_loss(*a, mu=2.0),
+            "sppo_hard": lambda *a: sppo_hard_loss(*a, beta=0.1)}[name]
+    expected = loss(real.double(), gen.double(), *ref)
     assert torch.allclose(packed.double(), expected, atol=1e-4, rtol=1e-4)
     assert torch.allclose(plain.double(), expected, atol=1e-4, rtol=1e-4)
     assert expected.std() > 1e-3  # the pairs differ
@@ -219,12 +258,14 @@ def test_tspin_triplets_packed_equal_plain(tiny_model, pairs):
     model = load_model(str(tiny_model), cfg.model, dtype=torch.float64)
     rows = read_jsonl(pairs)[:6]
     for r, other in zip(rows, rows[1:] + rows[:1]):  # a historical response of another length per row
-        r.update(historical=other["generated"], historical_ids=other["generated_ids"], historical_finish=other["finish"])
+        r.update(historical=other["generated"], historical_ids=other["generated_ids"],
+                 historical_finish=other["finish"])
     items = pair_items(tok, rows, cfg)
     assert all("ref_real" not in i and i["historical"] == o["generated_ids"][:len(i["historical"])]
                for i, o in zip(items, rows[1:] + rows[:1]))
-    packed, metrics = batch_losses(model, items, tok.pad_token_id, 384, 0.5, "sigmoid", objective="tspin", mu=0.3)
-    plain, _ = batch_losses(model, items, tok.pad_token_id, None, 0.5, "sigmoid", objective="tspin", mu=0.3)
+    params = {"alpha": 0.5, "history_weight": 0.3}
+    packed, metrics = batch_losses(model, items, tok.pad_token_id, 384, objective("tspin"), params)
+    plain, _ = batch_losses(model, items, tok.pad_token_id, None, objective("tspin"), params)
     with torch.no_grad():  # independent: each response on its own, unpacked
         lp = [sequence_logps(model, [(i["prompt"], i[k]) for i in items], tok.pad_token_id)[0].double()
               for k in ("real", "generated", "historical")]
@@ -300,7 +341,8 @@ def test_tspin_run_keeps_y0_and_resumes_to_the_same_weights(tiny_model, task_dat
     assert "| iteration-1 | tspin |" in table and "logp/historical_per_token" in table and "terms/historical" in table
     first, final = log1["history"][0]["logp/real_per_token"], log1["history"][-1]["logp/real_per_token"]
     assert f"{first:.4g} -> {final:.4g}" in table.split("| iteration-1 |")[1].splitlines()[0]
-    generated_differ = any(r["generated_ids"] != y0[r["id"]]["generated_ids"] for r in read_jsonl(it1 / "generations.jsonl"))
+    generated_differ = any(r["generated_ids"] != y0[r["id"]]["generated_ids"]
+                           for r in read_jsonl(it1 / "generations.jsonl"))
     assert generated_differ  # iteration 1's samples come from p_1, not p_0
 
     cfg = _tspin_config(tmp_path / "cfg.yaml", tiny_model, task_data, tmp_path / "run")

@@ -6,11 +6,17 @@ import logging
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig,
-                          Qwen2Config)
+from transformers import AutoModelForCausalLM, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
-from spinlm.packing import (attention_bias, build, enable_packing, pack, packed_logps, plain_logps,
-                            takes_bool_logits_to_keep)
+from spinlm.packing import (
+    attention_bias,
+    build,
+    enable_packing,
+    pack,
+    packed_logps,
+    plain_logps,
+    takes_bool_logits_to_keep,
+)
 
 COMMON = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=1)

@@ -154,8 +154,8 @@ def test_help_of_report_and_lm_eval(capsys):
 def test_continued_sft_is_the_baseline_not_an_iteration(tmp_path):
     """A run with eval.continued_sft (the demo's): the verdict compares iterations only and names the
     baseline on its own line; its model card says what it is."""
-    from spinlm.cards import card_text
-    from spinlm.report import verdict
+    from spinlm.report.cards import card_text
+    from spinlm.report.report import verdict
 
     entries = [{"name": "sft", "metrics": {"accuracy": 0.5, "nll_per_token": 0.3}},
                {"name": "iteration-0", "metrics": {"accuracy": 0.6, "nll_per_token": 0.2}},

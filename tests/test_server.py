@@ -20,9 +20,9 @@ import torch
 from spinlm import cli, config
 from spinlm.data import load_examples
 from spinlm.errors import UserError
-from spinlm.generate import generate_file
+from spinlm.generation.process import free_port, stop_process_group
 from spinlm.io import read_jsonl
-from spinlm.server import free_port, stop_process_group
+from spinlm.stages.generate import generate_file
 
 from conftest import scripted_server
 
@@ -282,6 +282,23 @@ def test_server_settings_are_validated():
     assert "must contain {port}" in str(e.value)
 
 
+def test_every_configured_backend_has_an_implementation():
+    """generation.backend's choices (the config's) and spinlm.generation.backend_for's table agree."""
+    import typing
+
+    from spinlm.generation import backend_for
+
+    names = typing.get_args(typing.get_type_hints(config.GenerationConfig)["backend"])
+    assert set(names) == {"local", "server", "vllm"}
+    for name in names:
+        backend = backend_for(config.build(None, ["--model.name_or_path=m", f"--generation.backend={name}"]))
+        assert backend.needs_local_model == (name == "local")
+    cfg = config.build(None, ["--model.name_or_path=m"])
+    cfg.generation.backend = "remote"
+    with pytest.raises(UserError, match="generation.backend must be one of local, server, vllm; got 'remote'"):
+        backend_for(cfg)
+
+
 def test_managed_server_health_timeout(task_data, tiny_model, tmp_path, capsys):
     script = "import time; print('still loading {model} on {port}', flush=True); time.sleep(60)"
     command = f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}"
@@ -316,7 +333,7 @@ HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 def test_managed_server_is_stopped_on_interrupt(tiny_model, tmp_path, caplog):
     from transformers import AutoTokenizer
 
-    from spinlm.server import generate_server
+    from spinlm.generation.server import generate_server
 
     (tmp_path / "serve.py").write_text(MINI_SERVER)
     command = f"{shlex.quote(sys.executable)} {shlex.quote(str(tmp_path / 'serve.py'))} {{port}} # {{model}}"
@@ -377,8 +394,8 @@ def test_a_dead_managed_server_is_not_retried(tiny_model, tmp_path, capsys):
 def test_without_the_openai_client_one_clear_error(tiny_model, task_data, tmp_path):
     """A real Python in which `import openai` fails (None in sys.modules is how Python blocks an
     import): spinlm imports, and the server backend and `spinlm judge` each give one UserError."""
-    run = ("import sys; sys.modules['openai'] = None; from spinlm.cli import main; import spinlm.server, "
-           "spinlm.judge; sys.exit(main(sys.argv[1:]))")
+    run = ("import sys; sys.modules['openai'] = None; from spinlm.cli import main; import spinlm.generation.server, "
+           "spinlm.eval.judge; sys.exit(main(sys.argv[1:]))")
     (tmp_path / "q.jsonl").write_text('{"question_id": 1, "category": "math", "turns": ["What is 2 plus 3?"]}\n')
     (tmp_path / "run.yaml").write_text(f"model: {{name_or_path: {tiny_model}}}\ndata: {{train: {task_data['train']}}}\n"
                                        f"run: {{dir: {tmp_path / 'run'}}}\n")

@@ -166,8 +166,8 @@ def _uneven_budget(tiny_model: Path, pairs: Path) -> int:
     from spinlm.config import build
     from spinlm.modeling import load_tokenizer
     from spinlm.packing import pack
-    from spinlm.train import pair_items, responses
-    from spinlm.training import epoch_steps
+    from spinlm.stages.train import pair_items, responses
+    from spinlm.training.steps import epoch_steps
 
     cfg = build(overrides=COMMON)
     items = pair_items(load_tokenizer(str(tiny_model), cfg.model), read_jsonl(pairs), cfg)
@@ -325,7 +325,8 @@ def test_zero3_killed_training_resumes_to_identical_weights(tiny_model, pairs, t
     assert second.returncode != 0 and sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004.tmp"]
     assert "resumed zero3 training from" in second.stderr
     alone = _spinlm(["train", "--out", str(out), *args], two=False)  # DeepSpeed cannot re-partition: refused
-    assert alone.returncode == 2 and "written by 2 processes and the run now has 1" in alone.stderr, alone.stderr[-3000:]
+    assert (alone.returncode == 2
+            and "written by 2 processes and the run now has 1" in alone.stderr), alone.stderr[-3000:]
     assert "Traceback" not in alone.stderr
     final = _spinlm(["train", "--out", str(out), *args], two=True)
     assert final.returncode == 0, final.stderr[-3000:]

@@ -13,9 +13,9 @@ from spinlm.cli import main
 from spinlm.config import Config
 from spinlm.io import read_json, read_jsonl, write_jsonl
 from spinlm.logprobs import sequence_logps
-from spinlm.loss import real_nll_per_token, spin_loss
+from spinlm.loss import objective, real_nll_per_token, spin_loss
 from spinlm.modeling import load_model, load_tokenizer
-from spinlm.train import batch_losses, pair_items
+from spinlm.stages.train import batch_losses, pair_items
 
 from conftest import COMMON
 
@@ -26,8 +26,9 @@ def test_sft_weight_adds_the_real_nll_per_token(tiny_model, pairs):
     tok = load_tokenizer(str(tiny_model), cfg.model)
     model = load_model(str(tiny_model), cfg.model, dtype=torch.float64)
     items = pair_items(tok, read_jsonl(pairs)[:5], cfg)
-    plain, _ = batch_losses(model, items, tok.pad_token_id, None, 0.1, "sigmoid")
-    weighted, metrics = batch_losses(model, items, tok.pad_token_id, None, 0.1, "sigmoid", sft_weight=0.7)
+    spin, params = objective("spin"), {"beta": 0.1, "loss_type": "sigmoid"}
+    plain, _ = batch_losses(model, items, tok.pad_token_id, None, spin, params)
+    weighted, metrics = batch_losses(model, items, tok.pad_token_id, None, spin, params, sft_weight=0.7)
     # independent: unpacked per-sequence log-probs, and the NLL per token by hand
     with torch.no_grad():
         real = sequence_logps(model, [(i["prompt"], i["real"]) for i in items], tok.pad_token_id)[0]
@@ -84,8 +85,8 @@ def test_too_high_lr_warns_that_the_model_unlearns_the_data(tiny_model, pairs, t
 
 def test_in_iteration_checks_keep_the_best_weights(tiny_model, task_data, pairs, tmp_path):
     from spinlm.data import load_examples
-    from spinlm.sft import encode_real, heldout_nll
-    from spinlm.tokens import Limits
+    from spinlm.metrics import heldout_nll
+    from spinlm.tokens import Limits, encode_real
 
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump({"run": {"dir": str(tmp_path / "run"), "progress": False},

@@ -10,12 +10,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spinlm import config
 from spinlm.data import load_examples
-from spinlm.generate import generate, generate_file, row_seed
+from spinlm.generation.local import generate, row_seed
 from spinlm.io import read_jsonl
 from spinlm.logprobs import sequence_logps
-from spinlm.score import score_files
+from spinlm.stages.generate import generate_file
+from spinlm.stages.score import score_files
+from spinlm.stages.train import train
 from spinlm.tokens import encode_prompt, render_prompt_text
-from spinlm.train import train
 
 
 def _cfg(tiny_model, tmp_path, *extra):
@@ -37,7 +38,8 @@ def _plain_logp(model, prompt: list[int], response: list[int]) -> float:
 def test_batched_logps_equal_plain_per_sequence(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
-    seqs = [(torch.randint(5, 200, (int(p),), generator=g).tolist(), torch.randint(5, 200, (int(r),), generator=g).tolist())
+    seqs = [(torch.randint(5, 200, (int(p),), generator=g).tolist(),
+             torch.randint(5, 200, (int(r),), generator=g).tolist())
             for p, r in [(3, 7), (11, 2), (1, 1), (20, 15)]]
     with torch.no_grad():
         sums, counts = sequence_logps(model, seqs, pad_id=0)
@@ -49,10 +51,10 @@ def test_batched_logps_equal_plain_per_sequence(tiny_model):
 def test_prompt_ids_identical_in_generate_score_and_train(tiny_model, task_data, tmp_path, monkeypatch):
     """Instrument the loaded models: every full-sequence forward of each stage (generate's
     prefill, score, train) must start with the prompt ids that encode_prompt gives."""
-    import spinlm.generate
+    import spinlm.generation.local
     import spinlm.modeling
-    import spinlm.score
-    import spinlm.training
+    import spinlm.stages.score
+    import spinlm.training.steps
 
     cfg = _cfg(tiny_model, tmp_path)
     examples = load_examples(str(task_data["train"]), max_rows=3)
@@ -76,9 +78,9 @@ def test_prompt_ids_identical_in_generate_score_and_train(tiny_model, task_data,
             return model
         return load
 
-    for module, stage in ((spinlm.generate, "generate"), (spinlm.training, "train")):
+    for module, stage in ((spinlm.generation.local, "generate"), (spinlm.training.steps, "train")):
         monkeypatch.setattr(module, "load_model", instrumented(stage))
-    monkeypatch.setattr(spinlm.score, "inference_model",
+    monkeypatch.setattr(spinlm.stages.score, "inference_model",
                         lambda path, cfg: (instrumented("score")(path, cfg.model).eval(), None))
     generate_file(str(tiny_model), examples, tmp_path / "gen.jsonl", cfg, 0)
     score_files(str(tiny_model), [tmp_path / "gen.jsonl"], tmp_path / "pairs.jsonl", cfg)
@@ -98,7 +100,8 @@ def test_per_row_seeds_do_not_depend_on_batch_composition(tiny_model):
     seeds = [row_seed(7, 0, f"row{i}") for i in range(6)]
     kw = dict(max_new_tokens=10, temperature=1.0, top_p=1.0)
     together = generate(model, tok, prompts, batch_size=6, seeds=seeds, progress=False, **kw)
-    alone = [generate(model, tok, [p], batch_size=1, seeds=[s], progress=False, **kw)[0] for p, s in zip(prompts, seeds)]
+    alone = [generate(model, tok, [p], batch_size=1, seeds=[s], progress=False, **kw)[0]
+             for p, s in zip(prompts, seeds)]
     assert [r["text"] for r in together] == [r["text"] for r in alone]
     other = generate(model, tok, prompts, batch_size=6, seeds=[s + 1 for s in seeds], progress=False, **kw)
     assert [r["text"] for r in other] != [r["text"] for r in together]
@@ -129,7 +132,7 @@ def test_generate_records_finish_and_ignores_checkpoint_sampling_defaults(tiny_m
 
 
 def test_length_batches_respect_row_and_token_budgets():
-    from spinlm.generate import length_batches
+    from spinlm.generation.local import length_batches
 
     lengths = [5, 40, 12, 12, 33, 7, 80, 1, 19, 25]
     batches = length_batches(lengths, max_new_tokens=20, batch_size=4, batch_tokens=150)

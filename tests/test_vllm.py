@@ -25,9 +25,10 @@ import yaml
 
 from spinlm import cli, config
 from spinlm.data import load_examples
-from spinlm.generate import checkpoint_generation_config, generate_file, row_seed
+from spinlm.generation.local import checkpoint_generation_config, row_seed
+from spinlm.generation.process import free_port, stop_process_group
 from spinlm.io import read_jsonl
-from spinlm.server import free_port, stop_process_group
+from spinlm.stages.generate import generate_file
 from spinlm.tokens import encode_prompt, stop_ids
 
 ROOT = Path(__file__).resolve().parents[1]

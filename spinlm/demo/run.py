@@ -13,11 +13,11 @@ import json
 import logging
 from pathlib import Path
 
-from .. import config
-from ..io import is_done, mark_done, produce
-from ..loop import run
-from .build import build_tiny
-from .task import write_splits
+from spinlm import config
+from spinlm.demo.build import build_tiny
+from spinlm.demo.task import write_splits
+from spinlm.io import finish, is_done, produce
+from spinlm.loop import run
 
 log = logging.getLogger("spinlm")
 
@@ -55,12 +55,12 @@ def _build_inputs(out: Path, task: dict = TASK, model: dict = MODEL) -> None:
     data, base = out / "data", out / "base"
     if not is_done(data):
         produce(data, lambda tmp: write_splits(tmp, **task))
-        mark_done(data, {"task": task})
+        finish(data, {"task": task})
     if not is_done(base):
         texts = [v for line in (data / "train.jsonl").read_text(encoding="utf-8").splitlines()
                  for k, v in json.loads(line).items() if k in ("prompt", "response")]
         produce(base, lambda tmp: build_tiny(tmp, texts, **model))
-        mark_done(base, {"model": model})
+        finish(base, {"model": model})
         log.info("built the demo tokenizer and model in %s", base)
 
 

@@ -21,10 +21,10 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .. import config
-from ..experiment.common import run_one
-from ..io import read_json
-from .run import _build_inputs, defaults
+from spinlm import config
+from spinlm.demo.run import _build_inputs, defaults
+from spinlm.experiment.common import run_one
+from spinlm.io import read_json
 
 GRID = {"beta": [0.1, 1.0, 5.0], "learning_rate": [1e-5, 5e-5], "sft_weight": [0.0, 1.0],
         "drop_dead_pairs": [False, True]}
@@ -57,7 +57,8 @@ def sweep(out: Path, workers: int, iterations: int, seeds: list[int]) -> dict:
     sft_cfg["spin"]["iterations"] = 1
     sft_cfg["eval"]["continued_sft"] = False
     config.validate(config.build(None, None, base=sft_cfg))
-    assert run_one(sft_cfg, out / "sft-run.yaml", threads=os.cpu_count() or 1) == 0, f"SFT run failed: see {out / 'sft-run.log'}"
+    assert run_one(sft_cfg, out / "sft-run.yaml",
+                   threads=os.cpu_count() or 1) == 0, f"SFT run failed: see {out / 'sft-run.log'}"
     sft_model = out / "sft-run" / "sft" / "model"
     jobs = []
     for seed, values in itertools.product(seeds, itertools.product(*GRID.values())):

@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import convergence, family, loss_beta, regime, spin_vs_sft, theory
-from .common import Setup
+from spinlm.experiment import convergence, family, loss_beta, regime, spin_vs_sft, theory
+from spinlm.experiment.common import Setup
 
 
 @dataclass(frozen=True)

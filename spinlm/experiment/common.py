@@ -16,12 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from .. import config
-from ..data import load_examples
-from ..demo.run import MODEL, TASK, _build_inputs, defaults
-from ..errors import UserError
-from ..io import is_done, mark_done, produce, read_json, remove_scratch
-from ..sft import sft
+from spinlm import config
+from spinlm.data import load_examples
+from spinlm.demo.run import MODEL, TASK, _build_inputs, defaults
+from spinlm.errors import UserError
+from spinlm.io import finish, is_done, produce, read_json
+from spinlm.stages.sft import sft
 
 log = logging.getLogger("spinlm")
 
@@ -60,7 +60,8 @@ def base_config(setup: Setup) -> dict:
 def build_inputs(setup: Setup, task: dict | None = None) -> None:
     """The demo task's splits (`task`'s sizes, default the demo's) and its tokenizer + untrained
     Llama under OUT/demo (built once)."""
-    _build_inputs(setup.demo_dir(), task or (QUICK_TASK if setup.quick else TASK), QUICK_MODEL if setup.quick else MODEL)
+    _build_inputs(setup.demo_dir(), task or (QUICK_TASK if setup.quick else TASK),
+                  QUICK_MODEL if setup.quick else MODEL)
 
 
 def resolved(base: dict, overrides: list[str] | None = None) -> config.Config:
@@ -80,8 +81,7 @@ def fine_tune(cfg_dict: dict, model: str | Path, out: Path, val: bool = True) ->
     train = load_examples(d.train, format=d.format, turn=d.turn)
     held = load_examples(d.val, format=d.format, turn=d.turn) if val else []
     info = produce(out, lambda tmp: sft(str(model), train, held, tmp, cfg))
-    mark_done(out, {"stage": "sft", "info": info})
-    remove_scratch(out)
+    finish(out, {"stage": "sft", "info": info})
     return out
 
 

@@ -26,15 +26,27 @@ from pathlib import Path
 
 import torch
 
-from ..generate import generate, row_seed
-from ..config import Config
-from ..demo.build import build_model
-from ..io import is_done, mark_done, produce, read_json, read_jsonl, write_json, write_jsonl
-from ..modeling import load_model, load_tokenizer
-from ..packing import prepare, score_groups
-from ..tokens import encode_prompt, encode_response
-from .common import (Setup, base_config, build_inputs, fine_tune, fmt, mean_sd, resolved, run_all, spin_config,
-                     summary, train_log, write_results)
+from spinlm.config import Config
+from spinlm.demo.build import build_model
+from spinlm.experiment.common import (
+    Setup,
+    base_config,
+    build_inputs,
+    fine_tune,
+    fmt,
+    mean_sd,
+    resolved,
+    run_all,
+    spin_config,
+    summary,
+    train_log,
+    write_results,
+)
+from spinlm.generation.local import generate, row_seed
+from spinlm.io import finish, is_done, produce, read_json, read_jsonl, write_json, write_jsonl
+from spinlm.modeling import load_model, load_tokenizer
+from spinlm.packing import prepare, score_groups
+from spinlm.tokens import encode_prompt, encode_response
 
 TEACHER_EPOCHS = 4  # few enough that the teacher stays a spread-out distribution, not a lookup table
 STUDENT = {"hidden_size": 96, "num_layers": 2, "num_heads": 4, "max_position_embeddings": 128, "seed": 1}
@@ -72,7 +84,7 @@ def teacher_data(teacher: Path, base: dict, out: Path) -> Path:
     the teacher's log-prob). Built once."""
     if not is_done(out):
         info = produce(out, lambda tmp: _write_teacher_data(teacher, resolved(base), tmp))
-        mark_done(out, {"stage": "teacher-data", "info": info})
+        finish(out, {"stage": "teacher-data", "info": info})
     return out
 
 
@@ -120,7 +132,8 @@ def _write_teacher_data(teacher: Path, cfg, tmp: Path) -> dict:
             write_jsonl(tmp / "kl.jsonl", kl_rows)
             samples = [s for r in kl_rows for s in r["samples"]]
             info["kl_samples"] = {"samples": len(samples), "complete": sum(s["finish"] == "eos" for s in samples),
-                                  "reencode_differs": sum(not s["reencodes_same"] for s in samples if s["finish"] == "eos")}
+                                  "reencode_differs": sum(not s["reencodes_same"] for s in samples
+                                                          if s["finish"] == "eos")}
     write_json(tmp / "info.json", info)
     return info
 
@@ -157,7 +170,7 @@ def student_base(teacher: Path, out: Path, shape: dict) -> Path:
     """An untrained, smaller Llama with the teacher's tokenizer (built once)."""
     if not is_done(out):
         produce(out, lambda tmp: build_model(load_tokenizer(str(teacher), Config().model), tmp, **shape))
-        mark_done(out, {"model": shape})
+        finish(out, {"model": shape})
     return out
 
 
@@ -215,7 +228,8 @@ def table(results: dict) -> str:
         lines += [f"Seed {r['seed']}:", "", head, "|---|---|---|---|---|---|---|---|---|---|"]
         for m in r["models"]:
             n = lambda k, d=4: "-" if m[k] is None else f"{m[k]:.{d}f}"  # noqa: E731
-            lines.append(f"| {m['model']} | {m['kl']:.4f} ± {m['se']:.4f} | {n('test_accuracy', 3)} | {n('test_nll')} | "
+            lines.append(f"| {m['model']} | {m['kl']:.4f} ± {m['se']:.4f} | {n('test_accuracy', 3)} | "
+                         f"{n('test_nll')} | "
                          f"{n('reward_margin')} | {n('reward_accuracy', 3)} | {n('dead_pair_share', 3)} | "
                          f"{n('train_loss_mean')} | {n('train_loss_last')} | {n('train_margin_last')} |")
         lines.append("")
@@ -229,7 +243,7 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    from ..report import figure
+    from spinlm.report.plots import figure
 
     runs = list(results["runs"].values())
     if not runs:

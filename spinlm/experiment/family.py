@@ -11,7 +11,8 @@ paper's loss alone: no NLL term except in spin+nll, no in-iteration checks) for 
 asked, and for every run and iteration t continued SFT for as many optimizer steps as the run's
 iterations 0..t took (spin-vs-sft's baseline; the runs of a seed whose iterations took the same
 steps share one, which is the same model for each: see baseline_holders), so each difference is
-paired on seed and steps. Each objective's setting is chosen on validation (mean validation accuracy after the last iteration over seeds); so is the
+paired on seed and steps. Each objective's setting is chosen on validation (mean validation accuracy
+after the last iteration over seeds); so is the
 best objective. Test numbers, with paired objective - continued SFT differences per seed, are
 reported for the chosen settings, and for every candidate as well (marked), never chosen on test.
 
@@ -27,9 +28,18 @@ import json
 import statistics
 from pathlib import Path
 
-from ..loop import iteration_steps
-from .common import Setup, band, base_config, build_inputs, fine_tune, fmt, run_all, spin_config, write_results
-from . import regime, spin_vs_sft
+from spinlm.experiment import regime, spin_vs_sft
+from spinlm.experiment.common import (
+    Setup,
+    band,
+    base_config,
+    build_inputs,
+    fine_tune,
+    run_all,
+    spin_config,
+    write_results,
+)
+from spinlm.loop import iteration_steps
 
 PAPER_LOSS = {"sft_weight": 0.0}
 FAMILY = {  # objective -> candidate -> spin section over the demo's (chosen on validation per objective)
@@ -119,8 +129,10 @@ def table(results: dict) -> str:
         picked = {c["setting"] for c in r["chosen"].values()}
         lines += [f"## {task}", "",
                   "Each objective's setting chosen on validation (mean validation accuracy after the last iteration): "
-                  + "; ".join(f"{o}: **{c['setting']}** ({', '.join(f'{s} {v:.3f}' for s, v in c['val_accuracy_last'].items())})"
-                              for o, c in r["chosen"].items()) + f". Best objective on validation: **{r['best']}**.", "",
+                  + "; ".join(f"{o}: **{c['setting']}** ("
+                              f"{', '.join(f'{s} {v:.3f}' for s, v in c['val_accuracy_last'].items())})"
+                              for o, c in r["chosen"].items())
+                  + f". Best objective on validation: **{r['best']}**.", "",
                   *regime.COMPARISON_HEADER]
         for setting, rs in r["settings"].items():
             mark = " (best)" if setting == r["best"] else " (chosen)" if setting in picked else " (candidate)"
@@ -137,7 +149,7 @@ def table(results: dict) -> str:
 def plot(results: dict, path: Path) -> None:
     """family.png: per task, test accuracy after each iteration for each objective's chosen setting,
     and continued SFT at equal steps."""
-    from ..report import figure
+    from spinlm.report.plots import figure
 
     tasks = results["tasks"]
     fig, axes = figure(1, len(tasks))

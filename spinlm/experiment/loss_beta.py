@@ -13,8 +13,20 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from .common import (Setup, band, base_config, build_inputs, fine_tune, fmt, run_all, spin_config, summary, train_log,
-                     write_results)
+from spinlm.experiment.common import (
+    Setup,
+    band,
+    base_config,
+    build_inputs,
+    fine_tune,
+    fmt,
+    run_all,
+    spin_config,
+    summary,
+    train_log,
+    write_results,
+)
+from spinlm.rundir import RunLayout
 
 LOSSES = ["sigmoid", "hinge"]
 BETAS = [0.1, 5.0]
@@ -48,16 +60,17 @@ def collect(jobs: dict[str, dict], failed: list[str]) -> dict:
             continue
         run_dir = Path(cfg["run"]["dir"])
         entries = summary(run_dir)
-        models = ["sft"] + [f"iteration-{t}" for t in range(cfg["spin"]["iterations"])]
+        models = RunLayout(run_dir).names(cfg["spin"]["iterations"])
         per = []
         for m in models:
             metrics, final = entries[m]["metrics"], train_log(run_dir / m / "model").get("final", {})
             per.append({"model": m, "test_accuracy": metrics.get("accuracy"), "test_nll": metrics.get("nll_per_token"),
                         "val_accuracy": entries[m]["val_metrics"].get("accuracy"),
-                        "reward_accuracy": metrics.get("reward_accuracy"), "reward_margin": metrics.get("reward_margin"),
-                        "train_loss": final.get("loss"), "real_logratio_per_token": final.get("logratio/real_per_token")})
-        runs[run_name] = {"loss_type": cfg["spin"]["loss_type"], "beta": cfg["spin"]["beta"], "seed": cfg["run"]["seed"],
-                          "models": per}
+                        "reward_accuracy": metrics.get("reward_accuracy"),
+                        "reward_margin": metrics.get("reward_margin"), "train_loss": final.get("loss"),
+                        "real_logratio_per_token": final.get("logratio/real_per_token")})
+        runs[run_name] = {"loss_type": cfg["spin"]["loss_type"], "beta": cfg["spin"]["beta"],
+                          "seed": cfg["run"]["seed"], "models": per}
     return {"runs": runs, "failed": failed}
 
 
@@ -93,7 +106,7 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    from ..report import figure
+    from spinlm.report.plots import figure
 
     groups = _settings(results)
     if not groups:

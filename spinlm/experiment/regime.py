@@ -29,10 +29,20 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-from ..demo.run import MODEL, _build_inputs
-from ..io import read_json
-from .common import QUICK_MODEL, Setup, band, base_config, fine_tune, fmt, run_all, spin_config, write_results
-from . import convergence, spin_vs_sft
+from spinlm.demo.run import MODEL, _build_inputs
+from spinlm.experiment import convergence, spin_vs_sft
+from spinlm.experiment.common import (
+    QUICK_MODEL,
+    Setup,
+    band,
+    base_config,
+    fine_tune,
+    fmt,
+    run_all,
+    spin_config,
+    write_results,
+)
+from spinlm.io import read_json
 
 REGIME_TASK = {"seed": 0, "n_train": 400, "n_val": 200, "n_test": 300}
 QUICK_REGIME_TASK = {"seed": 0, "n_train": 120, "n_val": 40, "n_test": 40}
@@ -111,7 +121,8 @@ def choose(by_setting: dict[str, list[dict]]) -> tuple[str | None, dict[str, flo
     """(the setting with the best mean validation accuracy after the last iteration, every
     setting's); ties go to the first in order. Test numbers never enter."""
     last_val = {s: statistics.mean(r["iterations"][-1]["spin"]["val_accuracy"] for r in rs)
-                for s, rs in by_setting.items() if all(r["iterations"][-1]["spin"]["val_accuracy"] is not None for r in rs)}
+                for s, rs in by_setting.items()
+                if all(r["iterations"][-1]["spin"]["val_accuracy"] is not None for r in rs)}
     return (max(last_val, key=last_val.get) if last_val else None), last_val
 
 
@@ -120,8 +131,9 @@ def per_t(rs: list[dict], t: int | None, side: str, key: str) -> list[float]:
     return [p[key] for p in pts if p[key] is not None]
 
 
-COMPARISON_HEADER = ["| setting | after iteration | steps | SPIN test acc | continued SFT test acc | SPIN - SFT (paired) | "
-                     "SPIN NLL/token | SFT NLL/token | SPIN val acc |", "|---|---|---|---|---|---|---|---|---|"]
+COMPARISON_HEADER = ["| setting | after iteration | steps | SPIN test acc | continued SFT test acc | "
+                     "SPIN - SFT (paired) | SPIN NLL/token | SFT NLL/token | SPIN val acc |",
+                     "|---|---|---|---|---|---|---|---|---|"]
 
 
 def setting_rows(label: str, rs: list[dict]) -> list[str]:
@@ -137,7 +149,8 @@ def setting_rows(label: str, rs: list[dict]) -> list[str]:
         steps = [r["iterations"][t]["steps"] for r in rs]
         lines.append(f"| {label} | {t} | {fmt(steps, 0)} | {fmt(per_t(rs, t, 'spin', 'test_accuracy'))} | "
                      f"{fmt(per_t(rs, t, 'continued_sft', 'test_accuracy'))} | {fmt(diff)} | "
-                     f"{fmt(per_t(rs, t, 'spin', 'test_nll'), 4)} | {fmt(per_t(rs, t, 'continued_sft', 'test_nll'), 4)} | "
+                     f"{fmt(per_t(rs, t, 'spin', 'test_nll'), 4)} | "
+                     f"{fmt(per_t(rs, t, 'continued_sft', 'test_nll'), 4)} | "
                      f"{fmt(per_t(rs, t, 'spin', 'val_accuracy'))} |")
     return lines
 
@@ -178,7 +191,7 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    from ..report import figure
+    from spinlm.report.plots import figure
 
     fig, (curve_ax, acc_ax, nll_ax) = figure(1, 3)
     curve = results["curve"]

@@ -15,12 +15,24 @@ import itertools
 import logging
 from pathlib import Path
 
-from ..io import read_json
-from ..loop import iteration_steps, sft_for_steps
-from ..rundir import Stage, model_entry
-from ..validate import check
-from .common import (Setup, band, base_config, build_inputs, fine_tune, fmt, mean_sd, resolved, run_all, spin_config,
-                     summary, write_results)
+from spinlm.experiment.common import (
+    Setup,
+    band,
+    base_config,
+    build_inputs,
+    fine_tune,
+    fmt,
+    mean_sd,
+    resolved,
+    run_all,
+    spin_config,
+    summary,
+    write_results,
+)
+from spinlm.io import read_json
+from spinlm.loop import iteration_steps, sft_for_steps
+from spinlm.rundir import CONTINUED_SFT, Stage, iteration_name, model_entry
+from spinlm.validate import check
 
 log = logging.getLogger("spinlm")
 
@@ -53,7 +65,7 @@ def baselines(run_dir: Path, start: Path, cfg_dict: dict) -> None:
 
 
 def baseline_name(t: int, iterations: int) -> str:
-    return "continued-sft" if t == iterations - 1 else f"continued-sft-{t}"
+    return CONTINUED_SFT if t == iterations - 1 else f"{CONTINUED_SFT}-{t}"
 
 
 def _point(entry: dict, seconds: float) -> dict:
@@ -74,12 +86,12 @@ def collect(jobs: dict[str, dict], failed: list[str], baseline_dirs: dict[str, P
         entries = summary(run_dir)
         iterations = cfg["spin"]["iterations"]
         steps = list(itertools.accumulate(iteration_steps(run_dir, iterations)))
-        spin_s = list(itertools.accumulate(sum(v for k, v in entries[f"iteration-{t}"]["seconds"].items()
+        spin_s = list(itertools.accumulate(sum(v for k, v in entries[iteration_name(t)]["seconds"].items()
                                                if k != "evaluate") for t in range(iterations)))
         rows = []
         for t in range(iterations):
             base_entry = model_entry(baseline_dir, baseline_name(t, iterations), cfg["model"]["name_or_path"])
-            rows.append({"iteration": t, "steps": steps[t], "spin": _point(entries[f"iteration-{t}"], spin_s[t]),
+            rows.append({"iteration": t, "steps": steps[t], "spin": _point(entries[iteration_name(t)], spin_s[t]),
                          "continued_sft": _point(base_entry, base_entry["seconds"].get("train", 0.0))})
         seeds[name] = {"seed": cfg["run"]["seed"], "start": _point(entries["sft"], 0.0), "iterations": rows,
                        "best": summary_best(run_dir)}
@@ -104,7 +116,8 @@ def table(results: dict) -> str:
     if not seeds:
         return "No run finished; see the logs in runs/.\n"
     iterations = len(seeds[0]["iterations"])
-    lines = [f"SPIN vs continued SFT at equal optimizer steps: {len(seeds)} seeds ({', '.join(str(s['seed']) for s in seeds)}), "
+    lines = [f"SPIN vs continued SFT at equal optimizer steps: {len(seeds)} seeds "
+             f"({', '.join(str(s['seed']) for s in seeds)}), "
              f"{iterations} SPIN iterations; mean ± sd over seeds. *Steps*: optimizer steps of SPIN iterations 0..t "
              "together, which the continued-SFT model also took (32 examples a step; a SPIN step also runs the 32 "
              "generated responses). *Seconds*: SPIN's generate + score + train time of iterations 0..t; continued "
@@ -119,7 +132,8 @@ def table(results: dict) -> str:
         diff = [r["iterations"][t]["spin"]["test_accuracy"] - r["iterations"][t]["continued_sft"]["test_accuracy"]
                 for r in seeds if r["iterations"][t]["spin"]["test_accuracy"] is not None]
         c = lambda side, key, d=3: fmt(_column(results, t, side, key), d)  # noqa: E731
-        lines.append(f"| {t} | {steps[0] if len(set(steps)) == 1 else fmt(steps, 0)} | {c('spin', 'test_accuracy')} | {c('continued_sft', 'test_accuracy')} | "
+        lines.append(f"| {t} | {steps[0] if len(set(steps)) == 1 else fmt(steps, 0)} | {c('spin', 'test_accuracy')} | "
+                     f"{c('continued_sft', 'test_accuracy')} | "
                      f"{fmt(diff)} | {c('spin', 'val_accuracy')} | {c('continued_sft', 'val_accuracy')} | "
                      f"{c('spin', 'test_nll', 4)} | {c('continued_sft', 'test_nll', 4)} | {c('spin', 'seconds', 0)} | "
                      f"{c('continued_sft', 'seconds', 0)} |")
@@ -131,7 +145,7 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    from ..report import figure
+    from spinlm.report.plots import figure
 
     seeds = list(results["seeds"].values())
     if not seeds:

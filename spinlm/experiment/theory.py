@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from ..io import read_json, write_json
-from ..loss import spin_loss
-from .common import Setup, mean_sd, write_results
+from spinlm.experiment.common import Setup, mean_sd, write_results
+from spinlm.io import read_json, write_json
+from spinlm.loss import spin_loss
 
 BETAS = [0.1, 0.5, 1.0, 2.0, 5.0]
 LRS = [0.01, 0.1]
@@ -144,7 +144,8 @@ def tiny_llama(seed: int):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=K_VOCAB + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8, tie_word_embeddings=False)
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8,
+                      tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).double().eval()  # eval: no dropout anywhere
 
 
@@ -259,7 +260,7 @@ def plot(results: dict, path: Path) -> None:
     legend in the last panel."""
     import statistics
 
-    from ..report import figure
+    from spinlm.report.plots import figure
 
     betas = results["betas"]
     fig, axes = figure(2, (len(betas) + 2) // 2)

@@ -1,5 +1,5 @@
 """Pieces shared by the SFT and SPIN training loops: model, optimizer, schedule, batch order
-(how the model is spread over processes: spinlm.strategy)."""
+(how the model is spread over processes: spinlm.training.strategy)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import logging
 
 import torch
 
-from .lora import add_adapter
-from .modeling import load_model
-from .packing import pack
+from spinlm.modeling import load_model
+from spinlm.packing import pack
+from spinlm.training.lora import add_adapter
 
 
 def load_trainable(model_path: str, model_cfg, dev: torch.device, checkpointing: bool, peft_cfg=None):
@@ -60,7 +60,8 @@ def epoch_steps(n: int, batch_size: int, accumulation: int, world: int, rank: in
     for start in range(0, n, per_step):
         chunk = order[start:start + per_step]
         if len(chunk) < parts:
-            logging.getLogger("spinlm").warning("epoch %d: %d pairs left over after the last full step are skipped", epoch, len(chunk))
+            logging.getLogger("spinlm").warning("epoch %d: %d pairs left over after the last full step are skipped",
+                                                epoch, len(chunk))
             break
         size, extra = divmod(len(chunk), parts)
         bounds = [k * size + min(k, extra) for k in range(parts + 1)]

@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from .errors import UserError
+from spinlm.errors import UserError
 
 log = logging.getLogger("spinlm")
 

@@ -1,36 +1,55 @@
-"""Stage: the current model answers every prompt (in-process transformers `generate`, or a server).
-
-    spinlm generate --model MODEL --data DATA.jsonl --out generations.jsonl
+"""The local generation backend (`generation.backend: local`, the default): transformers `generate`
+in this process, one seeded sampler per row. Its `generate` also answers for evaluation
+(spinlm.metrics) and `spinlm judge`.
 
 Batches are sorted by prompt length and left-padded; the KV cache is on. Sampling uses
 only the configured settings (never the checkpoint's generation defaults), and each row
 draws from its own seeded generator, so a row's sample does not depend on which other
 rows share its batch. Each row records whether it ended at EOS or hit max_new_tokens.
-With `generation.backend: server`, an OpenAI-compatible server generates instead (spinlm/server.py);
-with `generation.backend: vllm`, a vLLM engine in this process (spinlm/vllm_engine.py).
-Finished rows are appended to `OUT.partial` as they come; a killed stage resumes there.
+Several processes (torchrun): each generates every world-th batch with a model of its own, and
+`gather_rows` brings the rows back together.
+
+Also the helpers every backend's rows go through: `row_seed` (a row's seed), `gather_rows`, and
+`checkpoint_generation_config` (a checkpoint's eos ids, for the stop ids of the other backends).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
-from pathlib import Path
 
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from . import dist
-from .config import Config
-from .data import Example
-from .io import RowLog, fault_point, fingerprint, scratch, write_jsonl
-from .modeling import load_model, load_tokenizer, release_device_memory
-from .progress import bar as progress_bar
-from .tokens import Limits, encode_pair, encode_prompt, is_dead, stop_ids
+from spinlm import dist
+from spinlm.config import Config
+from spinlm.io import RowLog, fault_point
+from spinlm.modeling import load_model
+from spinlm.progress import bar as progress_bar
+from spinlm.tokens import stop_ids
 
-log = logging.getLogger("spinlm")
+
+class LocalBackend:
+    """`generation.backend: local` (spinlm.generation.Backend): loads the model here and generates with it."""
+
+    needs_local_model = True
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def preflight(self) -> None:
+        pass  # it needs only the model and tokenizer, which validate checks anyway
+
+    def generate(self, model_path: str, tokenizer, prompts: list[list[int]], seeds: list[int], rowlog: RowLog,
+                 desc: str = "generate") -> list[dict]:
+        """Rows in input order; this process's batches only (every world-th), the others stay {}."""
+        cfg, g = self.cfg, self.cfg.generation
+        model = load_model(model_path, cfg.model).eval()
+        return generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                        batch_tokens=g.batch_tokens, seeds=seeds, temperature=g.temperature, top_p=g.top_p,
+                        top_k=g.top_k, progress=cfg.run.progress and dist.is_main(), desc=desc,
+                        rowlog=rowlog, shard=(dist.rank(), dist.world()))
 
 
 def row_seed(seed: int, iteration: int, example_id: str) -> int:
@@ -142,60 +161,6 @@ def _decode(tokenizer, ids: list[int], eos: list[int]) -> dict:
             "finish": "length" if stop is None else "eos", "ids": ids if stop is None else ids[: stop + 1]}
 
 
-def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Config, iteration: int,
-                  desc: str = "generate") -> dict:
-    """The stage: sample one response per example with `model_path`, write JSON lines to `out`."""
-    tokenizer = load_tokenizer(model_path, cfg.model)
-    prompts = [encode_prompt(tokenizer, ex.prompt, cfg.data.max_prompt_length) for ex in examples]
-    seeds = [row_seed(cfg.run.seed, iteration, ex.id) for ex in examples]
-    g = cfg.generation
-    key = fingerprint("generate", model_path, prompts, seeds, g.backend, g.max_new_tokens, g.temperature, g.top_p,
-                      g.top_k, g.batch_size, g.batch_tokens, cfg.model.dtype, cfg.model.attn_implementation)
-    if g.backend != "local":  # an engine or server needs the device: every process returns its cached memory
-        release_device_memory()
-    with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
-        if g.backend == "server":  # an OpenAI-compatible server generates; no model is loaded here
-            results = [rowlog.done.get(i, {}) for i in range(len(prompts))]
-            todo = [i for i in range(len(prompts)) if i not in rowlog.done]
-            if dist.is_main() and todo:  # one client (rank 0) feeds the server; it batches by itself
-                from .server import generate_server
-
-                def finished(j: int, result: dict) -> None:
-                    results[todo[j]] = result
-                    rowlog.add([(todo[j], result)])
-
-                generate_server(tokenizer, [prompts[i] for i in todo], [seeds[i] for i in todo], cfg, model_path,
-                                finished, progress=cfg.run.progress, desc=desc,
-                                stops=stop_ids(tokenizer, checkpoint_generation_config(model_path)))
-        elif g.backend == "vllm":  # vLLM in this process: an engine on model_path, shut down before returning
-            from .vllm_engine import generate_vllm
-
-            results = generate_vllm(model_path, tokenizer, prompts, seeds,
-                                    stop_ids(tokenizer, checkpoint_generation_config(model_path)), cfg, rowlog,
-                                    progress=cfg.run.progress and dist.is_main())
-        else:
-            model = load_model(model_path, cfg.model).eval()
-            results = generate(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
-                               batch_tokens=g.batch_tokens, seeds=seeds, temperature=g.temperature, top_p=g.top_p,
-                               top_k=g.top_k, progress=cfg.run.progress and dist.is_main(), desc=desc,
-                               rowlog=rowlog, shard=(dist.rank(), dist.world()))
-    results = gather_rows(results)
-    rows = [{"id": ex.id, "prompt": ex.prompt, "real": ex.real, "generated": r["text"], "finish": r["finish"],
-             "generated_tokens": r["tokens"], "generated_ids": r.get("ids"), "iteration": iteration, "extra": ex.extra}
-            for ex, r in zip(examples, results)]
-    if dist.is_main():
-        write_jsonl(out, rows)
-    stats = generation_stats(rows, tokenizer, Limits.of(cfg))
-    log.info("%s: %d responses, %.1f tokens on average, %d hit max_new_tokens, %d empty, %d equal to the real "
-             "response", desc, len(rows), stats["mean_tokens"], stats["hit_max_new_tokens"], stats["empty"],
-             stats["equal_to_real"])
-    if stats["text_only"]:
-        log.warning("%s: %d of %d responses came back as text without their token ids (the server does not return "
-                    "them); they are re-encoded from the text for scoring and training, which need not give the "
-                    "sampled ids back", desc, stats["text_only"], len(rows))
-    return stats
-
-
 def checkpoint_generation_config(model_path: str):
     """The checkpoint's generation_config (for its eos ids only), or None where it has none."""
     try:
@@ -210,13 +175,3 @@ def gather_rows(results: list[dict]) -> list[dict]:
         return results
     merged = dict(dist.gather([(i, r) for i, r in enumerate(results) if r]))
     return [merged[i] for i in range(len(results))]
-
-
-def generation_stats(rows: list[dict], tokenizer, limits: Limits) -> dict:
-    """Lengths, finishes, empty responses and dead pairs (`spinlm.tokens.is_dead`, as training counts them)."""
-    n = max(len(rows), 1)
-    return {"rows": len(rows), "mean_tokens": sum(r["generated_tokens"] for r in rows) / n,
-            "hit_max_new_tokens": sum(r["finish"] == "length" for r in rows),
-            "empty": sum(not r["generated"].strip() for r in rows),
-            "equal_to_real": sum(is_dead(*encode_pair(tokenizer, r, limits)[1:]) for r in rows),
-            "text_only": sum(r["generated_ids"] is None for r in rows)}

@@ -3,7 +3,7 @@
 Written by `spinlm report RUN` and, as each model is evaluated, by `spinlm run`. A card has
 Hugging Face front matter (library_name, tags, base_model when the run started from a Hub
 id), then what the model is, where its data came from, its training numbers, its held-out
-metrics and the config sections that produced it.
+metrics and the config sections that produced it. The run is read by spinlm.report.runs.load_run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
+from spinlm import __version__
+from spinlm.report.runs import load_run
+from spinlm.rundir import CONTINUED_SFT, SFT, RunLayout
 
 TAGS = ["spinlm", "spin", "self-play-fine-tuning"]
 PAPER = ("[SPIN](https://arxiv.org/abs/2401.01335) (Chen et al., *Self-Play Fine-Tuning Converts Weak Language "
@@ -32,9 +34,9 @@ def hub_id(name: str | None) -> str | None:
 def _start(run: dict, t: int) -> str:
     """The model iteration t started from (and used as reference): p_t."""
     if t > 0:
-        return str(run["dir"] / f"iteration-{t - 1}" / "model")
+        return str(RunLayout(run["dir"]).iteration(t - 1) / "model")
     sft = run["models"][0]
-    return str(sft["model"]) if sft["name"] == "sft" and sft["model"] else run["config"]["model"]["name_or_path"]
+    return str(sft["model"]) if sft["name"] == SFT and sft["model"] else run["config"]["model"]["name_or_path"]
 
 
 def _about(run: dict, m: dict) -> list[str]:
@@ -44,7 +46,7 @@ def _about(run: dict, m: dict) -> list[str]:
     if m["name"] == "sft":
         return [f"Supervised fine-tuning of `{cfg['model']['name_or_path']}` on the real responses, the start "
                 f"model of a {PAPER} run made with spinlm {__version__}.", "", "## Data", "", *lines]
-    if m["name"] == "continued-sft":
+    if m["name"] == CONTINUED_SFT:
         steps = (m["train"] or {}).get("steps")
         return [f"The baseline of a {PAPER} run made with spinlm {__version__}: the run's start model "
                 f"`{_start(run, 0)}` fine-tuned further on the real responses (continued SFT) for {steps} optimizer "
@@ -71,7 +73,7 @@ def card_text(run: dict, m: dict) -> str:
     front = {"library_name": "transformers", "tags": TAGS}
     if base := hub_id(cfg.get("model", {}).get("name_or_path")):
         front["base_model"] = base
-    sections = SECTIONS["sft" if m["name"] in ("sft", "continued-sft") else "iteration"]
+    sections = SECTIONS["sft" if m["name"] in (SFT, CONTINUED_SFT) else "iteration"]
     train = {k: v for k, v in (m["train"] or {}).items() if not isinstance(v, (list, dict))}
     final = {k: v for k, v in ((m["train"] or {}).get("final") or {}).items() if k not in ("step", "lr", "elapsed_s")}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
@@ -86,7 +88,7 @@ def card_text(run: dict, m: dict) -> str:
 
 
 def write_cards(run: dict) -> list[Path]:
-    """README.md in every model directory of the run (from report.load_run); returns their paths."""
+    """README.md in every model directory of the run (from runs.load_run); returns their paths."""
     written = []
     for m in run["models"]:
         if m["model"] is None:
@@ -101,8 +103,7 @@ def write_cards(run: dict) -> list[Path]:
 
 def write_run_cards(run_dir: Path) -> None:
     """The cards of the models a run has so far (rank 0 writes; the summary need not exist yet)."""
-    from . import dist
-    from .report import load_run
+    from spinlm import dist
 
     if dist.is_main():
         write_cards(load_run(run_dir, need_summary=False))

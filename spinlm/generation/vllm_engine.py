@@ -1,4 +1,4 @@
-"""Generation by vLLM in this process (`generation.backend: vllm`): needs `pip install vllm`.
+"""The vLLM generation backend (`generation.backend: vllm`): a vLLM engine in this process; needs `pip install vllm`.
 
     spinlm run CONFIG.yaml --generation.backend=vllm --generation.vllm_args='--max-model-len 4096'
 
@@ -26,9 +26,12 @@ Several processes (torchrun), `generation.vllm_layout`:
 - `tensor`: rank 0 alone builds one engine over every GPU of its node (`--tensor-parallel-size`
   = the processes on the node, unless vllm_args sets it) and generates every row; the other
   processes release their cached device memory and wait (run.dist_timeout_min bounds the wait).
-Every process first releases its cached device memory (spinlm.generate), so an engine finds
+Every process first releases its cached device memory (spinlm.modeling.release_device_memory), so an engine finds
 the GPU free of what training left behind. Tested on CPU under torchrun with two processes (both layouts, the
 tensor one with `--tensor-parallel-size 1`); not run on GPUs here.
+
+vLLM itself is imported only when an engine is built (`require_vllm()`), so spinlm imports and runs
+the other backends where it is not installed.
 
 vLLM starts its engine core with `spawn`, so a script that calls this must guard its entry point
 with `if __name__ == "__main__":` (`spinlm` and `python -m spinlm` do).
@@ -43,11 +46,13 @@ import sys
 import time
 from contextlib import contextmanager
 
-from . import dist
-from .config import Config
-from .errors import UserError
-from .io import RowLog, fault_point
-from .modeling import inference_dtype, release_device_memory
+from spinlm import dist
+from spinlm.config import Config
+from spinlm.errors import UserError
+from spinlm.generation.local import checkpoint_generation_config
+from spinlm.io import RowLog, fault_point
+from spinlm.modeling import inference_dtype, release_device_memory
+from spinlm.tokens import stop_ids
 
 log = logging.getLogger("spinlm")
 
@@ -55,6 +60,26 @@ CHUNK_ROWS = 1024  # rows per engine call: the unit of resumption
 # torchrun's variables: an engine of one process must not take itself for a rank of spinlm's group
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                   "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+class VllmBackend:
+    """`generation.backend: vllm` (spinlm.generation.Backend): an engine on the model, shut down before returning."""
+
+    needs_local_model = False
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def preflight(self) -> None:
+        require_vllm()
+
+    def generate(self, model_path: str, tokenizer, prompts: list[list[int]], seeds: list[int], rowlog: RowLog,
+                 desc: str = "generate") -> list[dict]:
+        """generate_vllm's rows (`desc` unused: vLLM draws its own progress bar)."""
+        release_device_memory()  # the engine needs the device: every process returns its cached memory
+        return generate_vllm(model_path, tokenizer, prompts, seeds,
+                             stop_ids(tokenizer, checkpoint_generation_config(model_path)), self.cfg, rowlog,
+                             progress=self.cfg.run.progress and dist.is_main())
 
 
 def require_vllm():

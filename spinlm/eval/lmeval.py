@@ -18,8 +18,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .io import write_json
+from spinlm.errors import UserError
+from spinlm.io import write_json
 
 log = logging.getLogger("spinlm")
 INSTALL = "pip install 'spinlm[lmeval]'"
@@ -117,7 +117,7 @@ def load_lm(model: str, dtype: str, batch_size: str):
     import lm_eval.api.registry
     import torch
 
-    from .modeling import inference_dtype
+    from spinlm.modeling import inference_dtype
 
     resolved = str(inference_dtype(dtype)).removeprefix("torch.")
     args = {"pretrained": model, "dtype": resolved, "trust_remote_code": False}
@@ -168,7 +168,7 @@ def lm_eval_run(model: str, out: Path, preset: str | None = None, tasks: str | N
                 limit: float | None = None, include_path: str | None = None, dtype: str = "auto",
                 batch_size: str = "8", chat: bool = False) -> dict:
     """Evaluate `model` on a preset or on named tasks; write and return the summary."""
-    from .modeling import check_local
+    from spinlm.modeling import check_local
 
     benches = benchmarks(preset, tasks)
     check_local(model)

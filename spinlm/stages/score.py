@@ -14,29 +14,16 @@ from pathlib import Path
 
 import torch
 
-from . import dist
-from .config import Config
-from .io import RowLog, fault_point, fingerprint, read_jsonl, scratch, write_jsonl
-from .progress import bar as progress_bar
-from .packing import prepare, response_logps, score_groups
-from .modeling import load_tokenizer
-from .strategy import inference_model
-from .tokens import Limits, encode_pair
+from spinlm import dist
+from spinlm.config import Config
+from spinlm.io import RowLog, fault_point, fingerprint, read_jsonl, scratch, write_jsonl
+from spinlm.modeling import load_tokenizer
+from spinlm.packing import prepare, response_logps, score_groups
+from spinlm.progress import bar as progress_bar
+from spinlm.tokens import Limits, pair_groups
+from spinlm.training.strategy import inference_model
 
 log = logging.getLogger("spinlm")
-
-
-def limits(cfg: Config) -> Limits:
-    return Limits.of(cfg)
-
-
-def pair_groups(tokenizer, rows: list[dict], cfg: Config) -> list[tuple[list[int], list[list[int]]]]:
-    """(prompt, [real, generated]) token-id groups of generation rows."""
-    groups = []
-    for row in rows:
-        prompt, real, generated = encode_pair(tokenizer, row, limits(cfg))
-        groups.append((prompt, [real, generated]))
-    return groups
 
 
 def score_files(model_path: str, generation_files: list[Path], out: Path, cfg: Config, desc: str = "score",
@@ -100,7 +87,7 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
         rows = [r for r in rows if r["generated"].strip()]
     tokenizer = load_tokenizer(model_path, cfg.model)
     model, fsdp = inference_model(model_path, cfg)
-    groups = pair_groups(tokenizer, rows, cfg)
+    groups = pair_groups(tokenizer, rows, Limits.of(cfg))
     budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
     chunk = cfg.eval.batch_size * 16
     key = fingerprint("score", model_path, groups, budget, cfg.model.dtype, cfg.model.attn_implementation, chunk)

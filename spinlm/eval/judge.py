@@ -9,10 +9,10 @@
    Kept in `DIR/answers-{a,b}.log` (a RowLog: a re-run resumes) and `DIR/answers-{a,b}.jsonl`.
 2. Judgments: each turn is sent to the judge, an OpenAI-compatible chat endpoint
    (`--judge-url`, `--judge-model`; the API key comes from the variable `--api-key-env` names and is
-   never logged or written), with the versioned instructions of `spinlm.judge_prompts`.
+   never logged or written), with the versioned instructions of `spinlm.eval.judge_prompts`.
    `--concurrency` requests in flight, retries with backoff on connection errors, 429 and 5xx,
    `--timeout-s` per request: the openai client does the HTTP (`pip install 'spinlm[server]'`),
-   through spinlm.server. Every reply is appended to `DIR/judgments.log` as it arrives, keyed by
+   through spinlm.generation.client. Every reply is appended to `DIR/judgments.log` as it arrives, keyed by
    the exact request, so a re-run asks only what is missing.
 3. Scores: single mode parses a grade `[[N]]` (1-10, the last one in the reply); pairwise mode
    asks each comparison in both orders (A/B swapped) to cancel position bias and parses `[[A]]`,
@@ -33,12 +33,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import judge_prompts as prompts
-from .config import Config
-from .data import _open_source
-from .errors import UserError, where
-from .io import RowLog, fingerprint, write_json, write_jsonl
-from .progress import bar as progress_bar
+from spinlm.config import Config
+from spinlm.data import _open_source
+from spinlm.errors import UserError, where
+from spinlm.eval import judge_prompts as prompts
+from spinlm.generation.client import api_key, base_url, chat, endpoint, require_openai
+from spinlm.io import RowLog, fingerprint, write_json, write_jsonl
+from spinlm.progress import bar as progress_bar
 
 log = logging.getLogger("spinlm")
 
@@ -139,15 +140,15 @@ def answer(model_path: str, questions: list[Question], cfg: Config, out_dir: Pat
 
 
 def _load(model_path: str, cfg: Config):
-    from .modeling import load_model, load_tokenizer
+    from spinlm.modeling import load_model, load_tokenizer
 
     return load_model(model_path, cfg.model).eval(), load_tokenizer(model_path, cfg.model)
 
 
 def _generate_turn(model, tokenizer, questions, todo, k, done, cfg, max_new, sample) -> list[dict]:
     """Turn k's answers for the questions `todo`, each prompted with its earlier exchanges."""
-    from .generate import generate, row_seed
-    from .tokens import encode_prompt
+    from spinlm.generation.local import generate, row_seed
+    from spinlm.tokens import encode_prompt
 
     prompts_ = []
     for i in todo:
@@ -199,8 +200,6 @@ def _reference(q: Question, k: int) -> str | None:
 def ask(judge: Judge, jobs: list[dict], cache_path: Path, progress: bool = True) -> dict[str, str]:
     """The judge's reply to every job, from the cache or asked now (concurrently, each reply
     appended to the cache as it arrives); key -> reply text."""
-    from .server import base_url, chat, endpoint
-
     ep = endpoint(base_url(judge.url), judge.model, judge.api_key_env, judge.timeout_s, judge.retries,
                   key_setting="--api-key-env", role="judge server", retries_setting="--retries")
     with RowLog(cache_path, CACHE_FORMAT) as cache:
@@ -311,10 +310,8 @@ def _rates(outcomes: list[str]) -> dict:
 def judge_run(cfg: Config, questions: list[Question], judge: Judge, out_dir: Path, model_b: str | None = None,
               sample: bool = False) -> dict:
     """Answer (one model, or two for pairwise), judge, write DIR/judge.json and DIR/judgments.jsonl."""
-    from .server import _api_key, require_openai
-
     require_openai("spinlm judge")  # a missing client or key fails before any model is loaded
-    _api_key(judge.api_key_env, "--api-key-env")
+    api_key(judge.api_key_env, "--api-key-env")
     out_dir.mkdir(parents=True, exist_ok=True)
     model_a = cfg.model.name_or_path
     answers_a = answer(model_a, questions, cfg, out_dir, "a", sample)

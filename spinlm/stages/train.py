@@ -14,28 +14,36 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
-from . import checkpoint
-from .config import Config
-from .data import Example
-from .errors import TrainingStopped, UserError
-from .io import fault_point, read_jsonl, write_json
-from .loss import objective_loss, objective_terms, real_nll_per_token, spin_rewards, tspin_terms
-from .modeling import load_tokenizer
-from .packing import prepare, response_logps
-from .score import limits
-from .tokens import encode_pair, is_dead
-from .tracking import Log
-from .strategy import make_strategy
-from .training import disable_dropout, epoch_steps, linear_schedule, load_trainable, make_optimizer, step_forwards
+from spinlm.config import Config
+from spinlm.data import Example
+from spinlm.errors import UserError
+from spinlm.io import fault_point, read_jsonl, write_json
+from spinlm.loss import Objective, objective, real_nll_per_token
+from spinlm.metrics import heldout_metric
+from spinlm.modeling import load_tokenizer
+from spinlm.packing import prepare, response_logps
+from spinlm.tokens import Limits, encode_pair, is_dead
+from spinlm.tracking import Log
+from spinlm.training import checkpoint
+from spinlm.training.guards import best_weights, keep_best, stop_if_not_finite
+from spinlm.training.steps import (
+    disable_dropout,
+    epoch_steps,
+    linear_schedule,
+    load_trainable,
+    make_optimizer,
+    step_forwards,
+)
+from spinlm.training.strategy import make_strategy
 
 log = logging.getLogger("spinlm")
+REMEDY = "Lower train.learning_rate or spin.beta, or set train.max_grad_norm / train.skip_grad_norm_above"
 # the log line's metrics (every one is in the training log); then the objective's own terms/*
 METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margin", "rewards/accuracy",
            "logp/real_per_token", "logp/generated_per_token", "logp/historical_per_token",
@@ -43,33 +51,25 @@ METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margin", "rewar
 
 
 def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
-    """Token ids of each scored row; for spin.objective tspin, triplets: the row's `historical`
-    response (the starting model's, kept from iteration 0) too, and no reference log-probs."""
-    tspin = cfg.spin.objective == "tspin"
+    """Token ids of each scored row: the responses spin.objective trains on (for T-SPIN also the
+    row's `historical` response, the starting model's, kept from iteration 0) and, where the
+    objective needs them, the stored reference log-probs."""
+    goal, lim = objective(cfg.spin.objective), Limits.of(cfg)
     items = []
     for n, row in enumerate(rows, 1):
-        prompt, real, generated = encode_pair(tokenizer, row, limits(cfg))
+        prompt, real, generated = encode_pair(tokenizer, row, lim)
         item = {"prompt": prompt, "real": real, "generated": generated, "dead": is_dead(real, generated)}
-        if tspin:
-            if "historical" not in row:
-                raise UserError(f"pairs row {n} (id {row.get('id')}): spin.objective tspin trains on triplets, and "
-                                "this row has no `historical` response (the starting model's, which `spinlm run` "
+        for name in goal.responses[2:]:  # beyond the pair: another response of the same prompt
+            if name not in row:
+                raise UserError(f"pairs row {n} (id {row.get('id')}): spin.objective {goal.name} trains on triplets, "
+                                f"and this row has no `{name}` response (the starting model's, which `spinlm run` "
                                 "keeps from iteration 0)")
-            item["historical"] = encode_pair(tokenizer, {**row, "generated": row["historical"],
-                                                         "generated_ids": row.get("historical_ids"),
-                                                         "finish": row["historical_finish"]}, limits(cfg))[2]
-        else:
+            item[name] = encode_pair(tokenizer, {**row, "generated": row[name], "generated_ids": row.get(f"{name}_ids"),
+                                                 "finish": row[f"{name}_finish"]}, lim)[2]
+        if goal.needs_reference:
             item.update(ref_real=row["ref_real_logp"], ref_generated=row["ref_generated_logp"])
         items.append(item)
     return items
-
-
-def objective_param(cfg: Config, iteration: int) -> float:
-    """The objective's second knob: SPACE's mu, or T-SPIN's history weight (0 at iteration 0, where
-    y' and y0 come from the same model, as the paper sets it)."""
-    if cfg.spin.objective == "tspin":
-        return 0.0 if iteration == 0 else cfg.spin.tspin_history_weight
-    return cfg.spin.space_mu
 
 
 def responses(item: dict) -> list[list[int]]:
@@ -77,65 +77,35 @@ def responses(item: dict) -> list[list[int]]:
     return [item["real"], item["generated"]] + ([item["historical"]] if "historical" in item else [])
 
 
-def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, beta: float, loss_type: str,
-                 sft_weight: float = 0.0, objective: str = "spin", mu: float = 1.0):
-    """Per-pair losses (batch,) of `objective` (spinlm.loss.objective_loss, or T-SPIN's on triplets)
-    and detached per-pair metrics, from one forward over the micro-batch (packed [prompt | real |
-    generated (| historical)] rows, or padded sequences when packing is off). `mu`: SPACE's mu, or
-    T-SPIN's history weight (whose alpha comes as `beta`)."""
+def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, goal: Objective, params: dict,
+                 sft_weight: float = 0.0):
+    """Per-row losses (batch,) of the objective `goal` with its `params` (spinlm.loss.OBJECTIVES), plus
+    `sft_weight` x the real response's NLL per token, and detached per-row metrics, from one forward over
+    the micro-batch (packed [prompt | real | generated (| historical)] rows, or padded sequences when
+    packing is off)."""
     scores = response_logps(model, [(b["prompt"], responses(b)) for b in batch], pad_id, budget)
-    policy_real = torch.stack([s[0][0] for s in scores])
-    policy_generated = torch.stack([s[1][0] for s in scores])
-    dev = policy_real.device
-    n_real = torch.tensor([float(s[0][1]) for s in scores], device=dev)
-    n_generated = torch.tensor([float(s[1][1]) for s in scores], device=dev)
-    if objective == "tspin":
-        return _tspin_losses(batch, scores, policy_real, policy_generated, n_real, n_generated, beta, sft_weight, mu)
-    ref_real = torch.tensor([b["ref_real"] for b in batch], device=dev)
-    ref_generated = torch.tensor([b["ref_generated"] for b in batch], device=dev)
-    losses = objective_loss(objective, policy_real, policy_generated, ref_real, ref_generated, beta, loss_type, mu)
-    nll = real_nll_per_token(policy_real, n_real)
-    terms = objective_terms(objective, policy_real.detach(), policy_generated.detach(), ref_real, ref_generated,
-                            beta, mu)
+    policy = {name: torch.stack([s[k][0] for s in scores]) for k, name in enumerate(goal.responses)}
+    dev = policy["real"].device
+    tokens = {name: torch.tensor([float(s[k][1]) for s in scores], device=dev) for k, name in enumerate(goal.responses)}
+    ref = {name: torch.tensor([b[f"ref_{name}"] for b in batch], device=dev)
+           for name in ("real", "generated")} if goal.needs_reference else None
+    terms = goal.terms(policy, ref, **params)
+    losses = sum(terms.values())
+    nll = real_nll_per_token(policy["real"], tokens["real"])
+    shown = {k: v.detach() for k, v in terms.items()} if len(terms) > 1 else {}  # a one-term loss is `loss`
     if sft_weight:
         losses = losses + sft_weight * nll
-        terms["nll"] = sft_weight * nll.detach()
-    rewards = spin_rewards(policy_real.detach(), policy_generated.detach(), ref_real, ref_generated, beta)
-    real, gen = policy_real.detach(), policy_generated.detach()
+        shown["nll"] = sft_weight * nll.detach()
+    logps = {name: v.detach() for name, v in policy.items()}
     metrics = {"loss": losses.detach(), "dead_pairs": torch.tensor([float(b["dead"]) for b in batch]),
-               "logps/real": real, "logps/generated": gen, "nll/real_per_token": nll.detach(),
-               "logp/real_per_token": real / n_real.clamp(min=1), "logp/generated_per_token": gen / n_generated.clamp(min=1),
-               # policy minus reference, per token: how far each side moved from p_t
-               "logratio/real_per_token": (real - ref_real) / n_real.clamp(min=1),
-               "logratio/generated_per_token": (gen - ref_generated) / n_generated.clamp(min=1),
-               **{f"rewards/{k}": v for k, v in rewards.items()}, **{f"terms/{k}": v for k, v in terms.items()}}
-    return losses, {k: v.float().cpu() for k, v in metrics.items()}
-
-
-def _tspin_losses(batch, scores, policy_real, policy_generated, n_real, n_generated, alpha: float,
-                  sft_weight: float, history_weight: float):
-    """T-SPIN's per-triplet losses (reference-free) and its diagnostics: the log-prob per token of
-    each response and both margins, alpha x the log-prob gaps (rewards/* are alpha x log p_theta,
-    its implicit reward, as there is no reference)."""
-    policy_historical = torch.stack([s[2][0] for s in scores])
-    n_historical = torch.tensor([float(s[2][1]) for s in scores], device=policy_real.device)
-    current, historical = tspin_terms(policy_real, policy_generated, policy_historical, alpha=alpha,
-                                      beta=history_weight)
-    losses = current + historical
-    nll = real_nll_per_token(policy_real, n_real)
-    terms = {"current": current.detach(), "historical": historical.detach()}
-    if sft_weight:
-        losses = losses + sft_weight * nll
-        terms["nll"] = sft_weight * nll.detach()
-    real, gen, hist = (x.detach() for x in (policy_real, policy_generated, policy_historical))
-    margin = alpha * (real - gen)
-    metrics = {"loss": losses.detach(), "dead_pairs": torch.tensor([float(b["dead"]) for b in batch]),
-               "logps/real": real, "logps/generated": gen, "logps/historical": hist, "nll/real_per_token": nll.detach(),
-               "logp/real_per_token": real / n_real.clamp(min=1), "logp/generated_per_token": gen / n_generated.clamp(min=1),
-               "logp/historical_per_token": hist / n_historical.clamp(min=1),
-               "rewards/real": alpha * real, "rewards/generated": alpha * gen, "rewards/margin": margin,
-               "rewards/accuracy": (margin > 0).float(), "rewards/historical_margin": alpha * (gen - hist),
-               **{f"terms/{k}": v for k, v in terms.items()}}
+               "nll/real_per_token": nll.detach(),
+               **{f"rewards/{k}": v for k, v in goal.rewards(logps, ref, **params).items()},
+               **{f"terms/{k}": v for k, v in shown.items()}}
+    for name, logp in logps.items():
+        metrics[f"logps/{name}"] = logp
+        metrics[f"logp/{name}_per_token"] = logp / tokens[name].clamp(min=1)
+        if ref is not None and name in ref:  # policy minus reference, per token: how far each side moved from p_t
+            metrics[f"logratio/{name}_per_token"] = (logp - ref[name]) / tokens[name].clamp(min=1)
     return losses, {k: v.float().cpu() for k, v in metrics.items()}
 
 
@@ -146,8 +116,8 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     train.eval_every and `heldout` examples, the best checked weights are the ones saved.
     `track(stream, step, values)` gets every logged row ("train") and check ("train/check")."""
     lr, beta, tc = cfg.per_iteration("learning_rate", iteration), cfg.per_iteration("beta", iteration), cfg.train
-    if cfg.spin.objective == "tspin":  # T-SPIN's alpha takes beta's place (its beta is the history weight)
-        beta = cfg.spin.tspin_alpha
+    goal = objective(cfg.spin.objective)
+    params = goal.params(cfg.spin, beta, iteration)
     strategy = make_strategy(tc)
     seed = cfg.run.seed + iteration
     set_seed(seed, deterministic=cfg.run.deterministic)
@@ -178,11 +148,9 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     # after wrapping: under fsdp every process checks on the sharded model (no whole copy on one device)
     budget = prepare(strategy.unwrap(model), [(i["prompt"], responses(i)) for i in items[:4]], pad,
                      cfg.packing) if items else None
-    detail = {"space": f"mu {cfg.spin.space_mu:g}",
-              "tspin": f"alpha {beta:g}, history weight {objective_param(cfg, iteration):g}"}
-    log.info("train iteration %d: %d pairs, %d optimizer steps, lr %g, beta %g, objective %s (%s), sft_weight %g",
-             iteration, len(items), steps, lr, beta, cfg.spin.objective,
-             detail.get(cfg.spin.objective, cfg.spin.loss_type), cfg.spin.sft_weight)
+    log.info("train iteration %d: %d pairs, %d optimizer steps, lr %g, objective %s (%s), sft_weight %g",
+             iteration, len(items), steps, lr, goal.name, ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                                                 for k, v in params.items()), cfg.spin.sft_weight)
     checking = bool(tc.eval_every and heldout)
     start, epoch_plan, stop = time.time(), {}, False
     window = {"tokens": 0, "since": time.time()}  # tokens/s of this process's logging window
@@ -190,7 +158,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
         epoch, k = divmod(state["step"], per_epoch)
         micro, n_pairs = epoch_plan.setdefault(epoch, plan(epoch))[k]
         metrics = train_step(strategy, model, optimizer, scheduler, [[items[i] for i in ids] for ids in micro],
-                             n_pairs, pad, budget, beta, cfg, state, iteration, ckpt_dir)
+                             n_pairs, pad, budget, goal, params, cfg, state, iteration, ckpt_dir)
         state["examples"] = state.get("examples", 0) + n_pairs
         state["window"].append(metrics)
         window["tokens"] += world * sum(len(items[i]["prompt"]) + len(items[i]["real"]) + len(items[i]["generated"])
@@ -216,18 +184,19 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     history = state["history"]
     result = {"steps": state["step"], "planned_steps": steps, "examples": state.get("examples"), "pairs": len(items),
               "dead_pairs": dead,
-              "objective": cfg.spin.objective, "learning_rate": lr, "beta": beta, "skipped_steps": state["skipped"], "checks": state["checks"],
+              "objective": goal.name, "objective_params": params, "learning_rate": lr, "beta": beta,
+              "skipped_steps": state["skipped"], "checks": state["checks"],
               "best_check": _best(state["checks"]), "unlearning_warnings": state["warnings"], "history": history,
               "final": history[-1] if history else {}}
-    best = ckpt_dir / "best" / "model.safetensors" if checking and state["checks"] else None
-    strategy.save_model(model, tokenizer, out, weights=best)
+    strategy.save_model(model, tokenizer, out, weights=best_weights(ckpt_dir) if checking else None)
     if strategy.is_main:
         write_json(out / "spinlm_train.json", {"iteration": iteration, **result})
     return result
 
 
 def train_step(strategy, model, optimizer, scheduler, micro: list[list[dict]], n_pairs: int, pad: int,
-               budget: int | None, beta: float, cfg: Config, state: dict, iteration: int, ckpt_dir: Path) -> dict:
+               budget: int | None, goal: Objective, params: dict, cfg: Config, state: dict, iteration: int,
+               ckpt_dir: Path) -> dict:
     """One optimizer step over this process's micro-batches; the loss is the mean over the step's
     `n_pairs` pairs of all processes. Guards non-finite values; applies the grad-norm skip policy."""
     tc, world = cfg.train, strategy.world
@@ -235,18 +204,19 @@ def train_step(strategy, model, optimizer, scheduler, micro: list[list[dict]], n
     groups_of = lambda batch: [(b["prompt"], responses(b)) for b in batch]
     for part, weight, last in step_forwards(strategy, micro, groups_of, budget, cfg.packing.backward_per_row):
         with strategy.sync(model, last=last):  # gradients of all parts add up, synced after the last
-            losses, per_pair = batch_losses(model, part, pad, budget, beta, cfg.spin.loss_type, cfg.spin.sft_weight,
-                                            cfg.spin.objective, objective_param(cfg, iteration))
+            losses, per_pair = batch_losses(model, part, pad, budget, goal, params, cfg.spin.sft_weight)
             strategy.backward(losses.sum() * (weight * world / n_pairs))
         if weight:
             for key, value in per_pair.items():
                 metrics.setdefault(key, []).append(value)
             count += len(part)
     metrics = _mean_over_processes(strategy, metrics, count)
-    _guard(torch.tensor(metrics["loss"]), "loss", state["step"] + 1, iteration, ckpt_dir)
+    guard = lambda value, what: stop_if_not_finite(value, what, state["step"] + 1, f"iteration {iteration}",  # noqa: E731
+                                                   ckpt_dir, REMEDY)
+    guard(torch.tensor(metrics["loss"]), "loss")
     norm = strategy.clip_grad_norm(model, tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
     metrics["grad_norm"] = float(norm)
-    _guard(norm, "gradient norm", state["step"] + 1, iteration, ckpt_dir)
+    guard(norm, "gradient norm")
     if tc.skip_grad_norm_above and metrics["grad_norm"] > tc.skip_grad_norm_above:
         state["skipped"] += 1
         log.warning("step %d: gradient norm %.4g > train.skip_grad_norm_above=%g: update skipped (%d so far)",
@@ -269,35 +239,10 @@ def heldout_check(strategy, model, tokenizer, heldout: list[Example], cfg: Confi
     checks.append({"step": state["step"], "metric": name, "value": value})
     best = _best(checks)  # ties go to the earlier check: only a strict improvement is better
     if best is checks[-1]:
-        keep = ckpt_dir / "best"
-        if strategy.is_main:
-            keep.mkdir(parents=True, exist_ok=True)
-        strategy.save_weights(model, keep / "model.tmp")
-        if strategy.is_main:
-            os.replace(keep / "model.tmp", keep / "model.safetensors")
-        strategy.barrier()
+        keep_best(strategy, model, ckpt_dir)
     log.info("step %d: held-out %s %.4f%s", state["step"], name, value, " (best so far)" if best is checks[-1] else "")
     stale = len(checks) - 1 - checks.index(best)  # checks since the best one
     return bool(cfg.train.patience) and stale >= cfg.train.patience
-
-
-def heldout_metric(model, tokenizer, examples: list[Example], cfg: Config, sharded: bool = False) -> tuple[str, float]:
-    """Task accuracy (greedy, with eval.checker) if there is a checker, else NLL per token of the real
-    responses: the metric in-iteration checks and best-model selection use. A `sharded` (fsdp, zero3) model
-    is checked by every process on every example together (no whole copy on one device)."""
-    from .evaluate import greedy_metrics, load_checker
-    from .sft import encode_real, heldout_nll
-
-    was_training = model.training
-    model.eval()
-    checker = load_checker(cfg.eval.checker)
-    if checker:
-        result = ("accuracy", greedy_metrics(model, tokenizer, examples, cfg, checker, None, sharded)["accuracy"])
-    else:
-        groups = encode_real(tokenizer, examples, limits(cfg))
-        result = ("nll_per_token", heldout_nll(model, groups, tokenizer.pad_token_id, None, cfg.eval.batch_size))
-    model.train(was_training)
-    return result
 
 
 def _best(checks: list[dict]) -> dict | None:
@@ -326,19 +271,6 @@ def _mean_over_processes(strategy, metrics: dict[str, list[torch.Tensor]], count
     if strategy.world > 1:
         sums = strategy.sum(sums)
     return {k: (sums[j] / sums[-1]).item() for j, k in enumerate(keys)}
-
-
-def _guard(value: torch.Tensor, what: str, step: int, iteration: int, ckpt_dir: Path) -> None:
-    """Stop the run on a non-finite loss or gradient, pointing at the checkpoint a re-run resumes from."""
-    if bool(torch.isfinite(value)):
-        return
-    last = checkpoint.latest(ckpt_dir)
-    kept = (f"the last good checkpoint, {last}, is kept and a re-run resumes from it" if last else
-            "no checkpoint was written yet, so a re-run starts this iteration over")
-    raise TrainingStopped(
-        f"iteration {iteration}, optimizer step {step}: the {what} is {float(value)} (not finite); training stopped "
-        f"and this iteration is not marked done; {kept}. Lower train.learning_rate or spin.beta, or set "
-        "train.max_grad_norm / train.skip_grad_norm_above, then re-run with --force")
 
 
 def _log_step(window: list[dict], step: int, steps: int, lr: float, start: float, show: bool) -> dict:

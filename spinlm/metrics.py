@@ -1,40 +1,29 @@
-"""Stage: held-out metrics of one model.
+"""Held-out metrics, one definition each, shared by the stages that report them.
 
-    spinlm evaluate --model MODEL --data test.jsonl [--pairs eval-pairs.jsonl --beta 0.1] --out eval.json
-
-- nll_per_token: mean NLL of the real held-out responses (EOS included);
-- accuracy: greedy generation checked by a task checker ('module:function'), if given;
-- reward_accuracy / reward_margin: on held-out pairs whose generated side came from the
-  reference model p_t and whose reference log-probs are stored (the score stage's output),
-  the share of pairs where this model's implicit reward prefers the real response, and
-  the mean margin beta * (r_real - r_gen);
-- greedy length statistics and the share that hit max_new_tokens.
+- heldout_nll: NLL per token of the real responses (EOS included);
+- reward_metrics: on held-out pairs with stored reference log-probs, reward accuracy over the
+  live pairs (generated != real; dead pairs reported as dead_pair_share) and the mean margin;
+- greedy_metrics: greedy generation, its lengths, and task accuracy with a checker (load_checker);
+- heldout_metric: the one metric in-training checks and best-model selection use.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import dist
-from .config import Config
-from .data import Example
-from .errors import UserError
-from .generate import gather_rows, generate
-from .io import write_jsonl
-from .packing import prepare, score_groups
-from .loss import spin_rewards
-from .modeling import load_tokenizer
-from .score import limits, pair_groups
-from .strategy import inference_model
-from .sft import encode_real, heldout_nll
-from .tokens import encode_prompt, is_dead
-
-log = logging.getLogger("spinlm")
+from spinlm import dist
+from spinlm.config import Config
+from spinlm.data import Example
+from spinlm.errors import UserError
+from spinlm.generation.local import gather_rows, generate
+from spinlm.io import write_jsonl
+from spinlm.loss import spin_rewards
+from spinlm.packing import Group, prepare, score_groups
+from spinlm.tokens import Limits, encode_prompt, encode_real, is_dead, pair_groups
 
 
 def load_checker(spec: str | None) -> Callable | None:
@@ -52,8 +41,18 @@ def load_checker(spec: str | None) -> Callable | None:
 
 
 @torch.no_grad()
+def heldout_nll(model, groups: list[Group], pad_id: int, budget: int | None, batch_size: int) -> float:
+    """Per-token NLL of the real responses: sum of -log p over all tokens / token count."""
+    was_training = model.training
+    model.eval()
+    scores = [s for per_group in score_groups(model, groups, pad_id, budget, batch_size) for s in per_group]
+    model.train(was_training)
+    return -sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
+
+
+@torch.no_grad()
 def reward_metrics(model, tokenizer, pairs: list[dict], cfg: Config, beta: float) -> dict:
-    groups = pair_groups(tokenizer, pairs, cfg)  # (prompt, [real, generated]) token ids
+    groups = pair_groups(tokenizer, pairs, Limits.of(cfg))  # (prompt, [real, generated]) token ids
     scores = score_groups(model, groups, tokenizer.pad_token_id, prepare(model, groups, tokenizer.pad_token_id,
                                                                             cfg.packing), cfg.eval.batch_size)
     rewards = spin_rewards(torch.tensor([real for (real, _), _ in scores]),
@@ -75,7 +74,8 @@ def greedy_metrics(model, tokenizer, examples: list[Example], cfg: Config, check
     max_new = cfg.eval.max_new_tokens or cfg.generation.max_new_tokens
     prompts = [encode_prompt(tokenizer, ex.prompt, cfg.data.max_prompt_length) for ex in examples]
     results = gather_rows(generate(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.eval.batch_size,
-                                   batch_tokens=cfg.generation.batch_tokens, progress=cfg.run.progress and dist.is_main(),
+                                   batch_tokens=cfg.generation.batch_tokens,
+                                   progress=cfg.run.progress and dist.is_main(),
                                    desc="evaluate", shard=(0, 1) if sharded else (dist.rank(), dist.world()),
                                    synced=sharded))
     correct = [bool(checker(ex, r["text"])) if checker else None for ex, r in zip(examples, results)]
@@ -90,19 +90,17 @@ def greedy_metrics(model, tokenizer, examples: list[Example], cfg: Config, check
     return metrics
 
 
-def evaluate(model_path: str, examples: list[Example], cfg: Config, pairs: list[dict] | None = None,
-             beta: float | None = None, outputs: Path | None = None) -> dict:
-    """All held-out metrics of `model_path` as a flat dict."""
+def heldout_metric(model, tokenizer, examples: list[Example], cfg: Config, sharded: bool = False) -> tuple[str, float]:
+    """Task accuracy (greedy, with eval.checker) if there is a checker, else NLL per token of the real
+    responses: the metric in-iteration checks and best-model selection use. A `sharded` (fsdp, zero3) model
+    is checked by every process on every example together (no whole copy on one device)."""
+    was_training = model.training
+    model.eval()
     checker = load_checker(cfg.eval.checker)
-    tokenizer = load_tokenizer(model_path, cfg.model)
-    model, fsdp = inference_model(model_path, cfg)  # sharded with train.fsdp_inference: all take every example
-    groups = encode_real(tokenizer, examples, limits(cfg))
-    budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
-    metrics = {"model": str(model_path), "examples": len(examples),
-               "nll_per_token": heldout_nll(model, groups, tokenizer.pad_token_id, budget, cfg.eval.batch_size)}
-    metrics.update(greedy_metrics(model, tokenizer, examples, cfg, checker, outputs, sharded=fsdp is not None))
-    if pairs:
-        metrics.update(reward_metrics(model, tokenizer, pairs, cfg, beta if beta is not None else cfg.per_iteration("beta", 0)))
-    log.info("evaluate %s: %s", model_path, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                                                      if isinstance(v, float)))
-    return metrics
+    if checker:
+        result = ("accuracy", greedy_metrics(model, tokenizer, examples, cfg, checker, None, sharded)["accuracy"])
+    else:
+        groups = encode_real(tokenizer, examples, Limits.of(cfg))
+        result = ("nll_per_token", heldout_nll(model, groups, tokenizer.pad_token_id, None, cfg.eval.batch_size))
+    model.train(was_training)
+    return result

@@ -42,10 +42,10 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
-from . import checkpoint
-from .errors import UserError
-from .lora import merged
-from .modeling import save as save_pretrained
+from spinlm.errors import UserError
+from spinlm.modeling import save as save_pretrained
+from spinlm.training import checkpoint
+from spinlm.training.lora import merged
 
 log = logging.getLogger("spinlm")
 
@@ -64,7 +64,7 @@ def inference_model(model_path: str, cfg):
     """(model in eval mode, sharded?) for the score and evaluate stages: the whole model on this
     process's device, or, with train.strategy fsdp and train.fsdp_inference, sharded over the
     processes as in training (no process holds it whole; every forward gathers each layer)."""
-    from .modeling import load_model
+    from spinlm.modeling import load_model
 
     if cfg.train.strategy == "fsdp" and cfg.train.fsdp_inference:
         fsdp = FSDP(cfg.train.mixed_precision, cfg.train.fsdp_cpu_offload)
@@ -182,39 +182,57 @@ class DDP:
         self.barrier()
 
 
-def save_model(strategy, model, tokenizer, out: Path, weights: Path | None = None) -> None:
-    """fsdp's and zero3's save_model: a plain transformers directory written by rank 0 from the
-    gathered full state dict (or from `weights`, a file save_weights wrote); every process takes part."""
-    if weights is not None:
-        from safetensors.torch import load_file
+class _Sharded:
+    """What fsdp and zero3 share: the weights are split over every process of the torchrun group,
+    so every forward gathers them from all processes, and the processes run their forwards, sums
+    and saves together."""
 
-        full = load_file(str(weights)) if strategy.is_main else {}
-    else:
-        full = strategy.full_state_dict(model)
-    if strategy.is_main:
-        strategy.unwrap(model).save_pretrained(out, state_dict=full, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-    strategy.barrier()
+    sharded = True  # every forward gathers weights from all processes: they run the same forwards together
+
+    def forwards(self, n: int) -> int:
+        """Every process must run as many forwards (each one gathers the weights layer by layer):
+        the most any process has."""
+        return _most(n, self.device)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device)
+        torch_dist.all_reduce(tensor)
+        return tensor.cpu()
+
+    def barrier(self) -> None:
+        self.process.wait_for_everyone()
+
+    def save_model(self, model, tokenizer, out: Path, weights: Path | None = None) -> None:
+        """A plain transformers directory written by rank 0 from the gathered full state dict (or from
+        `weights`, a file save_weights wrote); every process takes part."""
+        if weights is not None:
+            from safetensors.torch import load_file
+
+            full = load_file(str(weights)) if self.is_main else {}
+        else:
+            full = self.full_state_dict(model)
+        if self.is_main:
+            self.unwrap(model).save_pretrained(out, state_dict=full, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+        self.barrier()
+
+    def save_weights(self, model, path: Path) -> None:
+        """The gathered full state dict as one safetensors file (rank 0)."""
+        from safetensors.torch import save_file
+
+        full = self.full_state_dict(model)
+        if self.is_main:
+            save_file({k: v.contiguous() for k, v in full.items()}, str(path), metadata={"format": "pt"})
+        self.barrier()
 
 
-def save_weights(strategy, model, path: Path) -> None:
-    """fsdp's and zero3's save_weights: the gathered full state dict as one safetensors file (rank 0)."""
-    from safetensors.torch import save_file
-
-    full = strategy.full_state_dict(model)
-    if strategy.is_main:
-        save_file({k: v.contiguous() for k, v in full.items()}, str(path), metadata={"format": "pt"})
-    strategy.barrier()
-
-
-class FSDP:
+class FSDP(_Sharded):
     """FSDP2 over every process of the torchrun group (see the module docstring)."""
 
     name = "fsdp"
-    sharded = True  # every forward gathers weights from all processes: they run the same forwards together
 
     def __init__(self, mixed_precision: str, cpu_offload: bool):
-        from . import dist
+        from spinlm import dist
 
         self.process = dist.state()  # joins torchrun's group: gloo on CPU, NCCL on GPU
         self.world, self.rank, self.is_main = self.process.num_processes, self.process.process_index, \
@@ -258,25 +276,12 @@ class FSDP:
         process (28 GB for 7B) until the last micro-batch, at one reduce-scatter per backward saved."""
         return contextlib.nullcontext()
 
-    def forwards(self, n: int) -> int:
-        """Every process must run as many forwards (each one gathers the weights layer by layer):
-        the most any process has."""
-        return _most(n, self.device)
-
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def clip_grad_norm(self, model, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.to(self.device)
-        torch_dist.all_reduce(tensor)
-        return tensor.cpu()
-
-    def barrier(self) -> None:
-        self.process.wait_for_everyone()
 
     def unwrap(self, model):
         return model  # the sharded model is still the transformers class (a subclass fully_shard made)
@@ -289,23 +294,19 @@ class FSDP:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v for k, v in full.items() if k not in self.aliases}
 
-    save_model = save_model  # a plain directory: the weights gathered to rank 0 (full_state_dict)
-    save_weights = save_weights
-
     def save_checkpoint(self, directory: Path, step: int, model, optimizer, scheduler, state: dict) -> None:
         checkpoint.save_sharded(directory, step, model, optimizer, scheduler, state, self)
 
 
-class ZeRO3:
+class ZeRO3(_Sharded):
     """DeepSpeed ZeRO stage 3 over every process of the torchrun group (see the module docstring).
     `setup` returns the DeepSpeed engine as the model and a stand-in optimizer: the engine owns the
     step (clip, update, zeroing the gradients); spinlm's scheduler sets the client optimizer's lr."""
 
     name = "zero3"
-    sharded = True
 
     def __init__(self, mixed_precision: str, max_grad_norm: float, batch_size: int):
-        from . import dist
+        from spinlm import dist
 
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed looks for a CUDA build
@@ -357,10 +358,6 @@ class ZeRO3:
         """Every backward reduce-scatters its gradients into the partitions (as fsdp)."""
         return contextlib.nullcontext()
 
-    def forwards(self, n: int) -> int:
-        """Every forward gathers each layer's weights from all processes: as many on every one."""
-        return _most(n, self.device)
-
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # gradient_accumulation_steps 1: not rescaled
 
@@ -369,14 +366,6 @@ class ZeRO3:
         returns the gradient norm before clipping; the optimizer's step() is then a no-op."""
         self.stepper.step()
         return torch.tensor(float(model.get_global_grad_norm()))
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.to(self.device)
-        torch_dist.all_reduce(tensor)
-        return tensor.cpu()
-
-    def barrier(self) -> None:
-        self.process.wait_for_everyone()
 
     def unwrap(self, model):
         return getattr(model, "module", model)  # the transformers model (its weights partitioned)
@@ -397,9 +386,6 @@ class ZeRO3:
             if self.is_main:
                 full[name] = value.detach().cpu().clone()
         return full
-
-    save_model = save_model  # a plain directory: the weights gathered to rank 0 (full_state_dict)
-    save_weights = save_weights
 
     def save_checkpoint(self, directory: Path, step: int, model, optimizer, scheduler, state: dict) -> None:
         checkpoint.save_zero3(directory, step, model, scheduler, state, self)
@@ -430,7 +416,7 @@ def import_deepspeed():
     try:
         import deepspeed
     except ImportError as e:
-        from .errors import UserError
+        from spinlm.errors import UserError
 
         raise UserError("train.strategy zero3 needs DeepSpeed: pip install 'spinlm[deepspeed]' (on a machine "
                         f"without CUDA: DS_BUILD_OPS=0 pip install 'spinlm[deepspeed]'); import failed: {e}") from e

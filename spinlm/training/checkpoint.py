@@ -36,8 +36,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .errors import UserError
-from .io import fault_point
+from spinlm.errors import UserError
+from spinlm.io import fault_point
 
 log = logging.getLogger("spinlm")
 

@@ -11,47 +11,27 @@ improvement: SPIN then starts where more SFT no longer helps, as in the paper.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
+import math
 import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
 
-from .config import Config
-from .data import Example
-from . import checkpoint
-from .io import fault_point, write_json
-from .lora import is_adapted, restore, trainable_state
-from .packing import Group, prepare, response_logps, score_groups
-from .modeling import load_tokenizer
-from .tokens import Limits, encode_example
-from .tracking import Log
-from .strategy import make_strategy
-from .training import epoch_steps, linear_schedule, load_trainable, make_optimizer, step_forwards
+from spinlm.config import Config
+from spinlm.data import Example
+from spinlm.io import fault_point, write_json
+from spinlm.metrics import heldout_nll
+from spinlm.modeling import load_tokenizer
+from spinlm.packing import Group, prepare, response_logps
+from spinlm.tokens import Limits, encode_real
+from spinlm.tracking import Log
+from spinlm.training import checkpoint
+from spinlm.training.guards import best_weights, keep_best, stop_if_not_finite
+from spinlm.training.steps import epoch_steps, linear_schedule, load_trainable, make_optimizer, step_forwards
+from spinlm.training.strategy import make_strategy
 
 log = logging.getLogger("spinlm")
-
-
-def encode_real(tokenizer, examples: list[Example], lim: Limits) -> list[Group]:
-    """(prompt, [real]) token-id groups."""
-    out = []
-    for ex in examples:
-        prompt, (real,) = encode_example(tokenizer, ex.prompt, [(ex.real, True)], lim)
-        out.append((prompt, [real]))
-    return out
-
-
-@torch.no_grad()
-def heldout_nll(model, groups: list[Group], pad_id: int, budget: int | None, batch_size: int) -> float:
-    """Per-token NLL of the real responses: sum of -log p over all tokens / token count."""
-    was_training = model.training
-    model.eval()
-    scores = [s for per_group in score_groups(model, groups, pad_id, budget, batch_size) for s in per_group]
-    model.train(was_training)
-    return -sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
 
 
 def sft(model_path: str, train_examples: list[Example], eval_examples: list[Example], out: Path,
@@ -77,7 +57,7 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
         optimizer = make_optimizer("adamw", wrapped, sc.learning_rate, sc.weight_decay)
         return optimizer, linear_schedule(optimizer, steps, sc.warmup_ratio, strategy.schedule_factor)
 
-    ckpt_dir, best_dir = out.with_name(out.name + ".checkpoints"), out.with_name(out.name + ".checkpoints") / "best"
+    ckpt_dir = out.with_name(out.name + ".checkpoints")
     model, optimizer, scheduler, state = strategy.setup(model, build, checkpoint.latest(ckpt_dir))
     state = state or {"step": 0, "best": None, "stale": 0, "history": [], "examples": 0}
     budget = prepare(strategy.unwrap(model), train_seqs, pad, cfg.packing)
@@ -95,7 +75,7 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
                 track("sft/check", state["step"], {"heldout_nll": nll})
             if state["best"] is None or nll < state["best"] - 1e-4:
                 state["best"], state["stale"] = nll, 0
-                _keep_best(strategy, model, tokenizer, best_dir)
+                keep_best(strategy, model, ckpt_dir)
             else:
                 state["stale"] += 1
         return sc.patience > 0 and state["stale"] >= sc.patience
@@ -108,8 +88,7 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
                          cfg.packing.backward_per_row)
         state["examples"] = state.get("examples", 0) + n_examples
         window["tokens"] += world * sum(len(train_seqs[i][0]) + len(train_seqs[i][1][0]) for ids in micro for i in ids)
-        if cfg.train.max_grad_norm > 0:
-            strategy.clip_grad_norm(model, cfg.train.max_grad_norm)
+        _guard_and_clip(strategy, model, loss, state["step"] + 1, ckpt_dir, cfg.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -128,19 +107,21 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
             strategy.save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state)
     result = {"steps": state["step"], "examples": state.get("examples"), "best_heldout_nll": state["best"],
               "history": state["history"]}
-    best = best_dir if best_dir.exists() else best_dir.with_name("best.tmp")  # a kill between two renames
-    plain = strategy.unwrap(model)
-    if eval_seqs and is_adapted(plain):  # the best adapter, merged into the weights (ddp: every process has it)
-        restore(plain, load_file(str(best / "adapter.safetensors")))
-    if eval_seqs and not is_adapted(plain):
-        if strategy.is_main:
-            shutil.copytree(best, out)
-    else:
-        strategy.save_model(model, tokenizer, out)
+    strategy.save_model(model, tokenizer, out, weights=best_weights(ckpt_dir) if eval_seqs else None)
     if strategy.is_main:
         write_json(out / "spinlm_sft.json", result)
     strategy.barrier()
     return result
+
+
+def _guard_and_clip(strategy, model, loss: torch.Tensor, step: int, ckpt_dir: Path, max_grad_norm: float) -> None:
+    """Stop on a non-finite loss (summed over the processes, so every one stops) or gradient norm,
+    as SPIN training does; clip the gradients to `max_grad_norm` (0: no clipping)."""
+    remedy = "Lower sft.learning_rate, or set train.max_grad_norm"
+    total = strategy.sum(loss.reshape(1)) if strategy.world > 1 else loss
+    stop_if_not_finite(total, "loss", step, "sft", ckpt_dir, remedy)
+    norm = strategy.clip_grad_norm(model, max_grad_norm if max_grad_norm > 0 else math.inf)
+    stop_if_not_finite(norm, "gradient norm", step, "sft", ckpt_dir, remedy)
 
 
 def _sft_step(strategy, model, micro: list[list[Group]], pad: int, budget: int | None,
@@ -149,7 +130,7 @@ def _sft_step(strategy, model, micro: list[list[Group]], pad: int, budget: int |
     `per_row` (packing.backward_per_row: one row's activations held, as in SPIN training), else a
     micro-batch at a time. The loss is the mean NLL over all response tokens of the step (this
     process's), whatever the accumulation; DDP syncs once, after the last forward (fsdp after each:
-    spinlm.strategy; fsdp and zero3 run as many forwards on every process, the extra ones weighted
+    spinlm.training.strategy; fsdp and zero3 run as many forwards on every process, the extra ones weighted
     0). Returns the step's loss (detached)."""
     total_tokens = sum(len(r) for batch in micro for _, responses in batch for r in responses)
     loss = torch.zeros(())
@@ -160,21 +141,3 @@ def _sft_step(strategy, model, micro: list[list[Group]], pad: int, budget: int |
         if weight:
             loss += nll.detach().cpu() / total_tokens
     return loss
-
-
-def _keep_best(strategy, model, tokenizer, best_dir: Path) -> None:
-    """Save the best model so far (with LoRA: its adapter weights only) to best.tmp, then swap it
-    in: a kill leaves one complete copy. Every process takes part; rank 0 writes."""
-    tmp = best_dir.with_name("best.tmp")
-    if strategy.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    plain = strategy.unwrap(model)
-    if is_adapted(plain):
-        if strategy.is_main:
-            tmp.mkdir(parents=True)
-            save_file({k: v.contiguous() for k, v in trainable_state(plain).items()}, str(tmp / "adapter.safetensors"))
-    else:
-        strategy.save_model(model, tokenizer, tmp)
-    if strategy.is_main:
-        shutil.rmtree(best_dir, ignore_errors=True)
-        os.replace(tmp, best_dir)

@@ -1,0 +1,1 @@
+"""Evaluation beyond the held-out metrics: LLM-as-judge (MT-Bench style) and lm-evaluation-harness."""
