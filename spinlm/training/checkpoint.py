@@ -190,19 +190,28 @@ def save_sharded(directory: Path, step: int, model, optimizer, scheduler, traine
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    def write(tmp: Path) -> None:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / "sharded"))
+
+    return _save_together(directory, step, scheduler, trainer_state, strategy, write)
+
+
+def _save_together(directory: Path, step: int, scheduler, trainer_state: dict, strategy, write) -> Path:
+    """The skeleton of a checkpoint every process writes a part of: `write(tmp)` (each process its
+    part) into `step-N.tmp`, then each process's RNG states; rank 0 completes it as `save` does."""
     final = directory / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     if strategy.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     strategy.barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / "sharded"))
+    write(tmp)
     save_file(_rng_tensors(), str(tmp / f"rng-rank{strategy.rank}.safetensors"))
     fault_point("checkpoint-write")
     strategy.barrier()
     if strategy.is_main:
-        _complete(tmp, final, {"step": step, "strategy": "fsdp", "world": strategy.world,
+        _complete(tmp, final, {"step": step, "strategy": strategy.name, "world": strategy.world,
                                "scheduler": scheduler.state_dict(), "trainer": trainer_state})
     strategy.barrier()
     return final
@@ -234,21 +243,8 @@ def save_zero3(directory: Path, step: int, engine, scheduler, trainer_state: dic
     `save_checkpoint` (each process writes its partition of the fp32 weights and optimizer state;
     the whole model is never gathered on one rank) into `step-N.tmp`, then each process's RNG
     states; rank 0 completes the checkpoint (state.json, fsync, rename) as `save` does."""
-    final = directory / f"step-{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if strategy.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    strategy.barrier()
-    engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
-    save_file(_rng_tensors(), str(tmp / f"rng-rank{strategy.rank}.safetensors"))
-    fault_point("checkpoint-write")
-    strategy.barrier()
-    if strategy.is_main:
-        _complete(tmp, final, {"step": step, "strategy": "zero3", "world": strategy.world,
-                               "scheduler": scheduler.state_dict(), "trainer": trainer_state})
-    strategy.barrier()
-    return final
+    write = lambda tmp: engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)  # noqa: E731
+    return _save_together(directory, step, scheduler, trainer_state, strategy, write)
 
 
 def load_zero3(path: Path, engine, optimizer, scheduler) -> dict:

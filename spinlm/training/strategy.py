@@ -189,6 +189,19 @@ class _Sharded:
 
     sharded = True  # every forward gathers weights from all processes: they run the same forwards together
 
+    def _join(self, mixed_precision: str) -> None:
+        """Join torchrun's process group (gloo on CPU, NCCL on GPU). The model loads on the CPU:
+        sharding moves each process's part of the weights to its device."""
+        from spinlm import dist
+
+        self.process = dist.state()
+        self.world, self.rank, self.is_main = self.process.num_processes, self.process.process_index, \
+            self.process.is_main_process
+        self.device = self.process.device
+        self.load_device = torch.device("cpu")
+        self.schedule_factor = 1
+        self.bf16 = resolve_mixed_precision(mixed_precision) == "bf16" and torch.cuda.is_available()
+
     def forwards(self, n: int) -> int:
         """Every process must run as many forwards (each one gathers the weights layer by layer):
         the most any process has."""
@@ -232,15 +245,7 @@ class FSDP(_Sharded):
     name = "fsdp"
 
     def __init__(self, mixed_precision: str, cpu_offload: bool):
-        from spinlm import dist
-
-        self.process = dist.state()  # joins torchrun's group: gloo on CPU, NCCL on GPU
-        self.world, self.rank, self.is_main = self.process.num_processes, self.process.process_index, \
-            self.process.is_main_process
-        self.device = self.process.device
-        self.load_device = torch.device("cpu")  # fully_shard moves each process's shard to its device
-        self.schedule_factor = 1
-        self.bf16 = resolve_mixed_precision(mixed_precision) == "bf16" and torch.cuda.is_available()
+        self._join(mixed_precision)
         self.cpu_offload = cpu_offload
         self.aliases: set[str] = set()  # tied names, known once the model is sharded
 
@@ -306,7 +311,6 @@ class ZeRO3(_Sharded):
     name = "zero3"
 
     def __init__(self, mixed_precision: str, max_grad_norm: float, batch_size: int):
-        from spinlm import dist
 
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed looks for a CUDA build
@@ -319,13 +323,7 @@ class ZeRO3(_Sharded):
                 compatible["deepspeed_shm_comm"] = False
         warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
                                 "deprecated", FutureWarning)  # DeepSpeed's calls, once per collective site
-        self.process = dist.state()  # joins torchrun's group (gloo on CPU); DeepSpeed wraps it
-        self.world, self.rank, self.is_main = self.process.num_processes, self.process.process_index, \
-            self.process.is_main_process
-        self.device = self.process.device
-        self.load_device = torch.device("cpu")  # DeepSpeed moves each process's partition to its device
-        self.schedule_factor = 1
-        self.bf16 = resolve_mixed_precision(mixed_precision) == "bf16" and torch.cuda.is_available()
+        self._join(mixed_precision)  # DeepSpeed wraps torchrun's group
         self.config = {
             "train_micro_batch_size_per_gpu": batch_size,  # bookkeeping only: spinlm feeds the batches
             "gradient_accumulation_steps": 1,  # spinlm accumulates (its own loss scaling) ...
