@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from spinlm.cli import main
-from spinlm.config import Config
+from spinlm.config import CHOICES, Config
 from spinlm.io import read_json, read_jsonl
 from spinlm.logprobs import sequence_logps
 from spinlm.loss import (
@@ -153,6 +153,7 @@ def test_the_objective_table_dispatches_to_each_loss():
     with pytest.raises(ValueError, match="objective"):
         objective("dpo")
     assert list(OBJECTIVES) == ["spin", "space", "sppo_hard", "tspin"]
+    assert tuple(CHOICES["spin", "objective"]) == tuple(OBJECTIVES)  # the config accepts exactly the table's names
     assert [o.name for o in OBJECTIVES.values() if not o.needs_reference] == ["tspin"]
     assert [len(o.responses) for o in OBJECTIVES.values()] == [2, 2, 2, 3]
 
