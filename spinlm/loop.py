@@ -21,12 +21,13 @@ from spinlm.io import read_json, read_jsonl, write_main
 from spinlm.loss import objective
 from spinlm.modeling import use_deterministic
 from spinlm.report.cards import write_run_cards
-from spinlm.rundir import RunLayout, Stage, open_run, release_lock, summarize
+from spinlm.rundir import RunLayout, Stage, open_run, release_lock
 from spinlm.stages.evaluate import evaluate
 from spinlm.stages.generate import generate_file
 from spinlm.stages.score import score_files
 from spinlm.stages.sft import sft
 from spinlm.stages.train import train
+from spinlm.summary import summarize
 from spinlm.tracking import Tracker
 from spinlm.validate import Checked, check, report
 

@@ -21,8 +21,8 @@ from spinlm.errors import UserError
 from spinlm.io import read_json, read_jsonl
 from spinlm.logprobs import sequence_logps
 from spinlm.metrics import reward_metrics
-from spinlm.rundir import NO_SELECTION, select_best
 from spinlm.stages.train import pair_items, train
+from spinlm.summary import NO_SELECTION, select_best
 from spinlm.tokens import Limits, encode_pair, encode_prompt
 
 COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]

@@ -31,7 +31,8 @@ from spinlm.experiment.common import (
 )
 from spinlm.io import read_json
 from spinlm.loop import iteration_steps, sft_for_steps
-from spinlm.rundir import CONTINUED_SFT, Stage, iteration_name, model_entry
+from spinlm.rundir import CONTINUED_SFT, Stage, iteration_name
+from spinlm.summary import model_entry
 from spinlm.validate import check
 
 log = logging.getLogger("spinlm")

@@ -19,7 +19,8 @@ from pathlib import Path
 from spinlm.report.cards import write_cards
 from spinlm.report.plots import plot_metrics, plot_sft, plot_training, require_matplotlib
 from spinlm.report.runs import finite, load_run
-from spinlm.rundir import CONTINUED_SFT, format_table
+from spinlm.rundir import CONTINUED_SFT
+from spinlm.summary import format_table
 
 # (summary key, label, higher is better, number format) of the metrics the verdict compares.
 VERDICT = (("accuracy", "Task accuracy", True, ".3f"), ("nll_per_token", "NLL per token", False, ".4f"))
