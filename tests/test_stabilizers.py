@@ -140,7 +140,10 @@ def test_best_falls_back_to_the_sft_model_when_every_iteration_is_worse(tiny_mod
     assert "SPIN did not improve on the start model (sft)" in out
     assert json.loads((run / "best.json").read_text())["statement"] in out
     # the continued-SFT baseline: as many steps as SPIN took, evaluated and listed, never chosen as best
-    spin_steps = sum(read_json(run / f"iteration-{t}" / "model" / "spinlm_train.json")["steps"] for t in (0, 1))
-    assert read_json(run / "continued-sft" / "model" / "spinlm_sft.json")["steps"] == spin_steps == 16
+    # (iteration 0 trains on all 32 pairs: 2 epochs of 4 steps; how many of the destroyed iteration-0 model's
+    # samples come back empty, and so how many steps iteration 1 takes, differs between machines' float kernels)
+    steps = [read_json(run / f"iteration-{t}" / "model" / "spinlm_train.json")["steps"] for t in (0, 1)]
+    assert steps[0] == 8 and steps[1] > 0
+    assert read_json(run / "continued-sft" / "model" / "spinlm_sft.json")["steps"] == sum(steps)
     assert "| continued-sft |" in out and "Continued SFT at equal steps" in out
     assert summary[-1]["name"] == "continued-sft" and summary[-1]["metrics"]["nll_per_token"] > 0
