@@ -15,7 +15,7 @@ from pathlib import Path
 
 from spinlm import __version__, preempt
 from spinlm import config as config_mod
-from spinlm.errors import Preempted, TrainingStopped, UserError
+from spinlm.errors import Preempted, UserError
 
 log = logging.getLogger("spinlm")
 
@@ -402,11 +402,10 @@ def main(argv: list[str] | None = None) -> int:
                 log.setLevel(logging.WARNING)
         dispatch(args, overrides)
     except Preempted as e:
+        if e.__cause__ is not None and not isinstance(e.__cause__, UserError):  # an error after the signal
+            traceback.print_exception(e.__cause__)
         return _preempted(str(e))
     except UserError as e:
-        if preempt.requested() and not isinstance(e, TrainingStopped):
-            return _preempted(f"{preempt.requested()}: stopped; an error followed, most likely caused by the "
-                              f"signal: {e}")
         print(f"spinlm: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
@@ -420,10 +419,6 @@ def main(argv: list[str] | None = None) -> int:
                   "the same command to resume", file=sys.stderr)
             return 2
         traceback.print_exc()
-        if preempt.requested():
-            return _preempted(f"{preempt.requested()}: stopped; the error above followed, most likely caused by the "
-                              "signal (it reaches a vLLM engine or a server of the same process group, or another "
-                              "rank that stopped)")
         print("spinlm: internal error (a bug in spinlm): please report it with the traceback above", file=sys.stderr)
         return 1
     return 0

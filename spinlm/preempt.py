@@ -38,6 +38,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from spinlm.errors import Preempted, TrainingStopped
+
 log = logging.getLogger("spinlm")
 
 EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, try again
@@ -50,8 +52,9 @@ _cleanups: dict[int, Callable[[], None]] = {}
 
 
 def requested() -> str | None:
-    """The first signal this process got (its name), or None. Local: under several processes, stop
-    only where `agreed()` says so, or the others wait for this one in their next collective."""
+    """The first signal this process got inside `watch` (its name), or None. Local: under several
+    processes, stop only where `agreed()` says so, or the others wait for this one in their next
+    collective."""
     return _state["signal"]
 
 
@@ -90,7 +93,9 @@ def at_exit(cleanup: Callable[[], None]) -> Callable[[], None]:
 
 @contextmanager
 def watch(run_cfg) -> Iterator[None]:
-    """While inside: run.preempt_signals and SIGINT request a stop (see the module docstring).
+    """While inside: run.preempt_signals and SIGINT request a stop (see the module docstring). An
+    error after a signal comes out as Preempted (it was most likely caused by the signal: a vLLM
+    engine or a server of the process group, or another rank, got it too), but for a training guard's.
     Outside the main thread (a command run by a thread) nothing is installed."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -106,6 +111,13 @@ def watch(run_cfg) -> Iterator[None]:
     listener.start()
     try:
         yield
+    except (Preempted, TrainingStopped):
+        raise
+    except Exception as e:
+        if _state["signal"] is None:
+            raise
+        raise Preempted(f"{_state['signal']}: stopped; an error followed, most likely caused by the signal (a child "
+                        f"process or another rank got it too): {e}") from e
     finally:
         signal.set_wakeup_fd(old_fd)
         for number, handler in previous.items():
@@ -114,6 +126,7 @@ def watch(run_cfg) -> Iterator[None]:
         listener.join(timeout=5)
         if _state["timer"] is not None:
             _state["timer"].cancel()
+        _state["signal"] = None  # outside a watch no loop stops on it
 
 
 def on_the_way_out() -> None:

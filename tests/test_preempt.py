@@ -224,6 +224,27 @@ def test_watch_takes_a_real_signal_and_restores_the_handlers():
         assert preempt.requested() == preempt.agreed() == "SIGUSR2"
         assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM], "not in run.preempt_signals here"
     assert {s: signal.getsignal(s) for s in before} == before
+    assert preempt.requested() is None  # outside a watch no loop stops on it
+
+
+def test_an_error_after_a_signal_is_a_preemption_but_a_guards_stop_is_not():
+    """An engine or a server of the process group dies of the same signal: the run is resumable, exit 75."""
+    from spinlm.errors import Preempted, TrainingStopped
+
+    cfg = config.build(None, ["--run.preempt_signals=[SIGUSR2]"])
+    with pytest.raises(RuntimeError):  # before any signal: the error as it is
+        with preempt.watch(cfg.run):
+            raise RuntimeError("engine core died")
+    for error, expected in ((RuntimeError("engine core died"), Preempted), (TrainingStopped("loss is nan"),
+                                                                               TrainingStopped)):
+        with pytest.raises(expected) as caught:
+            with preempt.watch(cfg.run):
+                os.kill(os.getpid(), signal.SIGUSR2)
+                while preempt.requested() is None:
+                    time.sleep(0.01)
+                raise error
+        assert caught.value is error or (caught.value.__cause__ is error and "SIGUSR2: stopped; an error followed"
+                                         in str(caught.value))
 
 
 def test_a_signal_is_noted_when_a_library_took_the_wakeup_fd():
