@@ -7,7 +7,11 @@
   (run.deterministic, CPU);
 - the same under `torchrun --nproc_per_node 2` with train.strategy fsdp: first rank 1 alone gets
   SIGTERM (the processes agree, both write their shards of the checkpoint at the same step), then
-  torchrun gets it and forwards it to both.
+  torchrun gets it and forwards it to both;
+- `spinlm generate` through a managed server: SIGTERM keeps the finished rows, stops the server
+  (no process of its group left), and the re-run asks the server only for the other rows; a second
+  signal exits at once, killing the server (a repeat within DUPLICATE_S does not); so does
+  run.preempt_grace_s running out.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -193,6 +199,134 @@ def test_fsdp_signal_to_one_rank_or_all_checkpoints_together(tiny_model, task_da
     assert sorted(s for text in texts for s in _steps(TRAIN_STEP, text)) == _steps(TRAIN_STEP, ref.text)
     model = "iteration-0/model/model.safetensors"
     assert _digest(tmp_path / "run" / model) == _digest(tmp_path / "ref" / model)
+
+
+# ---------------------------------------------------------------- generation through a managed server
+
+SERVER = '''
+import json, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+port, delay, requests = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with open(requests, "a") as f:
+            f.write("request\\n")
+        time.sleep(delay)
+        data = json.dumps({"choices": [{"text": "hi", "finish_reason": "stop"}],
+                           "usage": {"completion_tokens": 2}}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(data))); self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+'''
+ROWS = 8
+
+
+def _generate(tiny_model: Path, tmp_path: Path, delay_s: float, *extra: str) -> Launched:
+    """`spinlm generate` of ROWS prompts through a managed server answering each request after
+    `delay_s`, one request at a time; the server counts the requests in tmp_path/requests."""
+    (tmp_path / "serve.py").write_text(SERVER)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"id": "r{i}", "prompt": "What is {i} plus 3?", "response": "{i + 3}"}}\n'
+                            for i in range(ROWS)))
+    command = (f"{shlex.quote(sys.executable)} {shlex.quote(str(tmp_path / 'serve.py'))} {{port}} {delay_s} "
+               f"{shlex.quote(str(tmp_path / 'requests'))} # {{model}}")
+    return Launched([*SPINLM, "generate", "--model", str(tiny_model), "--data", str(data), "--out",
+                     str(tmp_path / "gen.jsonl"), "--run.progress=false", "--generation.backend=server",
+                     f"--generation.server_command={command}", "--generation.concurrency=1", *extra])
+
+
+def _live_in_group(pgid: int) -> list[int]:
+    """Processes of process group `pgid` still running (a zombie holds no port and no memory; one whose
+    parent exited at once waits for init to reap it)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, pgrp, ...
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
+def _server_gone(launched: Launched) -> None:
+    """Neither the server nor anything it started is left running, and its port is closed."""
+    ready = launched.wait_for(r"generation server ready at http://127.0.0.1:(\d+) \(pid (\d+)\)")
+    deadline = time.monotonic() + 5  # SIGKILL is delivered at once, but not synchronously
+    while _live_in_group(int(ready[2])):
+        assert time.monotonic() < deadline, f"server processes left: {_live_in_group(int(ready[2]))}"
+        time.sleep(0.05)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", int(ready[1]))) != 0
+
+
+def _rows(partial: Path) -> int:
+    return len(partial.read_text().splitlines()) - 1 if partial.exists() else 0  # line 1: the fingerprint
+
+
+def test_signal_during_generation_keeps_rows_and_stops_the_server(tiny_model, tmp_path):
+    partial = tmp_path / "gen.jsonl.tmp.partial"
+    first = _generate(tiny_model, tmp_path, 0.4)
+    first.wait_for("sending")
+    deadline = time.monotonic() + 60
+    while _rows(partial) < 2:
+        assert time.monotonic() < deadline and first.proc.poll() is None, first.text[-3000:]
+        time.sleep(0.05)
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.finish() == 75, first.text[-3000:]
+    _server_gone(first)
+    kept = _rows(partial)
+    assert 2 <= kept < ROWS and not (tmp_path / "gen.jsonl").exists()
+    assert f"generate: {kept} of {ROWS} rows are finished and kept in {partial}: a re-run generates only the others" \
+        in first.text
+
+    (tmp_path / "requests").unlink()
+    second = _generate(tiny_model, tmp_path, 0.0)
+    assert second.finish() == 0, second.text[-3000:]
+    assert len((tmp_path / "requests").read_text().splitlines()) == ROWS - kept  # only the rows not kept
+    assert len((tmp_path / "gen.jsonl").read_text().splitlines()) == ROWS
+
+
+def test_second_signal_exits_at_once_and_kills_the_server(tiny_model, tmp_path):
+    """The server takes 60 s per answer, so the first signal's safe point (the answer in flight) is
+    far; a repeat within DUPLICATE_S is taken as the same notice, one after that exits at once."""
+    launched = _generate(tiny_model, tmp_path, 60.0)
+    launched.wait_for("sending")
+    first = time.monotonic()
+    launched.proc.send_signal(signal.SIGTERM)
+    launched.wait_for("received SIGTERM")
+    launched.proc.send_signal(signal.SIGTERM)  # as torchrun forwards what its workers got already
+    time.sleep(1.0)
+    assert launched.proc.poll() is None, "a repeat within DUPLICATE_S is the same notice"
+    time.sleep(max(0.0, first + preempt.DUPLICATE_S + 0.5 - time.monotonic()))
+    second = time.monotonic()
+    launched.proc.send_signal(signal.SIGTERM)
+    assert launched.finish(timeout=30) == 75
+    assert time.monotonic() - second < 5, "exits at once, not after the answer in flight"
+    assert "a second signal (SIGTERM): exiting at once" in launched.text
+    _server_gone(launched)
+    assert not (tmp_path / "gen.jsonl").exists() and _rows(tmp_path / "gen.jsonl.tmp.partial") == 0
+
+
+def test_grace_period_running_out_exits_at_once(tiny_model, tmp_path):
+    launched = _generate(tiny_model, tmp_path, 60.0, "--run.preempt_grace_s=2")
+    launched.wait_for("sending")
+    start = time.monotonic()
+    launched.proc.send_signal(signal.SIGUSR1)
+    assert launched.finish(timeout=30) == 75
+    assert 2 <= time.monotonic() - start < 10
+    assert "run.preempt_grace_s=2 s ran out: exiting at once" in launched.text
+    _server_gone(launched)
 
 
 # ---------------------------------------------------------------- settings and the handlers themselves
