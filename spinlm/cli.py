@@ -1,8 +1,7 @@
 """The `spinlm` command: the whole loop (`run`, `demo`), each stage on its own, `report` / `lm-eval`
 on what a run made, and `experiment` (the paper's claims at CPU scale).
 
-Exit codes: 0 success, 2 a mistake in the user's input (one message, no traceback),
-3 training stopped by a guard (non-finite loss or gradient), 1 a bug in spinlm (with traceback), 130 interrupted.
+Exit codes: EXIT_CODES below (`spinlm --help` prints them).
 """
 
 from __future__ import annotations
@@ -14,26 +13,32 @@ import sys
 import traceback
 from pathlib import Path
 
-from spinlm import __version__
+from spinlm import __version__, preempt
 from spinlm import config as config_mod
-from spinlm.errors import UserError
+from spinlm.errors import Preempted, UserError
 
 log = logging.getLogger("spinlm")
 
 OVERRIDES_HELP = ("Any config key can be set as --section.key=value (for example --train.learning_rate=1e-6 "
                   "or --spin.beta=[0.1,0.1,5.0]); precedence: defaults < CONFIG.yaml < flags. "
                   "`spinlm config` lists every key.")
+EXIT_CODES = ("Exit codes: 0 success; 2 a mistake in the input (config, data, paths) or a full disk; 3 training "
+              "stopped by a guard (non-finite loss or gradient); 75 preempted: a signal (run.preempt_signals, "
+              "Ctrl-C) stopped it at a safe point, re-run the same command to resume (a job script requeues on "
+              "75); 1 a bug in spinlm (traceback printed); 130 interrupted where nothing watches for signals (demo, "
+              "experiment, judge, report, lm-eval).")
 
 
 def _epilog() -> str:
     import textwrap
 
-    return textwrap.fill(OVERRIDES_HELP, 100) + "\n\nconfig keys:\n" + config_mod.reference()
+    return (textwrap.fill(OVERRIDES_HELP, 100) + "\n\n" + textwrap.fill(EXIT_CODES, 100) + "\n\nconfig keys:\n"
+            + config_mod.reference())
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spinlm", description="Self-Play Fine-Tuning (SPIN) for Hugging Face causal LMs.",
-                                epilog=OVERRIDES_HELP)
+                                epilog=OVERRIDES_HELP + "\n\n" + EXIT_CODES)
     p.add_argument("--version", action="version", version=f"spinlm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -212,7 +217,8 @@ def dispatch(args, overrides: list[str]) -> None:
 
         cfg = config_mod.build(args.config, overrides)
         config_mod.validate(cfg)
-        run_dir = run(cfg, force=args.force)
+        with preempt.watch(cfg.run):
+            run_dir = run(cfg, force=args.force)
         from spinlm import dist
 
         if dist.is_main():
@@ -255,9 +261,18 @@ def dispatch_tool(args) -> None:
 
 
 def dispatch_stage(args, overrides: list[str]) -> None:
+    cfg = _stage_config(args, overrides, args.model)
+    if args.command == "judge":
+        _judge(args, cfg)
+        return
+    with preempt.watch(cfg.run):  # a stage stops at a safe point on a signal: Preempted, exit 75
+        run_stage(args, cfg)
+
+
+def run_stage(args, cfg) -> None:
+    """One stage on its own: sft, generate, score, train, dpo, evaluate."""
     from spinlm.io import read_jsonl, write_main
 
-    cfg = _stage_config(args, overrides, args.model)
     if args.command == "sft":
         from spinlm.stages.sft import sft
 
@@ -279,8 +294,6 @@ def dispatch_stage(args, overrides: list[str]) -> None:
         _atomic(args.out, lambda tmp: train(args.model, Path(args.pairs), tmp, cfg, args.iteration))
     elif args.command == "dpo":
         _dpo(args, cfg)
-    elif args.command == "judge":
-        _judge(args, cfg)
     elif args.command == "evaluate":
         from spinlm.stages.evaluate import evaluate
 
@@ -388,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             if not dist.is_main():
                 log.setLevel(logging.WARNING)
         dispatch(args, overrides)
+    except Preempted as e:
+        if e.__cause__ is not None and not isinstance(e.__cause__, UserError):  # an error after the signal
+            traceback.print_exception(e.__cause__)
+        return _preempted(str(e))
     except UserError as e:
         print(f"spinlm: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -405,6 +422,15 @@ def main(argv: list[str] | None = None) -> int:
         print("spinlm: internal error (a bug in spinlm): please report it with the traceback above", file=sys.stderr)
         return 1
     return 0
+
+
+def _preempted(message: str) -> int:
+    """The one line that says what was kept and that a re-run resumes (stderr and RUN/log.txt); every
+    process stops at the same point, and rank 0 speaks for them."""
+    if os.environ.get("RANK", "0") == "0":
+        log.warning("spinlm: preempted (exit code %d): %s", preempt.EXIT_CODE, message)
+    preempt.on_the_way_out()
+    return preempt.EXIT_CODE
 
 
 if __name__ == "__main__":

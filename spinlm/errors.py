@@ -2,8 +2,9 @@
 
 `UserError` is raised for anything the user can fix (bad config, bad data, missing files).
 The CLI turns it into one line on stderr and exit code 2, with no traceback. `TrainingStopped`
-(exit code 3) is a guard that stopped training. Any other exception is our bug: the CLI prints the
-traceback and exits 1.
+(exit code 3) is a guard that stopped training. `Preempted` (exit code 75) is a stage stopped by a
+signal at a safe point (spinlm.preempt), leaving state a re-run resumes. Any other exception is our
+bug: the CLI prints the traceback and exits 1.
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ class TrainingStopped(UserError):
     """Training stopped itself (a non-finite loss or gradient): one message, exit code 3."""
 
     exit_code = 3
+
+
+class Preempted(Exception):
+    """A stage stopped at a safe point on a signal (spinlm.preempt); what it kept is in the message.
+    Exit code 75 (EX_TEMPFAIL, "try again later"): a job script requeues, the re-run resumes."""
+
+    exit_code = 75
 
 
 def where(path: str, row: int | None = None, field: str | None = None) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
-from spinlm import __version__, dist
+from spinlm import __version__, dist, preempt
 from spinlm.config import Config, to_yaml
 from spinlm.errors import UserError
 from spinlm.io import fault_point, finish, is_done, produce, write_json
@@ -27,7 +27,8 @@ log = logging.getLogger("spinlm")
 # Keys that cannot change results: a resumed run may differ in these.
 HARMLESS = {"run.progress", "run.progress_every_s", "run.log_every", "run.report_to", "train.checkpoint_every",
             "generation.concurrency", "generation.timeout_s", "generation.retries", "generation.server_start_timeout_s",
-            "generation.api_key_env", "run.check_memory", "run.dist_timeout_min"}
+            "generation.api_key_env", "run.check_memory", "run.dist_timeout_min", "run.preempt_signals",
+            "run.preempt_grace_s"}
 
 
 SFT, CONTINUED_SFT, BEST = "sft", "continued-sft", "best"  # RUN/<name> of the models beside the iterations
@@ -90,6 +91,8 @@ class Stage:
         self.run_dir, self.on_done = run_dir, on_done
 
     def __call__(self, name: str, out: Path, fn: Callable[[Path], Any]) -> None:
+        preempt.stop_here(f"before the {name} stage ({out.relative_to(self.run_dir)}); the stages done so far are "
+                          "kept: a re-run resumes there")
         self._run(name, out, fn)
         if self.on_done is not None:
             self.on_done(name, out)
@@ -160,6 +163,7 @@ def acquire_lock(run_dir: Path) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         atexit.register(release_lock, lock)
+        preempt.at_exit(lambda: release_lock(lock))  # an exit at once skips atexit; a requeue may land elsewhere
         return lock
     raise UserError(f"{lock}: could not take the run lock")
 

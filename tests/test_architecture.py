@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "spinlm"
 RECIPES = ("spinlm.cli", "spinlm.loop", "spinlm.dpo", "spinlm.__main__", "spinlm.demo", "spinlm.experiment")
-LEAVES = ("spinlm.errors", "spinlm.io", "spinlm.dist", "spinlm.progress")
+LEAVES = ("spinlm.errors", "spinlm.io", "spinlm.dist", "spinlm.progress", "spinlm.preempt")
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:

@@ -22,6 +22,7 @@ from spinlm.config.schema import (
     trackers,
 )
 from spinlm.errors import UserError
+from spinlm.preempt import CATCHABLE
 
 
 def validate(cfg: Config, *, need: tuple[str, ...] = ("model", "data")) -> None:
@@ -39,6 +40,10 @@ def _run_problems(run: RunConfig) -> list[str]:
                 for n in trackers(run) if n not in TRACKERS]
     if run.progress_every_s < 0:
         problems.append(f"run.progress_every_s must be >= 0; got {run.progress_every_s}")
+    if run.preempt_grace_s < 0:
+        problems.append(f"run.preempt_grace_s must be >= 0 (0 = no timer); got {run.preempt_grace_s}")
+    problems += [f"run.preempt_signals: {name!r} is not a signal spinlm can stop on; valid: {', '.join(CATCHABLE)}"
+                 for name in run.preempt_signals if name not in CATCHABLE]
     return problems
 
 

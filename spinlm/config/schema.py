@@ -40,6 +40,16 @@ class RunConfig:
                             "the refusal (the estimate is approximate).")
     deterministic: bool = _f(False, "Use deterministic kernels only (torch.use_deterministic_algorithms): with it, "
                              "a run killed and resumed ends with the same weights as an uninterrupted one on CPU.")
+    preempt_signals: list[str] = _f(["SIGTERM", "SIGUSR1"], "Signals that stop spinlm at the next safe point with "
+                                    "exit code 75 ('preempted, re-run to resume'), Ctrl-C (SIGINT) too: training "
+                                    "finishes the optimizer step in progress and checkpoints it, generation and "
+                                    "scoring keep their finished rows; a second signal exits at once "
+                                    "(docs/preemption.md). Names among SIGTERM, SIGUSR1, SIGUSR2, SIGHUP, SIGQUIT, "
+                                    "SIGXCPU; [] = Ctrl-C only.")
+    preempt_grace_s: float = _f(0.0, "Seconds after the first preemption signal at which spinlm exits at once (exit "
+                                "code 75) wherever it is, stopping a managed generation server first; 0 = no timer "
+                                "(the scheduler's SIGKILL bounds the stop). Set it a little below the scheduler's "
+                                "grace (SLURM: the --signal lead time; Kubernetes: terminationGracePeriodSeconds).")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from spinlm import dist
+from spinlm import dist, preempt
 from spinlm.config import Config
 from spinlm.io import RowLog, fault_point
 from spinlm.modeling import load_model
@@ -114,7 +114,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     need not give them back)}. Generation stops on `spinlm.tokens.stop_ids`: the chat template's
     turn end, the EOS and the checkpoint's eos ids.
     With a `rowlog`, each finished batch is appended to it durably and batches it already
-    holds are not generated again (the batches are the same on every attempt). With
+    holds are not generated again (the batches are the same on every attempt); after a
+    preemption signal (spinlm.preempt) no further batch starts (the rows left stay {}). With
     `shard=(rank, world)` only every world-th batch is generated; the other rows stay {}.
     `synced`: a model sharded over the processes (FSDP), which all generate every batch together
     (each forward gathers the weights), stepping on until the last process is done.
@@ -130,6 +131,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     for b, idx in enumerate(batches):
         if b % shard[1] != shard[0]:
             continue
+        if rowlog is not None and not synced and preempt.requested():  # the stage stops every process together
+            break
         if rowlog is not None and all(i in rowlog.done for i in idx):
             for i in idx:
                 results[i] = rowlog.done[i]

@@ -3,10 +3,11 @@
 `managed_server()` starts the command for the model being generated with (`{model}` and `{port}`
 filled in, split like a shell would, no shell run) on a free loopback port, in a process group
 of its own, waits for `GET /health`, yields, and stops the server again (SIGTERM to its process
-group, SIGKILL after a grace period), also when generation fails or is interrupted. The server's
-output goes to a log file whose last lines (after its last few error lines) are shown if it dies
-before becoming healthy, or added to any UserError raised while it serves; the log is deleted
-after a clean run and kept after a failure.
+group, SIGKILL after a grace period), also when generation fails or is interrupted; a preemption
+signal while it starts stops the wait (spinlm.preempt), and an exit at once kills it first. The
+server's output goes to a log file whose last lines (after its last few error lines) are shown if
+it dies before becoming healthy, or added to any UserError raised while it serves; the log is
+deleted after a clean run and kept after a failure.
 
 The generation server backend (spinlm.generation.server) uses it; the tests and benchmarks use
 `free_port()` and `stop_process_group()` for the servers they start themselves.
@@ -29,7 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from spinlm.errors import UserError
+from spinlm import preempt
+from spinlm.errors import Preempted, UserError
 from spinlm.generation.client import opener
 
 log = logging.getLogger("spinlm")
@@ -72,6 +74,7 @@ def managed_server(command: str, model_path: str, start_timeout_s: float) -> Ite
         except OSError as e:
             shutil.rmtree(log_dir, ignore_errors=True)
             raise UserError(f"generation.server_command: cannot start {args[0]!r}: {e}") from None
+        forget = preempt.at_exit(lambda: _signal_group(proc, signal.SIGKILL))  # nothing of it outlives spinlm
         try:
             _wait_healthy(proc, url, start_timeout_s, log_path)
             log.info("generation server ready at %s (pid %d)", url, proc.pid)
@@ -86,12 +89,15 @@ def managed_server(command: str, model_path: str, start_timeout_s: float) -> Ite
             raise
         finally:
             stop_process_group(proc)
+            forget()
     shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
+        if preempt.requested():  # a large model loads for minutes: longer than a scheduler's grace period
+            raise Preempted(f"{preempt.requested()}: stopped while the generation server was starting")
         if proc.poll() is not None:
             raise UserError(f"the generation server exited with code {proc.returncode} before becoming healthy at "
                             f"{url}/health; the last lines of its log ({log_path}):\n{_tail(log_path)}")

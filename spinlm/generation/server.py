@@ -56,9 +56,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
-from spinlm import dist
+from spinlm import dist, preempt
 from spinlm.config import Config, GenerationConfig
-from spinlm.errors import UserError
+from spinlm.errors import Preempted, UserError
 from spinlm.generation.client import Endpoint, Rejected, api_key, base_url, completion, endpoint, opener, require_openai
 from spinlm.generation.local import checkpoint_generation_config
 from spinlm.generation.process import managed_server
@@ -93,16 +93,21 @@ class ServerBackend:
                 results[todo[j]] = result
                 rowlog.add([(todo[j], result)])
 
-            generate_server(tokenizer, [prompts[i] for i in todo], [seeds[i] for i in todo], self.cfg, model_path,
-                            finished, progress=self.cfg.run.progress, desc=desc,
-                            stops=stop_ids(tokenizer, checkpoint_generation_config(model_path)))
+            try:
+                generate_server(tokenizer, [prompts[i] for i in todo], [seeds[i] for i in todo], self.cfg,
+                                model_path, finished, progress=self.cfg.run.progress, desc=desc,
+                                stops=stop_ids(tokenizer, checkpoint_generation_config(model_path)))
+            except Preempted:  # while the server started; the stage stops every process together
+                pass
         return results
 
 
 def generate_server(tokenizer, prompts: list[list[int]], seeds: list[int], cfg: Config, model_path: str,
                     on_result: Callable[[int, dict], None], progress: bool = True, desc: str = "generate",
                     stops: list[int] | None = None) -> None:
-    """Sample one response per token-id prompt from a server; on_result(i, row) in this thread.
+    """Sample one response per token-id prompt from a server; on_result(i, row) in this thread. After
+    a preemption signal (spinlm.preempt) no further row is waited for: it returns (Preempted while
+    a managed server is still starting), and the server is stopped.
 
     Each row: {"text", "tokens" (count, stop token excluded), "finish": "eos" | "length"}, and
     "ids" (the sampled ids, with the stop token that ended the row) where the server returns them;
@@ -144,6 +149,8 @@ def _generate_all(endpoint: Endpoint, tokenizer, prompts, seeds, g: GenerationCo
     extras = None if as_text else stops
     on_result(0, _parse(first, tokenizer, None if as_text else prompts[0], stops))
     bar.update(1)
+    if preempt.requested():
+        return
     pool = ThreadPoolExecutor(max_workers=g.concurrency, thread_name_prefix="spinlm-request")
     try:
         futures = {pool.submit(_complete, endpoint, _prompt(tokenizer, prompts[i], as_text), seeds[i], g, extras): i
@@ -152,6 +159,8 @@ def _generate_all(endpoint: Endpoint, tokenizer, prompts, seeds, g: GenerationCo
             i = futures[future]
             on_result(i, _parse(future.result(), tokenizer, None if as_text else prompts[i], stops))
             bar.update(1)
+            if preempt.requested():  # the rows finished are kept; those in flight are abandoned
+                return
     finally:
         # Without waiting: on an error or Ctrl-C, queued rows are dropped and in-flight ones abandoned.
         pool.shutdown(wait=False, cancel_futures=True)

@@ -15,9 +15,9 @@ Prompts go in as token ids (spinlm's rendering: `spinlm.tokens.encode_prompt`), 
 its own `SamplingParams` (its seed, the configured temperature / top_p / top_k, every other
 setting neutral, stops on `spinlm.tokens.stop_ids`); the sampled ids and finish reasons come
 out. Rows are generated in chunks of `CHUNK_ROWS`, each appended to the stage's row log, so a
-killed stage resumes after the last finished chunk. The engine is shut down (its engine-core
-process ended, its memory freed) before the stage returns, so scoring and training get the
-device back.
+killed stage resumes after the last finished chunk; a preemption signal (spinlm.preempt) stops it
+between chunks. The engine is shut down (its engine-core process ended, its memory freed) before
+the stage returns, so scoring and training get the device back.
 
 Several processes (torchrun), `generation.vllm_layout`:
 - `data` (default): each process generates its share of the rows (every world-th row) with an
@@ -46,7 +46,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from spinlm import dist
+from spinlm import dist, preempt
 from spinlm.config import Config
 from spinlm.errors import UserError
 from spinlm.generation.local import checkpoint_generation_config
@@ -200,6 +200,8 @@ def generate_vllm(model_path: str, tokenizer, prompts: list[list[int]], seeds: l
     generating, tokens = 0.0, 0
     try:
         for first in range(0, len(todo), CHUNK_ROWS):
+            if preempt.requested():  # finished chunks are kept; the stage stops every process together
+                break
             chunk = todo[first : first + CHUNK_ROWS]
             began = time.monotonic()
             outputs = llm.generate([{"prompt_token_ids": prompts[i]} for i in chunk],
@@ -216,7 +218,8 @@ def generate_vllm(model_path: str, tokenizer, prompts: list[list[int]], seeds: l
         shutdown(llm)
         del llm
         release_device_memory()
-    log.info("vLLM generated %d rows, %d tokens in %.2f s; engine shut down", len(todo), tokens, generating)
+    log.info("vLLM generated %d rows, %d tokens in %.2f s; engine shut down", sum(bool(results[i]) for i in todo),
+             tokens, generating)
     return results
 
 

@@ -7,7 +7,8 @@
 process); the stage does the same with each.
 Every backend samples each row from its own seed, so a row's response does not depend on which
 other rows share its batch, and records whether it ended at a stop token or hit max_new_tokens.
-Finished rows are appended to `OUT.partial` as they come; a killed stage resumes there.
+Finished rows are appended to `OUT.partial` as they come; a killed stage resumes there, and a
+preemption signal (spinlm.preempt) stops every backend between rows or batches, the stage with it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from spinlm import dist
+from spinlm import dist, preempt
 from spinlm.config import Config
 from spinlm.data import Example
 from spinlm.generation import backend_for
@@ -39,6 +40,8 @@ def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Conf
     backend = backend_for(cfg)
     with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
         results = backend.generate(model_path, tokenizer, prompts, seeds, rowlog, desc=desc)
+        preempt.stop_here(f"{desc}: {len(rowlog.done)} of {len(prompts)} rows are finished and kept in "
+                          f"{rowlog.path}: a re-run generates only the others")
     results = gather_rows(results)
     rows = [{"id": ex.id, "prompt": ex.prompt, "real": ex.real, "generated": r["text"], "finish": r["finish"],
              "generated_tokens": r["tokens"], "generated_ids": r.get("ids"), "iteration": iteration, "extra": ex.extra}

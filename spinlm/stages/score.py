@@ -4,7 +4,8 @@
 
 Under the reference model p_t (the model that generated iteration t's responses) this sums
 the log-probs of the real and of the generated response of each pair and stores them with
-the pair. Training then needs no reference model in memory.
+the pair. Training then needs no reference model in memory. Scored chunks are kept as they finish;
+a preemption signal (spinlm.preempt) stops the stage between chunks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from spinlm import dist
+from spinlm import dist, preempt
 from spinlm.config import Config
 from spinlm.io import RowLog, fault_point, fingerprint, read_jsonl, scratch, write_jsonl
 from spinlm.modeling import load_tokenizer
@@ -95,6 +96,8 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
     with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
         for c, start in enumerate(range(0, len(groups), chunk)):
             idx = range(start, min(start + chunk, len(groups)))
+            if preempt.agreed() if fsdp is not None else preempt.requested():  # sharded: every chunk together
+                break
             if fsdp is not None:  # every process scores its rows of every chunk, as many forwards as the others
                 mine = [i for i in idx if i % fsdp.world == fsdp.rank and i not in rowlog.done]
                 scores = synced_scores(model, fsdp, [groups[i] for i in mine], groups[idx.start],
@@ -108,6 +111,8 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
                 rowlog.add([(i, {"real": real, "generated": gen}) for i, (real, gen) in zip(idx, scores)])
                 fault_point("score-chunk")
             bar.update(len(idx))
+        preempt.stop_here(f"{desc}: {len(rowlog.done)} of {len(groups)} pairs are scored and kept in {rowlog.path}: "
+                          "a re-run scores only the others")
         done = dict(dist.gather(list(rowlog.done.items()))) if dist.world() > 1 else rowlog.done
     bar.close()
     scored = [{**row, "ref_real_logp": done[i]["real"][0], "ref_generated_logp": done[i]["generated"][0],

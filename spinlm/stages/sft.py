@@ -27,7 +27,7 @@ from spinlm.packing import Group, prepare, response_logps
 from spinlm.tokens import Limits, encode_real
 from spinlm.tracking import Log
 from spinlm.training import checkpoint
-from spinlm.training.guards import best_weights, keep_best, stop_if_not_finite
+from spinlm.training.guards import best_weights, keep_best, stop_if_not_finite, stop_if_preempted
 from spinlm.training.steps import epoch_steps, linear_schedule, load_trainable, make_optimizer, step_forwards
 from spinlm.training.strategy import make_strategy
 
@@ -80,8 +80,9 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
                 state["stale"] += 1
         return sc.patience > 0 and state["stale"] >= sc.patience
 
-    stopped, window = False, {"tokens": 0, "since": time.time()}
-    while state["step"] < steps and not stopped:
+    window = {"tokens": 0, "since": time.time()}
+    save = lambda: strategy.save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state)  # noqa: E731
+    while state["step"] < steps and not state.get("stopped"):  # stopped: patience ran out (kept in checkpoints)
         epoch, k = divmod(state["step"], per_epoch)
         micro, n_examples = plans.setdefault(epoch, plan(epoch))[k]
         loss = _sft_step(strategy, model, [[train_seqs[i] for i in ids] for ids in micro], pad, budget,
@@ -100,11 +101,12 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
                                              window["tokens"] / max(time.time() - window["since"], 1e-9)})
             window.update(tokens=0, since=time.time())
         if (sc.eval_every and state["step"] % sc.eval_every == 0) or k == per_epoch - 1:
-            stopped = check()
+            state["stopped"] = check()
         fault_point("sft-step")
-        if cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0 and not stopped \
-                and state["step"] < steps:
-            strategy.save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state)
+        stop_if_preempted(save, ckpt_dir, state["step"], steps, "sft")
+        if cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0 \
+                and not state.get("stopped") and state["step"] < steps:
+            save()
     result = {"steps": state["step"], "examples": state.get("examples"), "best_heldout_nll": state["best"],
               "history": state["history"]}
     strategy.save_model(model, tokenizer, out, weights=best_weights(ckpt_dir) if eval_seqs else None)

@@ -31,7 +31,7 @@ from spinlm.packing import prepare, response_logps
 from spinlm.tokens import Limits, encode_pair, is_dead
 from spinlm.tracking import Log
 from spinlm.training import checkpoint
-from spinlm.training.guards import best_weights, keep_best, stop_if_not_finite
+from spinlm.training.guards import best_weights, keep_best, stop_if_not_finite, stop_if_preempted
 from spinlm.training.steps import (
     disable_dropout,
     epoch_steps,
@@ -152,9 +152,10 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
              iteration, len(items), steps, lr, goal.name, ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                                                                  for k, v in params.items()), cfg.spin.sft_weight)
     checking = bool(tc.eval_every and heldout)
-    start, epoch_plan, stop = time.time(), {}, False
+    start, epoch_plan = time.time(), {}
     window = {"tokens": 0, "since": time.time()}  # tokens/s of this process's logging window
-    while state["step"] < steps and not stop:
+    save = lambda: strategy.save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state)  # noqa: E731
+    while state["step"] < steps and not state.get("stopped"):  # stopped: patience ran out (kept in checkpoints)
         epoch, k = divmod(state["step"], per_epoch)
         micro, n_pairs = epoch_plan.setdefault(epoch, plan(epoch))[k]
         metrics = train_step(strategy, model, optimizer, scheduler, [[items[i] for i in ids] for ids in micro],
@@ -174,12 +175,14 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
             if track:
                 track("train", row["step"], {**row, "iteration": iteration})
         if checking and (state["step"] % tc.eval_every == 0 or state["step"] == steps):
-            stop = heldout_check(strategy, model, tokenizer, heldout, cfg, state, ckpt_dir)
+            state["stopped"] = heldout_check(strategy, model, tokenizer, heldout, cfg, state, ckpt_dir)
             if track:
                 track("train/check", state["step"], {c["metric"]: c["value"] for c in state["checks"][-1:]})
         fault_point("train-step")
-        if tc.checkpoint_every and state["step"] % tc.checkpoint_every == 0 and state["step"] < steps and not stop:
-            strategy.save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state)
+        stop_if_preempted(save, ckpt_dir, state["step"], steps, f"iteration {iteration}'s training")
+        if tc.checkpoint_every and state["step"] % tc.checkpoint_every == 0 and state["step"] < steps \
+                and not state.get("stopped"):
+            save()
     strategy.barrier()
     history = state["history"]
     result = {"steps": state["step"], "planned_steps": steps, "examples": state.get("examples"), "pairs": len(items),

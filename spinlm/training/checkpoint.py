@@ -124,9 +124,14 @@ def _load_weights(model, path: Path) -> None:
             params[name].copy_(value)
 
 
+def step_dir(directory: Path, step: int) -> Path:
+    """Where checkpoint `step` lives once complete."""
+    return directory / f"step-{step:06d}"
+
+
 def save(directory: Path, step: int, model, optimizer, scheduler, trainer_state: dict) -> Path:
     """Write checkpoint `step`; remove older ones once it is complete. Returns its path."""
-    final = directory / f"step-{step:06d}"
+    final = step_dir(directory, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -200,7 +205,7 @@ def save_sharded(directory: Path, step: int, model, optimizer, scheduler, traine
 def _save_together(directory: Path, step: int, scheduler, trainer_state: dict, strategy, write) -> Path:
     """The skeleton of a checkpoint every process writes a part of: `write(tmp)` (each process its
     part) into `step-N.tmp`, then each process's RNG states; rank 0 completes it as `save` does."""
-    final = directory / f"step-{step:06d}"
+    final = step_dir(directory, step)
     tmp = final.with_name(final.name + ".tmp")
     if strategy.is_main:
         shutil.rmtree(tmp, ignore_errors=True)

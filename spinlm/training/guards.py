@@ -1,18 +1,21 @@
 """What every training loop (SFT, SPIN, DPO, continued SFT) does the same way around its steps:
-stop on a non-finite value, and keep the best weights seen by the held-out checks.
+stop on a non-finite value, stop on a preemption signal with a checkpoint of the step just done,
+and keep the best weights seen by the held-out checks.
 
-Both are written for a run that can be killed at any moment: a stopped stage is never marked
+All are written for a run that can be killed at any moment: a stopped stage is never marked
 done, and the best weights are swapped into place with one rename.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from spinlm.errors import TrainingStopped
+from spinlm import preempt
+from spinlm.errors import Preempted, TrainingStopped
 from spinlm.training import checkpoint
 
 BEST_WEIGHTS = Path("best") / "model.safetensors"  # under the stage's checkpoint directory
@@ -30,6 +33,18 @@ def stop_if_not_finite(value: torch.Tensor, what: str, step: int, where: str, ck
     raise TrainingStopped(
         f"{where}, optimizer step {step}: the {what} is {float(value)} (not finite); training stopped and this "
         f"{unit} is not marked done; {kept}. {remedy}, then re-run with --force")
+
+
+def stop_if_preempted(save: Callable[[], None], ckpt_dir: Path, step: int, steps: int, where: str) -> None:
+    """Called by every process after each optimizer step: when any process got a preemption signal
+    (spinlm.preempt.agreed, so all stop at this same step), `save()` checkpoints this step (every
+    process takes part) and Preempted is raised. A re-run resumes after this step: none is redone."""
+    name = preempt.agreed()
+    if not name:
+        return
+    save()
+    raise Preempted(f"{name}: {where} stopped after optimizer step {step} of {steps}; checkpoint "
+                    f"{checkpoint.step_dir(ckpt_dir, step)} written: a re-run resumes from it, no step redone")
 
 
 def keep_best(strategy, model, ckpt_dir: Path) -> None:
