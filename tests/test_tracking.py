@@ -171,7 +171,9 @@ def test_trackers_across_kill_and_resume(tiny_model, task_data, tmp_path, monkey
     # trackio writes from a background thread every 0.5 s: a point the kill caught unwritten is lost, never
     # repeated; the killed process's earlier points and the resumed one's are in the same run
     assert _increasing(loss_steps) and set(loss_steps) <= set(train_steps), loss_steps
-    assert {sft + 2, sft + 4, sft + 12} <= set(loss_steps), loss_steps
+    # (under load the kill has caught the killed process's step-7 point unwritten too: seen 2026-12-07 with
+    # the machine at load 5; so, as for W&B, only the resumed run's points are certain to be there)
+    assert sft + 12 in loss_steps, loss_steps
 
 
 def test_unknown_or_missing_tracker_is_a_user_error(tiny_model, task_data, tmp_path):
