@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--pairs", help="Scored held-out pairs (generated and scored by the reference model).")
     sp.add_argument("--beta", type=float, help="beta for the reward metrics (default spin.beta).")
     sp.add_argument("--out", required=True, help="Output metrics .json.")
-    sub.add_parser("config", help="Print every config key with its type, default and meaning.")
+    sp = sub.add_parser("config", help="Print every config key with its type, default and meaning.")
+    sp.add_argument("--markdown", action="store_true", help="As docs/config.md: a Markdown table per section.")
     sp = sub.add_parser("report", help="Write RUN/report/README.md (table, verdict, PNG plots) and model cards.",
                         description="Markdown report of a run with PNG plots (needs `pip install 'spinlm[report]'`), "
                         "and a README.md model card in each model directory of the run.")
@@ -211,7 +212,7 @@ def _examples(cfg, source: str | None, split: str):
 
 def dispatch(args, overrides: list[str]) -> None:
     if args.command == "config":
-        print(config_mod.reference())
+        print(config_mod.reference_markdown().rstrip("\n") if args.markdown else config_mod.reference())
     elif args.command == "run":
         from spinlm.loop import run
 

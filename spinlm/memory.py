@@ -1,6 +1,6 @@
 """Per-device memory of a planned run, estimated before anything loads (`spinlm validate`).
 
-The sums are README "Scaling out"'s, per process:
+The sums are docs/scaling.md's, per process:
 - training: fp32 master weights (4 bytes per parameter), fp32 gradients of what trains (4), and the
   optimizer state (RMSprop 4, AdamW 8); fsdp and zero3 divide all three by the number of processes,
   and with train.fsdp_cpu_offload they live in host memory. A LoRA adapter trains few parameters:

@@ -153,13 +153,6 @@ def test_shipped_recipes_are_valid_configs():
     assert zephyr.train.strategy == "fsdp" and not zephyr.peft.enabled and zephyr.generation.backend == "vllm"
 
 
-def test_readme_config_reference_is_current():
-    from spinlm.config import reference
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert reference() in readme, "README's config reference is stale: paste the output of `spinlm config`"
-
-
 @pytest.mark.slow
 def test_demo_command_small(tmp_path, capsys):
     """`spinlm demo` with overrides for size: builds its own data and model, prints the table."""

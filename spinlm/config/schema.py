@@ -35,7 +35,7 @@ class RunConfig:
                                  "the run fails. It must cover the longest wait: the other processes wait while rank "
                                  "0 alone feeds a generation server (generation.backend: server) or runs the one vLLM "
                                  "engine of generation.vllm_layout: tensor (torch's default: 30, NCCL's: 10).")
-    check_memory: bool = _f(True, "Before a run, estimate the memory per device (README 'Scaling out' has the sums; "
+    check_memory: bool = _f(True, "Before a run, estimate the memory per device (docs/scaling.md has the sums; "
                             "`spinlm validate` prints it) and refuse a plan that does not fit the GPU; false skips "
                             "the refusal (the estimate is approximate).")
     deterministic: bool = _f(False, "Use deterministic kernels only (torch.use_deterministic_algorithms): with it, "
@@ -169,7 +169,7 @@ class TrainConfig:
         "1/N of them, weights gathered a layer at a time; bf16 compute on a GPU with "
         "mixed_precision auto/bf16) or zero3 (DeepSpeed ZeRO-3, `pip install 'spinlm[deepspeed]'`: "
         "each holds 1/N of them, fp32 partitions, bf16 compute on a GPU with mixed_precision auto/bf16). "
-        "README 'Scaling out' has the memory sums.")
+        "docs/scaling.md has the memory sums.")
     fsdp_cpu_offload: bool = _f(False, "strategy fsdp: keep the sharded weights, gradients and optimizer state in CPU "
                                 "memory (the optimizer steps on the CPU): for a model that does not fit otherwise, "
                                 "at the cost of speed.")

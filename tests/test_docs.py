@@ -1,0 +1,98 @@
+"""The documentation's commands and links: every shell block in README.md and docs/ is either run by a
+test, which reads the commands from the page (so the page and the test cannot drift apart), or says why
+it cannot run here.
+
+A shell block is preceded by one of
+    <!-- commands run by tests/FILE.py::TEST ... -->
+    <!-- commands not run in tests: WHY -->
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+from conftest import COMMON
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+RUN_BY = re.compile(r"<!-- commands run by (tests/[\w/]+\.py)::(\w+)")
+NOT_RUN = re.compile(r"<!-- commands not run in tests: \S.*-->")
+
+
+def shell_blocks(page: Path) -> list[tuple[str, list[str]]]:
+    """(the line before the block, the block's lines) for every ```bash block of a page."""
+    lines = page.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```bash":
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+            blocks.append((lines[i - 1] if i else "", lines[i + 1:end]))
+            i = end
+        i += 1
+    return blocks
+
+
+def doc_commands(page: str, test: str) -> list[list[str]]:
+    """The commands (argv lists, comments and blank lines dropped, `\\` continuations joined) of the block
+    of `page` (relative to the repo) whose marker names `test`."""
+    found = [body for marker, body in shell_blocks(ROOT / page) if (m := RUN_BY.search(marker)) and m[2] == test]
+    assert len(found) == 1, f"{page}: expected one shell block run by {test}, found {len(found)}"
+    text = "\n".join(found[0]).replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in text.splitlines() if shlex.split(line, comments=True)]
+
+
+def test_every_shell_block_is_run_by_a_test_or_says_why_not():
+    problems, n = [], 0
+    for page in PAGES:
+        for marker, _ in shell_blocks(page):
+            n += 1
+            where = page.relative_to(ROOT)
+            if m := RUN_BY.search(marker):
+                source = (ROOT / m[1]).read_text() if (ROOT / m[1]).exists() else ""
+                body = re.search(rf"\ndef {m[2]}\(.*?(?=\n(?:def |@|class )|\Z)", source, re.S)
+                if body is None:
+                    problems.append(f"{where}: {m[1]}::{m[2]} does not exist")
+                elif "doc_commands(" not in body[0]:
+                    problems.append(f"{where}: {m[1]}::{m[2]} does not read its commands with doc_commands()")
+            elif not NOT_RUN.search(marker):
+                problems.append(f"{where}: a ```bash block without a marker line before it: {marker!r}")
+    assert n >= 10 and not problems, "\n".join(problems)
+
+
+def test_the_marker_check_catches_an_unmarked_block(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text("text\n```bash\nspinlm run x.yaml\n```\n<!-- commands not run in tests: GPUs -->\n```bash\n"
+                    "ls\n```\n")
+    markers = [marker for marker, _ in shell_blocks(page)]
+    assert markers == ["text", "<!-- commands not run in tests: GPUs -->"]
+    assert not NOT_RUN.search(markers[0]) and not RUN_BY.search(markers[0]) and NOT_RUN.search(markers[1])
+
+
+def test_relative_links_in_the_docs_resolve():
+    missing = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not re.match(r"[a-z]+://|mailto:", target) and not (page.parent / target).exists():
+                missing.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not missing, "\n".join(missing)
+
+
+def test_readme_stage_commands(tiny_model, task_data, tmp_path, monkeypatch):
+    """README's "One stage at a time", as written, on the tiny model and task data (sizes cut by flags)."""
+    from spinlm.cli import main
+
+    shutil.copytree(tiny_model, tmp_path / "BASE")
+    for name in ("train", "val"):
+        shutil.copy(task_data[name], tmp_path / f"{name}.jsonl")
+    monkeypatch.chdir(tmp_path)
+    commands = doc_commands("README.md", "test_readme_stage_commands")
+    assert [c[:2] for c in commands] == [["spinlm", s] for s in ("sft", "generate", "score", "train", "evaluate")]
+    small = {"sft": ["--sft.epochs=1"], "generate": ["--generation.max_new_tokens=8"], "train": ["--train.max_steps=2"]}
+    for argv in commands:
+        assert main([*argv[1:], *COMMON, *small.get(argv[1], [])]) == 0, argv
+    for out in ("sft-model", "gen0.jsonl", "pairs0.jsonl", "iter0-model", "metrics.json"):
+        assert (tmp_path / out).exists(), out
+    assert (tmp_path / "iter0-model" / "model.safetensors").exists()
