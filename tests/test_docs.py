@@ -1,47 +1,14 @@
 """The documentation's commands and links: every shell block in README.md and docs/ is either run by a
-test, which reads the commands from the page (so the page and the test cannot drift apart), or says why
-it cannot run here.
-
-A shell block is preceded by one of
-    <!-- commands run by tests/FILE.py::TEST ... -->
-    <!-- commands not run in tests: WHY -->
-"""
+test, which reads the commands from the page (tests/doc_blocks.py), or says why it cannot run here."""
 
 from __future__ import annotations
 
 import re
-import shlex
 import shutil
-from pathlib import Path
+
+from doc_blocks import NOT_RUN, PAGES, ROOT, RUN_BY, doc_commands, shell_blocks
 
 from conftest import COMMON
-
-ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-RUN_BY = re.compile(r"<!-- commands run by (tests/[\w/]+\.py)::(\w+)")
-NOT_RUN = re.compile(r"<!-- commands not run in tests: \S.*-->")
-
-
-def shell_blocks(page: Path) -> list[tuple[str, list[str]]]:
-    """(the line before the block, the block's lines) for every ```bash block of a page."""
-    lines = page.read_text().splitlines()
-    blocks, i = [], 0
-    while i < len(lines):
-        if lines[i].strip() == "```bash":
-            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
-            blocks.append((lines[i - 1] if i else "", lines[i + 1:end]))
-            i = end
-        i += 1
-    return blocks
-
-
-def doc_commands(page: str, test: str) -> list[list[str]]:
-    """The commands (argv lists, comments and blank lines dropped, `\\` continuations joined) of the block
-    of `page` (relative to the repo) whose marker names `test`."""
-    found = [body for marker, body in shell_blocks(ROOT / page) if (m := RUN_BY.search(marker)) and m[2] == test]
-    assert len(found) == 1, f"{page}: expected one shell block run by {test}, found {len(found)}"
-    text = "\n".join(found[0]).replace("\\\n", " ")
-    return [shlex.split(line, comments=True) for line in text.splitlines() if shlex.split(line, comments=True)]
 
 
 def test_every_shell_block_is_run_by_a_test_or_says_why_not():

@@ -141,6 +141,9 @@ def _train_problems(tc: TrainConfig) -> list[str]:
         problems.append(f"train.skip_grad_norm_above must be > 0 when set; got {tc.skip_grad_norm_above}")
     if tc.max_steps is not None and tc.max_steps <= 0:
         problems.append("train.max_steps must be > 0 when set")
+    if tc.schedule_epochs is not None and tc.schedule_epochs < tc.epochs:
+        problems.append(f"train.schedule_epochs must be at least train.epochs ({tc.epochs}) when set: the schedule "
+                        f"would reach a learning rate of 0 before training ends; got {tc.schedule_epochs}")
     return problems
 
 

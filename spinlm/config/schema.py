@@ -157,6 +157,11 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "Weight decay.")
     epochs: int = _f(2, "Epochs over the iteration's pairs.")
     max_steps: int | None = _f(None, "Stop an iteration after this many optimizer steps.")
+    schedule_epochs: int | None = _f(None, "Length, in epochs, of the learning-rate schedule (warm-up share and linear "
+                                     "decay to 0 are computed over it); null = the steps run (train.epochs, or "
+                                     "train.max_steps if fewer). Set above train.epochs to stop partway down a "
+                                     "longer schedule, as the released SPIN scripts did (a 6-epoch schedule, "
+                                     "stopped early: uclaml/SPIN issues #12, #36). At least train.epochs.")
     batch_size: int = _f(8, "Pairs per micro-batch (per process).")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     warmup_ratio: float = _f(0.1, "Share of the steps spent warming the learning rate up linearly.")

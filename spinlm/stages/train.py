@@ -137,10 +137,12 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
                                      epoch)
     per_epoch = len(plan(0))
     steps = min(per_epoch * tc.epochs, tc.max_steps or math.inf)
+    # the schedule's length may exceed the steps run (train.schedule_epochs): training stops partway down it
+    horizon = per_epoch * tc.schedule_epochs if tc.schedule_epochs else steps
 
     def build(wrapped):
         optimizer = make_optimizer(tc.optimizer, wrapped, lr, tc.weight_decay)
-        return optimizer, linear_schedule(optimizer, steps, tc.warmup_ratio, strategy.schedule_factor)
+        return optimizer, linear_schedule(optimizer, horizon, tc.warmup_ratio, strategy.schedule_factor)
 
     ckpt_dir = out.with_name(out.name + ".checkpoints")
     model, optimizer, scheduler, state = strategy.setup(model, build, checkpoint.latest(ckpt_dir))
@@ -148,9 +150,9 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     # after wrapping: under fsdp every process checks on the sharded model (no whole copy on one device)
     budget = prepare(strategy.unwrap(model), [(i["prompt"], responses(i)) for i in items[:4]], pad,
                      cfg.packing) if items else None
-    log.info("train iteration %d: %d pairs, %d optimizer steps, lr %g, objective %s (%s), sft_weight %g",
-             iteration, len(items), steps, lr, goal.name, ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                                                                 for k, v in params.items()), cfg.spin.sft_weight)
+    described = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+    log.info("train iteration %d: %d pairs, %d optimizer steps (schedule of %d), lr %g, objective %s (%s), "
+             "sft_weight %g", iteration, len(items), steps, horizon, lr, goal.name, described, cfg.spin.sft_weight)
     checking = bool(tc.eval_every and heldout)
     start, epoch_plan = time.time(), {}
     window = {"tokens": 0, "since": time.time()}  # tokens/s of this process's logging window
@@ -185,7 +187,8 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
             save()
     strategy.barrier()
     history = state["history"]
-    result = {"steps": state["step"], "planned_steps": steps, "examples": state.get("examples"), "pairs": len(items),
+    result = {"steps": state["step"], "planned_steps": steps, "schedule_steps": horizon,
+              "examples": state.get("examples"), "pairs": len(items),
               "dead_pairs": dead,
               "objective": goal.name, "objective_params": params, "learning_rate": lr, "beta": beta,
               "skipped_steps": state["skipped"], "checks": state["checks"],
