@@ -202,12 +202,15 @@ def _atomic(out: str, fn) -> None:
         print(f"wrote {out}")
 
 
-def _examples(cfg, source: str | None, split: str):
+def _examples(cfg, source: str | None, role: str, **kw):
+    """Examples of `source` read as data role `role` (train, val, eval): its split, subset and revision."""
     from spinlm.data import load_examples
 
     if not source:
         return []
-    return load_examples(source, split=split, format=cfg.data.format, turn=cfg.data.turn)
+    d = cfg.data
+    return load_examples(source, split=getattr(d, f"{role}_split"), subset=getattr(d, f"{role}_subset"),
+                         revision=getattr(d, f"{role}_revision"), format=d.format, turn=d.turn, **kw)
 
 
 def dispatch(args, overrides: list[str]) -> None:
@@ -277,13 +280,13 @@ def run_stage(args, cfg) -> None:
     if args.command == "sft":
         from spinlm.stages.sft import sft
 
-        train = _examples(cfg, args.data, cfg.data.train_split)
-        held = _examples(cfg, args.eval_data, cfg.data.eval_split)
+        train = _examples(cfg, args.data, "train")
+        held = _examples(cfg, args.eval_data, "eval")
         _atomic(args.out, lambda tmp: sft(args.model, train, held, tmp, cfg))
     elif args.command == "generate":
         from spinlm.stages.generate import generate_file
 
-        examples = _examples(cfg, args.data, cfg.data.train_split)
+        examples = _examples(cfg, args.data, "train")
         _atomic(args.out, lambda tmp: generate_file(args.model, examples, tmp, cfg, args.iteration))
     elif args.command == "score":
         from spinlm.stages.score import score_files
@@ -298,7 +301,7 @@ def run_stage(args, cfg) -> None:
     elif args.command == "evaluate":
         from spinlm.stages.evaluate import evaluate
 
-        examples = _examples(cfg, args.data, cfg.data.eval_split)
+        examples = _examples(cfg, args.data, "eval")
         pairs = read_jsonl(args.pairs) if args.pairs else None
         _atomic(args.out, lambda tmp: write_main(tmp, evaluate(args.model, examples, cfg, pairs, args.beta)))
 
@@ -321,7 +324,6 @@ def _experiment(args, overrides: list[str]) -> None:
 
 
 def _dpo(args, cfg) -> None:
-    from spinlm.data import load_examples
     from spinlm.dpo import dpo
     from spinlm.loss import OBJECTIVES, objective
 
@@ -334,17 +336,14 @@ def _dpo(args, cfg) -> None:
         raise UserError(f"spinlm dpo: spin.objective {cfg.spin.objective} needs the starting model's own responses, "
                         f"kept across self-play iterations; preference pairs have none. Use {pairs}.")
     d = cfg.data
-    train = load_examples(data, split=d.train_split, format=d.format, turn=d.turn, max_rows=d.max_train_rows,
-                          preference=True)
-    heldout = load_examples(held, split=d.eval_split, format=d.format, turn=d.turn, max_rows=d.max_eval_rows,
-                            preference=True) if held else None
+    train = _examples(cfg, data, "train", max_rows=d.max_train_rows, preference=True)
+    heldout = _examples(cfg, held, "eval", max_rows=d.max_eval_rows, preference=True) if held else None
     val = []
     if cfg.train.eval_every > 0:  # in-training checks select on validation pairs, never on the reported held-out ones
         from spinlm.validate import require_validation, validation_split
 
         if d.val:
-            val = load_examples(d.val, split=d.val_split, format=d.format, turn=d.turn, max_rows=d.max_eval_rows,
-                                preference=True)
+            val = _examples(cfg, d.val, "val", max_rows=d.max_eval_rows, preference=True)
         else:
             train, val = validation_split(cfg, train, data)
         require_validation(cfg, val)

@@ -55,7 +55,9 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = _f("", "The SFT model to start from: a local directory or a Hub id.")
-    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model (and of model.tokenizer's Hub "
+                              "id): every stage, the vLLM engine and a managed server load that commit; the commit "
+                              "it resolves to is recorded in RUN/run_info.json. Default: main.")
     tokenizer: str | None = _f(None, "Tokenizer directory or Hub id, if not the model's own.")
     chat_template: str | None = _f(
         None, "Jinja chat template (text, or path to a .jinja file) used instead of the tokenizer's."
@@ -71,15 +73,27 @@ class ModelConfig:
 class DataConfig:
     train: str = _f("", "Training data: a .jsonl/.json/.parquet file or a Hub dataset id.")
     train_split: str = _f("train", "Split to use when `train` is a Hub dataset id.")
+    train_subset: str | None = _f(None, "Subset (the dataset card's config_name) of `train` when it is a Hub "
+                                  "dataset id; default: the card's default subset.")
+    train_revision: str | None = _f(None, "Hub revision (branch, tag or commit) of `train` when it is a Hub "
+                                    "dataset id (default: main); the commit read is recorded in RUN/run_info.json.")
     val: str | None = _f(None, "Validation data: what SFT early stopping, in-iteration checks (train.eval_every) and "
                          "RUN/best select on (default: a slice of the training rows, data.val_size).")
     val_split: str = _f("validation", "Split to use when `val` is a Hub dataset id.")
+    val_subset: str | None = _f(None, "Subset (the dataset card's config_name) of `val` when it is a Hub "
+                                "dataset id; default: the card's default subset.")
+    val_revision: str | None = _f(None, "Hub revision (branch, tag or commit) of `val` when it is a Hub "
+                                  "dataset id (default: main); the commit read is recorded in RUN/run_info.json.")
     val_size: float = _f(0.05, "Without data.val: the share (below 1) or number (1 and up) of training rows split off, "
                          "seeded by run.seed, as validation data (at most data.max_eval_rows; they are not trained "
                          "on); 0 = none, and then nothing is selected (no early stopping, checks or RUN/best).")
     eval: str | None = _f(None, "Held-out data for the reported metrics (same formats as `train`); never selected "
                           "on.")
     eval_split: str = _f("test", "Split to use when `eval` is a Hub dataset id.")
+    eval_subset: str | None = _f(None, "Subset (the dataset card's config_name) of `eval` when it is a Hub "
+                                 "dataset id; default: the card's default subset.")
+    eval_revision: str | None = _f(None, "Hub revision (branch, tag or commit) of `eval` when it is a Hub "
+                                   "dataset id (default: main); the commit read is recorded in RUN/run_info.json.")
     format: Literal["auto", "spin", "messages", "trl", "prompt_response", "alpaca"] = _f(
         "auto", "Input format: auto, spin, messages, trl, prompt_response, alpaca.")
     turn: Literal["first", "last"] = _f(

@@ -74,12 +74,12 @@ class Judge:
 
 def load_questions(source: str, split: str = "train", max_rows: int | None = None) -> list[Question]:
     """MT-Bench-format questions from a JSONL/JSON/parquet file or a Hub dataset id."""
-    name, rows = _open_source(source, split)
+    name, rows, _ = _open_source(source, split)
     questions, seen = [], set()
-    for row_no, row in rows:
-        q = _question(row, name, row_no)
+    for file, row_no, row in rows:
+        q = _question(row, file, row_no)
         if q.id in seen:
-            raise UserError(f"{where(name, row_no, 'question_id')}: {q.id!r} repeats an earlier question's id")
+            raise UserError(f"{where(file, row_no, 'question_id')}: {q.id!r} repeats an earlier question's id")
         seen.add(q.id)
         questions.append(q)
         if max_rows and len(questions) >= max_rows:

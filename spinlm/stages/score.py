@@ -17,6 +17,7 @@ import torch
 
 from spinlm import dist, preempt
 from spinlm.config import Config
+from spinlm.hub import model_key
 from spinlm.io import RowLog, fault_point, fingerprint, read_jsonl, scratch, write_jsonl
 from spinlm.modeling import load_tokenizer
 from spinlm.packing import prepare, response_logps, score_groups
@@ -91,7 +92,8 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
     groups = pair_groups(tokenizer, rows, Limits.of(cfg))
     budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
     chunk = cfg.eval.batch_size * 16
-    key = fingerprint("score", model_path, groups, budget, cfg.model.dtype, cfg.model.attn_implementation, chunk)
+    key = fingerprint("score", model_key(model_path, cfg.model.revision), groups, budget,
+                      cfg.model.dtype, cfg.model.attn_implementation, chunk)
     bar = progress_bar(len(groups), desc, cfg.run.progress and dist.is_main())
     with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
         for c, start in enumerate(range(0, len(groups), chunk)):
