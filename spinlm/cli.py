@@ -133,7 +133,7 @@ def _add_experiment(sub) -> None:
 def _add_judge(add) -> None:
     sp = add("judge", "Judged evaluation: the model answers multi-turn questions (generated here), a judge model "
              "behind an OpenAI-compatible chat endpoint grades each turn 1-10, or compares two models in both orders "
-             "(--pairwise). With --judge-prompts: MT-Bench as FastChat's llm_judge runs it (docs/mt_bench.md; "
+             "(--pairwise). With --judge-prompts: MT-Bench as FastChat's llm_judge runs it (docs/evaluation.md; "
              "judge.* keys); without: spinlm's quick judge, not MT-Bench. Judgments are cached in OUT: a re-run "
              "resumes.")
     sp.add_argument("--model", required=True, help="Model to evaluate (model A in pairwise mode).")

@@ -256,7 +256,7 @@ MT_BENCH_REFERENCE_CATEGORIES = ["math", "reasoning", "coding", "arena-hard-200"
 
 @dataclass
 class JudgeConfig:
-    """`spinlm judge --judge-prompts FILE` (MT-Bench as FastChat's llm_judge runs it; docs/mt_bench.md)."""
+    """`spinlm judge --judge-prompts FILE` (MT-Bench as FastChat's llm_judge runs it; docs/evaluation.md)."""
 
     max_new_tokens: int = _f(1024, "MT-Bench: most tokens per answer turn (FastChat gen_model_answer.py's "
                              "--max-new-token default); the prompt is never cut.")

@@ -6,7 +6,7 @@
     spinlm judge --model MODEL --pairwise --model-b OTHER --questions ... --judge-url ... --out DIR
 
 Two protocols. With `--judge-prompts` (FastChat's judge_prompts.jsonl): MT-Bench as FastChat's
-llm_judge runs it, spinlm.eval.mt_bench holds its rules and docs/mt_bench.md the how-to. Without:
+llm_judge runs it, spinlm.eval.mt_bench holds its rules and docs/evaluation.md the how-to. Without:
 spinlm's quick judge, described below, whose outputs say "not MT-Bench": its own prompt wording,
 greedy answers of eval.max_new_tokens, prompts cut at data.max_prompt_length. The answering, the
 caching and the HTTP are shared.
