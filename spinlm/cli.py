@@ -132,12 +132,19 @@ def _add_experiment(sub) -> None:
 
 
 def _add_judge(add) -> None:
-    sp = add("judge", "MT-Bench-style judged evaluation: the model answers multi-turn questions (generated here), "
-             "a judge model behind an OpenAI-compatible chat endpoint grades each turn 1-10, or compares two models "
-             "in both orders (--pairwise). Judgments are cached in OUT: a re-run resumes.")
+    sp = add("judge", "Judged evaluation: the model answers multi-turn questions (generated here), a judge model "
+             "behind an OpenAI-compatible chat endpoint grades each turn 1-10, or compares two models in both orders "
+             "(--pairwise). With --judge-prompts: MT-Bench as FastChat's llm_judge runs it (docs/evaluation.md; "
+             "judge.* keys); without: spinlm's quick judge, not MT-Bench. Judgments are cached in OUT: a re-run "
+             "resumes.")
     sp.add_argument("--model", required=True, help="Model to evaluate (model A in pairwise mode).")
     sp.add_argument("--questions", required=True, help="Questions: MT-Bench JSON lines (question_id, category, "
                     "turns, optional reference) or a Hub dataset id.")
+    sp.add_argument("--judge-prompts", help="MT-Bench: FastChat's judge_prompts.jsonl (name, type, system_prompt, "
+                    "prompt_template, output_format); selects the MT-Bench protocol.")
+    sp.add_argument("--reference-answers", help="MT-Bench: reference answers in FastChat's answer format "
+                    "(data/mt_bench/reference_answer/gpt-4.jsonl) for the judge.reference_categories questions "
+                    "(default: each question's own 'reference').")
     sp.add_argument("--questions-split", default="train", help="Split when --questions is a Hub id (default train).")
     sp.add_argument("--max-questions", type=int, help="Use only the first N questions.")
     sp.add_argument("--judge-url", required=True, help="Base URL of the judge's OpenAI-compatible server "
@@ -147,12 +154,13 @@ def _add_judge(add) -> None:
                     "(the key itself is never logged or written).")
     sp.add_argument("--pairwise", action="store_true", help="Compare --model with --model-b instead of grading.")
     sp.add_argument("--model-b", help="The other model of a pairwise comparison.")
-    sp.add_argument("--sample", action="store_true", help="Sample the answers with generation.temperature / "
-                    "top_p / top_k (default: greedy).")
+    sp.add_argument("--sample", action="store_true", help="Quick judge: sample the answers with "
+                    "generation.temperature / top_p / top_k (default: greedy). MT-Bench samples per category.")
     sp.add_argument("--concurrency", type=int, default=8, help="Judge requests in flight (default 8).")
     sp.add_argument("--timeout-s", type=float, default=120.0, help="Seconds per judge request (default 120).")
     sp.add_argument("--retries", type=int, default=4, help="Retries on connection errors, timeouts, 429, 5xx.")
-    sp.add_argument("--judge-max-tokens", type=int, default=1024, help="Longest judge reply (default 1024).")
+    sp.add_argument("--judge-max-tokens", type=int, help="Longest judge reply (default: 2048 for MT-Bench, as "
+                    "FastChat asks OpenAI judges; 1024 for the quick judge).")
     sp.add_argument("--out", required=True, help="Output directory: judge.json, judgments.jsonl, answers, caches.")
 
 
@@ -357,10 +365,19 @@ def _dpo(args, cfg) -> None:
 
 
 def _judge(args, cfg) -> None:
-    from spinlm.eval.judge import Judge, judge_run, load_questions
+    from spinlm.eval.judge import MT_BENCH_LABEL, QUICK_LABEL, Judge, MTBenchFiles, judge_run, load_questions
+    from spinlm.eval.mt_bench import JUDGE_MAX_TOKENS
 
     if args.pairwise != bool(args.model_b):
         raise UserError("spinlm judge: --pairwise and --model-b go together (pairwise compares --model with --model-b)")
+    mt = MTBenchFiles(args.judge_prompts, args.reference_answers) if args.judge_prompts else None
+    if mt is None and args.reference_answers:
+        raise UserError("spinlm judge: --reference-answers is MT-Bench's: give --judge-prompts too")
+    if mt is not None and args.sample:
+        raise UserError("spinlm judge: --sample is the quick judge's; MT-Bench samples each category at its "
+                        "judge.temperatures value")
+    if args.judge_max_tokens is None:
+        args.judge_max_tokens = JUDGE_MAX_TOKENS if mt else 1024
     for name in ("concurrency", "timeout_s", "judge_max_tokens"):
         if getattr(args, name) <= 0:
             raise UserError(f"spinlm judge: --{name.replace('_', '-')} must be > 0; got {getattr(args, name)}")
@@ -373,7 +390,7 @@ def _judge(args, cfg) -> None:
     questions = load_questions(args.questions, args.questions_split, args.max_questions)
     judge = Judge(args.judge_url, args.judge_model, args.api_key_env, args.concurrency, args.timeout_s, args.retries,
                   args.judge_max_tokens)
-    s = judge_run(cfg, questions, judge, Path(args.out), args.model_b, args.sample)
+    s = judge_run(cfg, questions, judge, Path(args.out), args.model_b, args.sample, mt)
     bad = s["unparsable"]["count"]
     if s["mode"] == "single":
         overall = "n/a" if s["overall"] is None else f"{s['overall']:.2f}"
@@ -382,8 +399,9 @@ def _judge(args, cfg) -> None:
         rate = lambda k: "n/a" if s[k] is None else f"{s[k]:.3f}"  # noqa: E731
         what = (f"A vs B: win {rate('win_rate')}, tie {rate('tie_rate')}, loss {rate('loss_rate')} over "
                 f"{s['scored']} comparisons")
-    print(f"wrote {Path(args.out) / 'judge.json'} ({what}; {bad} of {s['judgments']} judge replies unparsable, "
-          "not scored)")
+    label = MT_BENCH_LABEL if mt else QUICK_LABEL
+    print(f"wrote {Path(args.out) / 'judge.json'} ({label}: {what}; {bad} of {s['judgments']} judge replies "
+          "unparsable, not scored)")
 
 
 def main(argv: list[str] | None = None) -> int:

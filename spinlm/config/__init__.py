@@ -23,6 +23,7 @@ from spinlm.config.schema import (
     DataConfig,
     EvalConfig,
     GenerationConfig,
+    JudgeConfig,
     ModelConfig,
     PackingConfig,
     PeftConfig,
@@ -35,7 +36,7 @@ from spinlm.config.schema import (
 
 __all__ = [
     "CHOICES", "PLANNED", "SECTIONS", "TRACKERS", "Config", "DataConfig", "EvalConfig", "GenerationConfig",
-    "ModelConfig", "PackingConfig", "PeftConfig", "RunConfig", "SFTConfig", "SPINConfig", "TrainConfig", "Raw",
-    "build", "load_yaml", "merge", "parse_overrides", "reference", "reference_markdown", "to_yaml", "trackers",
-    "validate",
+    "JudgeConfig", "ModelConfig", "PackingConfig", "PeftConfig", "RunConfig", "SFTConfig", "SPINConfig",
+    "TrainConfig", "Raw", "build", "load_yaml", "merge", "parse_overrides", "reference", "reference_markdown",
+    "to_yaml", "trackers", "validate",
 ]

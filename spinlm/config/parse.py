@@ -40,7 +40,7 @@ def _as_text(hint: Any) -> Any:
 
 
 def _accepts_str(hint: Any) -> bool:
-    return hint is str or str in typing.get_args(hint)
+    return hint is str or (typing.get_origin(hint) is not dict and str in typing.get_args(hint))
 
 
 def _from_flag(value: Raw, hint: Any, key: str) -> Any:
@@ -67,6 +67,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise UserError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+        key_hint, value_hint = typing.get_args(hint)
+        return {_coerce(k, key_hint, key): _coerce(v, value_hint, f"{key}.{k}") for k, v in value.items()}
     return _coerce_scalar(value, hint, key)
 
 
@@ -127,6 +132,9 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is list:
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if typing.get_origin(hint) is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        return f"a mapping of {_type_name(key_hint)} to {_type_name(value_hint)}"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
             type(None): "null"}.get(hint, str(hint))
 

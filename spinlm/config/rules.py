@@ -81,7 +81,8 @@ def _positive_problems(cfg: Config) -> list[str]:
                 "sft.gradient_accumulation_steps": cfg.sft.gradient_accumulation_steps,
                 "sft.learning_rate": cfg.sft.learning_rate,
                 "generation.temperature": cfg.generation.temperature, "eval.batch_size": cfg.eval.batch_size,
-                "run.log_every": cfg.run.log_every, "packing.max_tokens": cfg.packing.max_tokens}
+                "run.log_every": cfg.run.log_every, "packing.max_tokens": cfg.packing.max_tokens,
+                "judge.max_new_tokens": cfg.judge.max_new_tokens}
     return [f"{k} must be > 0; got {v}" for k, v in positive.items() if v <= 0]
 
 
@@ -106,6 +107,10 @@ def _range_problems(cfg: Config) -> list[str]:
         section, name = key.split(".")
         if not 0 <= getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{key} must be in [0, 1)")
+    temperatures = {**cfg.judge.temperatures, "(judge.default_temperature)": cfg.judge.default_temperature}
+    problems += [f"judge.temperatures: {k} must be >= 0; got {v}" for k, v in temperatures.items() if v < 0]
+    if cfg.judge.top_k < 0:
+        problems.append(f"judge.top_k must be >= 0 (0 = off); got {cfg.judge.top_k}")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         problems.append("data.max_prompt_length must be smaller than data.max_length")
     if cfg.data.val_size < 0 or (cfg.data.val_size >= 1 and cfg.data.val_size != int(cfg.data.val_size)):

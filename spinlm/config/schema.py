@@ -267,6 +267,30 @@ class EvalConfig:
                              "evaluated and listed as continued-sft (never chosen as RUN/best).")
 
 
+# FastChat's fastchat/llm_judge/common.py, `temperature_config` and `NEED_REF_CATS` (read 2026-12-07).
+MT_BENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
+MT_BENCH_REFERENCE_CATEGORIES = ["math", "reasoning", "coding", "arena-hard-200"]
+
+
+@dataclass
+class JudgeConfig:
+    """`spinlm judge --judge-prompts FILE` (MT-Bench as FastChat's llm_judge runs it; docs/evaluation.md)."""
+
+    max_new_tokens: int = _f(1024, "MT-Bench: most tokens per answer turn (FastChat gen_model_answer.py's "
+                             "--max-new-token default); the prompt is never cut.")
+    temperatures: dict[str, float] = _f(MT_BENCH_TEMPERATURES, "MT-Bench: the answers' sampling temperature per "
+                                        "question category (FastChat common.py temperature_config); 0 = greedy. "
+                                        "A value given replaces the whole mapping.")
+    default_temperature: float = _f(0.7, "MT-Bench: the temperature of a category not in judge.temperatures "
+                                    "(FastChat's 0.7).")
+    top_k: int = _f(50, "MT-Bench: top-k of the sampled answers (FastChat passes none to generate, so "
+                    "transformers 4.x's default 50 applied); 0 = off.")
+    reference_categories: list[str] = _f(MT_BENCH_REFERENCE_CATEGORIES, "MT-Bench: categories judged against a "
+                                         "reference answer with the *-math-v1 prompts (FastChat common.py "
+                                         "NEED_REF_CATS).")
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -279,6 +303,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def per_iteration(self, name: str, t: int) -> float:
         """lr or beta for iteration t (a scalar, or the t-th entry of a list)."""
