@@ -156,7 +156,8 @@ class SPINConfig:
     space_mu: float = _f(1.0, "objective space: the noise ratio mu (generated responses per real one; 1 recommended).")
     tspin_alpha: float = _f(1.0, "objective tspin: alpha, the scale of both log-prob gaps (used in spin.beta's place).")
     tspin_history_weight: float = _f(0.1, "objective tspin: the paper's beta, the weight of the historical term "
-                                     "(0 at iteration 0, where y' and y0 come from the same model).")
+                                     "over the triplets whose y' is not y0 (0 at iteration 0, where y' and y0 come "
+                                     "from the same model).")
     sft_weight: float = _f(0.0, "Add sft_weight x the real response's NLL per token to each pair's loss (a "
                            "regulariser, TRL's rpo_alpha); 0 = the paper's loss.")
     drop_dead_pairs: bool = _f(False, "Leave out of training the pairs whose generated response equals the real one "

@@ -52,8 +52,10 @@ METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margin", "rewar
 
 def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
     """Token ids of each scored row: the responses spin.objective trains on (for T-SPIN also the
-    row's `historical` response, the starting model's, kept from iteration 0) and, where the
-    objective needs them, the stored reference log-probs."""
+    row's `historical` response, the starting model's, kept from iteration 0), where the objective
+    needs them the stored reference log-probs, and the objective's per-row `scales` of its params
+    (T-SPIN: the history weight only where y' != y0), counted over the rows that train (without dead
+    pairs where spin.drop_dead_pairs leaves them out)."""
     goal, lim = objective(cfg.spin.objective), Limits.of(cfg)
     items = []
     for n, row in enumerate(rows, 1):
@@ -69,6 +71,9 @@ def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
         if goal.needs_reference:
             item.update(ref_real=row["ref_real_logp"], ref_generated=row["ref_generated_logp"])
         items.append(item)
+    trained = [i for i in items if not (cfg.spin.drop_dead_pairs and i["dead"])]
+    for item, scales in zip(trained, goal.scales(trained)):
+        item["scales"] = scales
     return items
 
 
@@ -89,6 +94,8 @@ def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, goal
     tokens = {name: torch.tensor([float(s[k][1]) for s in scores], device=dev) for k, name in enumerate(goal.responses)}
     ref = {name: torch.tensor([b[f"ref_{name}"] for b in batch], device=dev)
            for name in ("real", "generated")} if goal.needs_reference else None
+    params = {**params, **{k: params[k] * torch.tensor([b["scales"][k] for b in batch], device=dev)
+                           for k in batch[0].get("scales", {})}}  # per row where the objective says so
     terms = goal.terms(policy, ref, **params)
     losses = sum(terms.values())
     nll = real_nll_per_token(policy["real"], tokens["real"])
