@@ -78,6 +78,13 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return (OSError, HFValidationError, *HfHubHTTPError.__bases__)
 
 
+def _quiet_http() -> None:
+    """huggingface_hub's HTTP library logs every request at INFO, which the CLI's log level shows: our own
+    lines say what is pushed where."""
+    for name in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _reason(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 600 else text[:600] + " ..."
@@ -157,6 +164,7 @@ def push(run_dir: Path, uploads: list[Upload], force: bool = False) -> list[dict
         return []
     from huggingface_hub import HfApi
 
+    _quiet_http()
     api, records = HfApi(token=hub_token()), []
     for u in todo:
         commit = send(api, u, RunLayout(run_dir).pushed())
@@ -165,21 +173,23 @@ def push(run_dir: Path, uploads: list[Upload], force: bool = False) -> list[dict
 
 
 def send(api, up: Upload, record_path: Path):
-    """create_repo, create_branch (not for main), then upload_folder onto the branch: up's files only.
+    """create_repo, create_branch (not for main), then upload_folder onto the branch: up's files, and
+    nothing else left there.
     A failure is a UserError saying nothing was recorded (a re-run retries)."""
     from huggingface_hub import metadata_load
 
     card = up.folder / "README.md"
     if not card.is_file() or not (metadata_load(card) or {}).get("license"):
-        log.warning("%s: its card states no license (the base model's card was not found): add one on the Hub",
-                    up.model)
+        log.warning("%s: its card states no license (its License section says why): add one on the Hub", up.model)
     log.info("pushing %s (%d files) to %s, branch %s", up.folder, len(up.files), up.repo_id, up.branch)
     try:
         api.create_repo(up.repo_id, private=up.private or None, exist_ok=True)  # None: the account's default
         if up.branch != MAIN:
             api.create_branch(up.repo_id, branch=up.branch, exist_ok=True)
+        # delete_patterns: the branch ends up holding exactly the folder (a new branch starts as a copy of
+        # main, and main held another model before); the Hub keeps .gitattributes
         return api.upload_folder(repo_id=up.repo_id, folder_path=up.folder, revision=up.branch,
-                                 allow_patterns=list(up.files), commit_message=up.message)
+                                 allow_patterns=list(up.files), delete_patterns=["*"], commit_message=up.message)
     except _hub_errors() as e:
         raise UserError(f"pushing {up.folder} to {up.repo_id} (branch {up.branch}) failed: {_reason(e)}; nothing was "
                         f"recorded as pushed ({record_path}): re-run the same command to retry") from None
@@ -225,6 +235,7 @@ def check_access(cfg: Config) -> None:
     def ask() -> None:
         from huggingface_hub import HfApi
 
+        _quiet_http()
         try:
             user = HfApi(token=hub_token()).whoami()
         except _hub_errors() as e:
