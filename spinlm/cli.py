@@ -1,5 +1,5 @@
-"""The `spinlm` command: the whole loop (`run`, `demo`), each stage on its own, `report` / `lm-eval`
-on what a run made, and `experiment` (the paper's claims at CPU scale).
+"""The `spinlm` command: the whole loop (`run`, `demo`), each stage on its own, `report` / `lm-eval` /
+`push` on what a run made, and `experiment` (the paper's claims at CPU scale).
 
 Exit codes: EXIT_CODES below (`spinlm --help` prints them).
 """
@@ -22,11 +22,12 @@ log = logging.getLogger("spinlm")
 OVERRIDES_HELP = ("Any config key can be set as --section.key=value (for example --train.learning_rate=1e-6 "
                   "or --spin.beta=[0.1,0.1,5.0]); precedence: defaults < CONFIG.yaml < flags. "
                   "`spinlm config` lists every key.")
-EXIT_CODES = ("Exit codes: 0 success; 2 a mistake in the input (config, data, paths) or a full disk; 3 training "
+EXIT_CODES = ("Exit codes: 0 success; 2 a mistake in the input (config, data, paths), a full disk, or a Hub "
+              "upload refused or unreachable (run.push_to_hub, push); 3 training "
               "stopped by a guard (non-finite loss or gradient); 75 preempted: a signal (run.preempt_signals, "
               "Ctrl-C) stopped it at a safe point, re-run the same command to resume (a job script requeues on "
               "75); 1 a bug in spinlm (traceback printed); 130 interrupted where nothing watches for signals (demo, "
-              "experiment, judge, report, lm-eval).")
+              "experiment, judge, report, lm-eval, push).")
 
 
 def _epilog() -> str:
@@ -104,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
                         "and a README.md model card in each model directory of the run.")
     sp.add_argument("run_dir", metavar="RUN_DIR", help="A run directory written by `spinlm run`.")
     sp.add_argument("--out", help="Report directory (default RUN_DIR/report).")
+    _add_push(sub)
     _add_lm_eval(sub)
     _add_judge(add)
     _add_experiment(sub)
@@ -162,6 +164,25 @@ def _add_judge(add) -> None:
     sp.add_argument("--judge-max-tokens", type=int, help="Longest judge reply (default: 2048 for MT-Bench, as "
                     "FastChat asks OpenAI judges; 1024 for the quick judge).")
     sp.add_argument("--out", required=True, help="Output directory: judge.json, judgments.jsonl, answers, caches.")
+
+
+def _add_push(sub) -> None:
+    sp = sub.add_parser("push", help="Upload a run's models to the Hugging Face Hub (token from HF_TOKEN).",
+                        description="Upload a run's models, with their model cards, to one Hugging Face Hub repo: "
+                        "each model on a branch named after it (sft, iteration-T) and RUN/best's on main, or one "
+                        "model with --iteration / --best. The token comes from the environment variable HF_TOKEN. "
+                        "RUN/pushed.json records what was pushed: a re-run pushes only what is not there yet.")
+    sp.add_argument("run_dir", metavar="RUN_DIR", help="A run directory written by `spinlm run`.")
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--iteration", type=int, metavar="N", help="Only iteration N's model (to branch iteration-N).")
+    which.add_argument("--best", action="store_true", help="Only RUN/best's model, chosen on validation (to main).")
+    sp.add_argument("--repo-id", help="NAME or ORG/NAME (default: the run's run.hub_model_id); created if missing.")
+    sp.add_argument("--private", action="store_true", default=None,
+                    help="Create the repo private (default: the run's run.hub_private_repo).")
+    sp.add_argument("--branch", help="With --iteration or --best: push to this branch instead.")
+    sp.add_argument("--force", action="store_true", help="Push again what RUN/pushed.json records as pushed.")
+    sp.add_argument("--dry-run", action="store_true", help="Write the model cards and print what would be pushed "
+                    "(repo, branch, files); no token needed, nothing sent or recorded.")
 
 
 def _add_lm_eval(sub) -> None:
@@ -247,7 +268,7 @@ def dispatch(args, overrides: list[str]) -> None:
         demo(args.out, overrides, force=args.force)
     elif args.command == "experiment":
         _experiment(args, overrides)
-    elif args.command in ("report", "lm-eval"):
+    elif args.command in ("report", "lm-eval", "push"):
         if overrides:
             raise UserError(f"spinlm {args.command}: unknown arguments {' '.join(overrides)}")
         dispatch_tool(args)
@@ -256,11 +277,13 @@ def dispatch(args, overrides: list[str]) -> None:
 
 
 def dispatch_tool(args) -> None:
-    """Commands that read a finished run or model: report, lm-eval."""
+    """Commands that read a finished run or model: report, push, lm-eval."""
     if args.command == "report":
         from spinlm.report.report import report
 
         print(f"wrote {report(args.run_dir, args.out)}")
+    elif args.command == "push":
+        _push(args)
     else:
         from spinlm.eval.lmeval import lm_eval_run
 
@@ -312,6 +335,24 @@ def run_stage(args, cfg) -> None:
         examples = _examples(cfg, args.data, "eval")
         pairs = read_jsonl(args.pairs) if args.pairs else None
         _atomic(args.out, lambda tmp: write_main(tmp, evaluate(args.model, examples, cfg, pairs, args.beta)))
+
+
+def _push(args) -> None:
+    from spinlm.report.publish import push_run
+
+    if args.iteration is not None and args.iteration < 0:
+        raise UserError(f"spinlm push: --iteration must be >= 0; got {args.iteration}")
+    records = push_run(Path(args.run_dir), args.repo_id, args.private, args.iteration, args.best, args.branch,
+                       args.force, args.dry_run)
+    for r in records:
+        if r.get("dry_run"):
+            private = " (private)" if r["private"] else ""
+            print(f"would push {r['model']} to {r['repo_id']}, branch {r['branch']}{private}: {len(r['files'])} files "
+                  f"({', '.join(r['files'])}); card {r['card']}")
+        else:
+            print(f"pushed {r['model']} to {r['repo_id']}, branch {r['branch']}: {r['url']}")
+    if not records:
+        print(f"nothing to push: {Path(args.run_dir) / 'pushed.json'} records it all as pushed (--force pushes again)")
 
 
 def _experiment(args, overrides: list[str]) -> None:

@@ -44,7 +44,26 @@ def _run_problems(run: RunConfig) -> list[str]:
         problems.append(f"run.preempt_grace_s must be >= 0 (0 = no timer); got {run.preempt_grace_s}")
     problems += [f"run.preempt_signals: {name!r} is not a signal spinlm can stop on; valid: {', '.join(CATCHABLE)}"
                  for name in run.preempt_signals if name not in CATCHABLE]
-    return problems
+    return problems + _hub_problems(run)
+
+
+def _hub_problems(run: RunConfig) -> list[str]:
+    if run.push_to_hub and not run.hub_model_id:
+        return ["run.push_to_hub needs run.hub_model_id: the Hub repo to push to (NAME or ORG/NAME)"]
+    problem = repo_id_problem(run.hub_model_id) if run.hub_model_id else None
+    return [f"run.hub_model_id: {problem}"] if problem else []
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why `repo_id` is not a Hub repo id (huggingface_hub's own check), or None."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return f"{repo_id!r} is not a Hub repo id (expected NAME or ORG/NAME): {e}"
+    return None
 
 
 def _choice_problems(cfg: Config) -> list[str]:

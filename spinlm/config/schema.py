@@ -50,6 +50,17 @@ class RunConfig:
                                 "code 75) wherever it is, stopping a managed generation server first; 0 = no timer "
                                 "(the scheduler's SIGKILL bounds the stop). Set it a little below the scheduler's "
                                 "grace (SLURM: the --signal lead time; Kubernetes: terminationGracePeriodSeconds).")
+    push_to_hub: bool = _f(False, "Upload each model to the Hugging Face Hub repo run.hub_model_id as soon as it is "
+                           "evaluated: the SFT model to branch sft, iteration T's to branch iteration-T, and the model "
+                           "chosen on validation so far (what RUN/best will be) to main, each with its model card. "
+                           "The token comes from the environment variable HF_TOKEN only. RUN/pushed.json records what "
+                           "was pushed, so a resumed run pushes nothing twice (docs/publishing.md). Later: `spinlm "
+                           "push RUN`.")
+    hub_model_id: str | None = _f(None, "With run.push_to_hub: the Hub repo, NAME (under the token's account) or "
+                                  "ORG/NAME; created if missing.")
+    hub_private_repo: bool = _f(False, "With run.push_to_hub: create the repo private (false: the account's default, "
+                                "public unless the organization says otherwise). An existing repo keeps its "
+                                "visibility.")
 
 
 @dataclass
