@@ -191,6 +191,48 @@ def test_dead_pairs_are_the_same_in_training_and_in_the_held_out_metrics(tiny_mo
     assert metrics["dead_pair_share"] == pytest.approx(sum(dead) / len(dead))
 
 
+def test_reward_metrics_have_one_definition_in_training_and_held_out(tiny_model, pairs, tmp_path):
+    """Reward accuracy, margin and the sides' rewards are over the live pairs, in the training log and
+    in the held-out metrics alike, and the dead pairs are a share of their own. Step 1's forward runs
+    the start weights, so its logged rewards are the start model's held-out rewards on the same pairs,
+    here checked against summed log-probs of plain forwards. (Before: training counted dead pairs
+    as failures and averaged their zero margins in; held out, accuracy left them out, the margin not.)"""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = config_mod.build(None, [*COMMON, "--train.max_steps=1", "--run.log_every=1", "--train.batch_size=8"])
+    rows = read_jsonl(pairs)[:8]
+    for k, r in enumerate(rows):
+        if k in (1, 4, 6):  # dead: the sample is the real response, token for token
+            r["generated"], r["finish"], r["ref_generated_logp"] = r["real"], "eos", r["ref_real_logp"]
+            r.pop("generated_ids", None)
+        else:  # live, with a clear margin of either sign: the stored reference moved by +-5 nats
+            r["ref_real_logp"] += -5.0 if k % 2 == 0 else 5.0
+    _rows(tmp_path / "pairs.jsonl", rows)
+    items = pair_items(tok, rows, cfg)
+    live = [not i["dead"] for i in items]
+    assert live == [k not in (1, 4, 6) for k in range(8)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        real = sequence_logps(model, [(i["prompt"], i["real"]) for i in items], tok.pad_token_id)[0]
+        gen = sequence_logps(model, [(i["prompt"], i["generated"]) for i in items], tok.pad_token_id)[0]
+    beta = cfg.spin.beta
+    side_real = [beta * (real[k].item() - r["ref_real_logp"]) for k, r in enumerate(rows)]
+    side_gen = [beta * (gen[k].item() - r["ref_generated_logp"]) for k, r in enumerate(rows)]
+    margins = [a - b for a, b in zip(side_real, side_gen)]
+    over_live = lambda xs: sum(x for x, ok in zip(xs, live) if ok) / sum(live)  # noqa: E731
+    expected = {"accuracy": over_live([float(m > 0) for m in margins]), "margin": over_live(margins),
+                "real": over_live(side_real), "generated": over_live(side_gen)}
+    assert 0 < expected["accuracy"] < 1 and abs(expected["margin"]) > 0.05
+
+    logged = train(str(tiny_model), tmp_path / "pairs.jsonl", tmp_path / "out", cfg, 0)["history"][0]
+    held = reward_metrics(model, tok, rows, cfg, beta)
+    for key, value in expected.items():
+        assert logged[f"rewards/{key}"] == pytest.approx(value, abs=1e-4), key
+    for key, name in (("accuracy", "reward_accuracy"), ("margin", "reward_margin"), ("real", "rewards_real"),
+                      ("generated", "rewards_generated")):
+        assert held[name] == pytest.approx(expected[key], abs=1e-4), name
+    assert logged["dead_pairs"] == pytest.approx(3 / 8) and held["dead_pair_share"] == pytest.approx(3 / 8)
+
+
 # ---------------------------------------------------------------- 6. rows whose parts disagree
 
 
