@@ -23,7 +23,7 @@ from spinlm.logprobs import sequence_logps
 from spinlm.metrics import reward_metrics
 from spinlm.stages.train import pair_items, train
 from spinlm.summary import NO_SELECTION, select_best
-from spinlm.tokens import Limits, encode_pair, encode_prompt
+from spinlm.tokens import Limits, encode_pair, encode_prompt, encode_real
 
 COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +170,49 @@ def test_selection_without_validation_data_is_refused(tiny_model, task_data, tmp
     err = capsys.readouterr().err
     assert "train.eval_every select on validation data, and there is none" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_continued_sft_is_selected_on_validation_as_spin_is(tiny_model, task_data, tmp_path):
+    """The continued-SFT baseline gets SPIN's selection: checks on the validation data at the steps
+    SPIN's iterations checked (train.eval_every 2 over iterations of 3 and 2 steps: 2, 3 and 2 + 3),
+    by the metric SPIN's checks use (here NLL per token: no checker), and the best checked weights
+    are the model it saves, for the per-iteration baselines of the experiments too. (Before: no
+    check, the last weights, while SPIN kept its best.)"""
+    from spinlm.experiment.spin_vs_sft import baselines
+    from spinlm.io import write_json
+    from spinlm.rundir import RunLayout
+
+    run = tmp_path / "run"
+    cfg = _run_config(tiny_model, task_data, run, val=str(task_data["val"]))
+    cfg["eval"].pop("checker")
+    cfg["spin"]["iterations"] = 2
+    cfg["train"].update(eval_every=2, batch_size=4, gradient_accumulation_steps=1)
+    # a learning rate that grows to a destructive one: the validation NLL rises after the first check
+    cfg["sft"].update(learning_rate=1.0, warmup_ratio=0.99)
+    for t, steps in enumerate([3, 2]):  # what SPIN's iterations took
+        write_json(RunLayout(run).train_log(t), {"steps": steps})
+    baselines(run, tiny_model, cfg)
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    val = load_examples(str(task_data["val"]), max_rows=8)
+    lim = Limits.of(config_mod.build(None, COMMON))
+    for name, steps, checked in (("continued-sft-0", 3, [2, 3]), ("continued-sft", 5, [2, 3, 5])):
+        info = read_json(run / name / "model" / "spinlm_sft.json")
+        assert info["steps"] == steps and [c["step"] for c in info["checks"]] == checked
+        assert {c["metric"] for c in info["checks"]} == {"nll_per_token"}
+        values = [c["value"] for c in info["checks"]]
+        assert info["best_check"] == info["checks"][values.index(min(values))]
+        assert info["best_check"]["step"] == 2 and values[-1] > values[0] + 1  # the kept weights are not the last
+        model = AutoModelForCausalLM.from_pretrained(run / name / "model").eval()
+        with torch.no_grad():  # the saved model's validation NLL per token, by plain forwards
+            logps, counts = zip(*(sequence_logps(model, [(encode_prompt(tok, ex.prompt), real)], tok.pad_token_id)
+                                  for ex, real in zip(val, [r[1][0] for r in encode_real(tok, val, lim)])))
+        nll = -sum(x.item() for x in logps) / sum(n.item() for n in counts)
+        assert nll == pytest.approx(info["best_check"]["value"], abs=1e-4)
+        assert read_json(run / name / "metrics.json")["val"]["nll_per_token"] == pytest.approx(nll, abs=1e-4)
+    from spinlm.loop import spin_check_steps
+
+    assert spin_check_steps([3, 2], 2) == [2, 3, 5] and spin_check_steps([3, 2], 0) == []  # no checks: last weights
 
 
 # ---------------------------------------------------------------- 5. one definition of a dead pair
