@@ -125,8 +125,9 @@ def table(results: dict) -> str:
              f"({', '.join(str(s['seed']) for s in seeds)}), "
              f"{iterations} SPIN iterations; mean ± sd over seeds. *Steps*: optimizer steps of SPIN iterations 0..t "
              "together, which the continued-SFT model also took (32 examples a step; a SPIN step also runs the 32 "
-             "generated responses). *Seconds*: SPIN's generate + score + train time of iterations 0..t; continued "
-             "SFT's training time.", "",
+             "generated responses). Both are selected on validation alike: with train.eval_every, each SPIN iteration "
+             "keeps its best checked weights, and continued SFT is checked at the same steps and keeps its best. "
+             "*Seconds*: SPIN's generate + score + train time of iterations 0..t; continued SFT's training time.", "",
              f"Start (SFT): test accuracy {fmt(_column(results, None, '', 'test_accuracy'))}, "
              f"NLL/token {fmt(_column(results, None, '', 'test_nll'), 4)}.", "",
              "| after iteration | steps | SPIN test acc | continued SFT test acc | SPIN - SFT (paired) | "
