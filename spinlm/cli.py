@@ -1,5 +1,5 @@
-"""The `spinlm` command: the whole loop (`run`, `demo`), each stage on its own, `report` / `lm-eval`
-on what a run made, and `experiment` (the paper's claims at CPU scale).
+"""The `spinlm` command: the whole loop (`run`, `demo`), each stage on its own, `report` / `lm-eval` /
+`push` on what a run made, and `experiment` (the paper's claims at CPU scale).
 
 Exit codes: EXIT_CODES below (`spinlm --help` prints them).
 """
@@ -22,11 +22,12 @@ log = logging.getLogger("spinlm")
 OVERRIDES_HELP = ("Any config key can be set as --section.key=value (for example --train.learning_rate=1e-6 "
                   "or --spin.beta=[0.1,0.1,5.0]); precedence: defaults < CONFIG.yaml < flags. "
                   "`spinlm config` lists every key.")
-EXIT_CODES = ("Exit codes: 0 success; 2 a mistake in the input (config, data, paths) or a full disk; 3 training "
+EXIT_CODES = ("Exit codes: 0 success; 2 a mistake in the input (config, data, paths), a full disk, or a Hub "
+              "upload refused or unreachable (run.push_to_hub, push); 3 training "
               "stopped by a guard (non-finite loss or gradient); 75 preempted: a signal (run.preempt_signals, "
               "Ctrl-C) stopped it at a safe point, re-run the same command to resume (a job script requeues on "
               "75); 1 a bug in spinlm (traceback printed); 130 interrupted where nothing watches for signals (demo, "
-              "experiment, judge, report, lm-eval).")
+              "experiment, judge, report, lm-eval, push).")
 
 
 def _epilog() -> str:
@@ -97,12 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--pairs", help="Scored held-out pairs (generated and scored by the reference model).")
     sp.add_argument("--beta", type=float, help="beta for the reward metrics (default spin.beta).")
     sp.add_argument("--out", required=True, help="Output metrics .json.")
-    sub.add_parser("config", help="Print every config key with its type, default and meaning.")
+    sp = sub.add_parser("config", help="Print every config key with its type, default and meaning.")
+    sp.add_argument("--markdown", action="store_true", help="As docs/config.md: a Markdown table per section.")
     sp = sub.add_parser("report", help="Write RUN/report/README.md (table, verdict, PNG plots) and model cards.",
                         description="Markdown report of a run with PNG plots (needs `pip install 'spinlm[report]'`), "
                         "and a README.md model card in each model directory of the run.")
     sp.add_argument("run_dir", metavar="RUN_DIR", help="A run directory written by `spinlm run`.")
     sp.add_argument("--out", help="Report directory (default RUN_DIR/report).")
+    _add_push(sub)
     _add_lm_eval(sub)
     _add_judge(add)
     _add_experiment(sub)
@@ -131,12 +134,19 @@ def _add_experiment(sub) -> None:
 
 
 def _add_judge(add) -> None:
-    sp = add("judge", "MT-Bench-style judged evaluation: the model answers multi-turn questions (generated here), "
-             "a judge model behind an OpenAI-compatible chat endpoint grades each turn 1-10, or compares two models "
-             "in both orders (--pairwise). Judgments are cached in OUT: a re-run resumes.")
+    sp = add("judge", "Judged evaluation: the model answers multi-turn questions (generated here), a judge model "
+             "behind an OpenAI-compatible chat endpoint grades each turn 1-10, or compares two models in both orders "
+             "(--pairwise). With --judge-prompts: MT-Bench as FastChat's llm_judge runs it (docs/evaluation.md; "
+             "judge.* keys); without: spinlm's quick judge, not MT-Bench. Judgments are cached in OUT: a re-run "
+             "resumes.")
     sp.add_argument("--model", required=True, help="Model to evaluate (model A in pairwise mode).")
     sp.add_argument("--questions", required=True, help="Questions: MT-Bench JSON lines (question_id, category, "
                     "turns, optional reference) or a Hub dataset id.")
+    sp.add_argument("--judge-prompts", help="MT-Bench: FastChat's judge_prompts.jsonl (name, type, system_prompt, "
+                    "prompt_template, output_format); selects the MT-Bench protocol.")
+    sp.add_argument("--reference-answers", help="MT-Bench: reference answers in FastChat's answer format "
+                    "(data/mt_bench/reference_answer/gpt-4.jsonl) for the judge.reference_categories questions "
+                    "(default: each question's own 'reference').")
     sp.add_argument("--questions-split", default="train", help="Split when --questions is a Hub id (default train).")
     sp.add_argument("--max-questions", type=int, help="Use only the first N questions.")
     sp.add_argument("--judge-url", required=True, help="Base URL of the judge's OpenAI-compatible server "
@@ -146,13 +156,33 @@ def _add_judge(add) -> None:
                     "(the key itself is never logged or written).")
     sp.add_argument("--pairwise", action="store_true", help="Compare --model with --model-b instead of grading.")
     sp.add_argument("--model-b", help="The other model of a pairwise comparison.")
-    sp.add_argument("--sample", action="store_true", help="Sample the answers with generation.temperature / "
-                    "top_p / top_k (default: greedy).")
+    sp.add_argument("--sample", action="store_true", help="Quick judge: sample the answers with "
+                    "generation.temperature / top_p / top_k (default: greedy). MT-Bench samples per category.")
     sp.add_argument("--concurrency", type=int, default=8, help="Judge requests in flight (default 8).")
     sp.add_argument("--timeout-s", type=float, default=120.0, help="Seconds per judge request (default 120).")
     sp.add_argument("--retries", type=int, default=4, help="Retries on connection errors, timeouts, 429, 5xx.")
-    sp.add_argument("--judge-max-tokens", type=int, default=1024, help="Longest judge reply (default 1024).")
+    sp.add_argument("--judge-max-tokens", type=int, help="Longest judge reply (default: 2048 for MT-Bench, as "
+                    "FastChat asks OpenAI judges; 1024 for the quick judge).")
     sp.add_argument("--out", required=True, help="Output directory: judge.json, judgments.jsonl, answers, caches.")
+
+
+def _add_push(sub) -> None:
+    sp = sub.add_parser("push", help="Upload a run's models to the Hugging Face Hub (token from HF_TOKEN).",
+                        description="Upload a run's models, with their model cards, to one Hugging Face Hub repo: "
+                        "each model on a branch named after it (sft, iteration-T) and RUN/best's on main, or one "
+                        "model with --iteration / --best. The token comes from the environment variable HF_TOKEN. "
+                        "RUN/pushed.json records what was pushed: a re-run pushes only what is not there yet.")
+    sp.add_argument("run_dir", metavar="RUN_DIR", help="A run directory written by `spinlm run`.")
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--iteration", type=int, metavar="N", help="Only iteration N's model (to branch iteration-N).")
+    which.add_argument("--best", action="store_true", help="Only RUN/best's model, chosen on validation (to main).")
+    sp.add_argument("--repo-id", help="NAME or ORG/NAME (default: the run's run.hub_model_id); created if missing.")
+    sp.add_argument("--private", action="store_true", default=None,
+                    help="Create the repo private (default: the run's run.hub_private_repo).")
+    sp.add_argument("--branch", help="With --iteration or --best: push to this branch instead.")
+    sp.add_argument("--force", action="store_true", help="Push again what RUN/pushed.json records as pushed.")
+    sp.add_argument("--dry-run", action="store_true", help="Write the model cards and print what would be pushed "
+                    "(repo, branch, files); no token needed, nothing sent or recorded.")
 
 
 def _add_lm_eval(sub) -> None:
@@ -201,17 +231,20 @@ def _atomic(out: str, fn) -> None:
         print(f"wrote {out}")
 
 
-def _examples(cfg, source: str | None, split: str):
+def _examples(cfg, source: str | None, role: str, **kw):
+    """Examples of `source` read as data role `role` (train, val, eval): its split, subset and revision."""
     from spinlm.data import load_examples
 
     if not source:
         return []
-    return load_examples(source, split=split, format=cfg.data.format, turn=cfg.data.turn)
+    d = cfg.data
+    return load_examples(source, split=getattr(d, f"{role}_split"), subset=getattr(d, f"{role}_subset"),
+                         revision=getattr(d, f"{role}_revision"), format=d.format, turn=d.turn, **kw)
 
 
 def dispatch(args, overrides: list[str]) -> None:
     if args.command == "config":
-        print(config_mod.reference())
+        print(config_mod.reference_markdown().rstrip("\n") if args.markdown else config_mod.reference())
     elif args.command == "run":
         from spinlm.loop import run
 
@@ -235,7 +268,7 @@ def dispatch(args, overrides: list[str]) -> None:
         demo(args.out, overrides, force=args.force)
     elif args.command == "experiment":
         _experiment(args, overrides)
-    elif args.command in ("report", "lm-eval"):
+    elif args.command in ("report", "lm-eval", "push"):
         if overrides:
             raise UserError(f"spinlm {args.command}: unknown arguments {' '.join(overrides)}")
         dispatch_tool(args)
@@ -244,11 +277,13 @@ def dispatch(args, overrides: list[str]) -> None:
 
 
 def dispatch_tool(args) -> None:
-    """Commands that read a finished run or model: report, lm-eval."""
+    """Commands that read a finished run or model: report, push, lm-eval."""
     if args.command == "report":
         from spinlm.report.report import report
 
         print(f"wrote {report(args.run_dir, args.out)}")
+    elif args.command == "push":
+        _push(args)
     else:
         from spinlm.eval.lmeval import lm_eval_run
 
@@ -276,13 +311,13 @@ def run_stage(args, cfg) -> None:
     if args.command == "sft":
         from spinlm.stages.sft import sft
 
-        train = _examples(cfg, args.data, cfg.data.train_split)
-        held = _examples(cfg, args.eval_data, cfg.data.eval_split)
+        train = _examples(cfg, args.data, "train")
+        held = _examples(cfg, args.eval_data, "eval")
         _atomic(args.out, lambda tmp: sft(args.model, train, held, tmp, cfg))
     elif args.command == "generate":
         from spinlm.stages.generate import generate_file
 
-        examples = _examples(cfg, args.data, cfg.data.train_split)
+        examples = _examples(cfg, args.data, "train")
         _atomic(args.out, lambda tmp: generate_file(args.model, examples, tmp, cfg, args.iteration))
     elif args.command == "score":
         from spinlm.stages.score import score_files
@@ -297,9 +332,27 @@ def run_stage(args, cfg) -> None:
     elif args.command == "evaluate":
         from spinlm.stages.evaluate import evaluate
 
-        examples = _examples(cfg, args.data, cfg.data.eval_split)
+        examples = _examples(cfg, args.data, "eval")
         pairs = read_jsonl(args.pairs) if args.pairs else None
         _atomic(args.out, lambda tmp: write_main(tmp, evaluate(args.model, examples, cfg, pairs, args.beta)))
+
+
+def _push(args) -> None:
+    from spinlm.report.publish import push_run
+
+    if args.iteration is not None and args.iteration < 0:
+        raise UserError(f"spinlm push: --iteration must be >= 0; got {args.iteration}")
+    records = push_run(Path(args.run_dir), args.repo_id, args.private, args.iteration, args.best, args.branch,
+                       args.force, args.dry_run)
+    for r in records:
+        if r.get("dry_run"):
+            private = " (private)" if r["private"] else ""
+            print(f"would push {r['model']} to {r['repo_id']}, branch {r['branch']}{private}: {len(r['files'])} files "
+                  f"({', '.join(r['files'])}); card {r['card']}")
+        else:
+            print(f"pushed {r['model']} to {r['repo_id']}, branch {r['branch']}: {r['url']}")
+    if not records:
+        print(f"nothing to push: {Path(args.run_dir) / 'pushed.json'} records it all as pushed (--force pushes again)")
 
 
 def _experiment(args, overrides: list[str]) -> None:
@@ -320,7 +373,6 @@ def _experiment(args, overrides: list[str]) -> None:
 
 
 def _dpo(args, cfg) -> None:
-    from spinlm.data import load_examples
     from spinlm.dpo import dpo
     from spinlm.loss import OBJECTIVES, objective
 
@@ -333,17 +385,14 @@ def _dpo(args, cfg) -> None:
         raise UserError(f"spinlm dpo: spin.objective {cfg.spin.objective} needs the starting model's own responses, "
                         f"kept across self-play iterations; preference pairs have none. Use {pairs}.")
     d = cfg.data
-    train = load_examples(data, split=d.train_split, format=d.format, turn=d.turn, max_rows=d.max_train_rows,
-                          preference=True)
-    heldout = load_examples(held, split=d.eval_split, format=d.format, turn=d.turn, max_rows=d.max_eval_rows,
-                            preference=True) if held else None
+    train = _examples(cfg, data, "train", max_rows=d.max_train_rows, preference=True)
+    heldout = _examples(cfg, held, "eval", max_rows=d.max_eval_rows, preference=True) if held else None
     val = []
     if cfg.train.eval_every > 0:  # in-training checks select on validation pairs, never on the reported held-out ones
         from spinlm.validate import require_validation, validation_split
 
         if d.val:
-            val = load_examples(d.val, split=d.val_split, format=d.format, turn=d.turn, max_rows=d.max_eval_rows,
-                                preference=True)
+            val = _examples(cfg, d.val, "val", max_rows=d.max_eval_rows, preference=True)
         else:
             train, val = validation_split(cfg, train, data)
         require_validation(cfg, val)
@@ -357,10 +406,19 @@ def _dpo(args, cfg) -> None:
 
 
 def _judge(args, cfg) -> None:
-    from spinlm.eval.judge import Judge, judge_run, load_questions
+    from spinlm.eval.judge import MT_BENCH_LABEL, QUICK_LABEL, Judge, MTBenchFiles, judge_run, load_questions
+    from spinlm.eval.mt_bench import JUDGE_MAX_TOKENS
 
     if args.pairwise != bool(args.model_b):
         raise UserError("spinlm judge: --pairwise and --model-b go together (pairwise compares --model with --model-b)")
+    mt = MTBenchFiles(args.judge_prompts, args.reference_answers) if args.judge_prompts else None
+    if mt is None and args.reference_answers:
+        raise UserError("spinlm judge: --reference-answers is MT-Bench's: give --judge-prompts too")
+    if mt is not None and args.sample:
+        raise UserError("spinlm judge: --sample is the quick judge's; MT-Bench samples each category at its "
+                        "judge.temperatures value")
+    if args.judge_max_tokens is None:
+        args.judge_max_tokens = JUDGE_MAX_TOKENS if mt else 1024
     for name in ("concurrency", "timeout_s", "judge_max_tokens"):
         if getattr(args, name) <= 0:
             raise UserError(f"spinlm judge: --{name.replace('_', '-')} must be > 0; got {getattr(args, name)}")
@@ -373,7 +431,7 @@ def _judge(args, cfg) -> None:
     questions = load_questions(args.questions, args.questions_split, args.max_questions)
     judge = Judge(args.judge_url, args.judge_model, args.api_key_env, args.concurrency, args.timeout_s, args.retries,
                   args.judge_max_tokens)
-    s = judge_run(cfg, questions, judge, Path(args.out), args.model_b, args.sample)
+    s = judge_run(cfg, questions, judge, Path(args.out), args.model_b, args.sample, mt)
     bad = s["unparsable"]["count"]
     if s["mode"] == "single":
         overall = "n/a" if s["overall"] is None else f"{s['overall']:.2f}"
@@ -382,8 +440,9 @@ def _judge(args, cfg) -> None:
         rate = lambda k: "n/a" if s[k] is None else f"{s[k]:.3f}"  # noqa: E731
         what = (f"A vs B: win {rate('win_rate')}, tie {rate('tie_rate')}, loss {rate('loss_rate')} over "
                 f"{s['scored']} comparisons")
-    print(f"wrote {Path(args.out) / 'judge.json'} ({what}; {bad} of {s['judgments']} judge replies unparsable, "
-          "not scored)")
+    label = MT_BENCH_LABEL if mt else QUICK_LABEL
+    print(f"wrote {Path(args.out) / 'judge.json'} ({label}: {what}; {bad} of {s['judgments']} judge replies "
+          "unparsable, not scored)")
 
 
 def main(argv: list[str] | None = None) -> int:

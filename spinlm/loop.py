@@ -5,7 +5,8 @@
 Iteration t starts from, and uses as reference, the model p_t of iteration t-1 (for t = 0:
 the SFT model). It trains on the pairs generated in the last `spin.mix_window` iterations,
 all scored under p_t. Every stage writes to a temporary path, renames it into place and
-then writes a `.done` marker; a re-run skips what is done and redoes the rest.
+then writes a `.done` marker; a re-run skips what is done and redoes the rest. With
+run.push_to_hub each model goes to the Hub once evaluated (spinlm.report.publish).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from spinlm.io import read_json, read_jsonl, write_main
 from spinlm.loss import objective
 from spinlm.modeling import use_deterministic
 from spinlm.report.cards import write_run_cards
-from spinlm.rundir import RunLayout, Stage, open_run, release_lock
+from spinlm.report.publish import check_access, push_evaluated
+from spinlm.rundir import SFT, RunLayout, Stage, iteration_name, open_run, release_lock
 from spinlm.stages.evaluate import evaluate
 from spinlm.stages.generate import generate_file
 from spinlm.stages.score import score_files
@@ -38,7 +40,9 @@ def run(cfg: Config, force: bool = False) -> Path:
     """Run (or resume) the whole loop; return the run directory."""
     dist.configure(cfg.run)
     data = check(cfg)  # everything `spinlm validate` checks, before the run directory is touched
-    run_dir = open_run(cfg, force)
+    if cfg.run.push_to_hub:
+        check_access(cfg)  # HF_TOKEN set and accepted: fail now, not after the first iteration
+    run_dir = open_run(cfg, force, data.provenance)
     log.info("validated:\n%s", report(data))
     use_deterministic(cfg.run.deterministic)
     progress.configure(cfg.run)
@@ -52,6 +56,7 @@ def run(cfg: Config, force: bool = False) -> Path:
         model = str(layout.sft() / "model")
     start = model
     evaluate_stage(stage, model, layout.sft(), data, cfg, pairs=None, beta=None)
+    push_evaluated(run_dir, cfg, SFT)  # run.push_to_hub: to its branch, and to main while it is the best
     for t in range(cfg.spin.iterations):
         it = layout.iteration(t)
         stage("generate", it / "generations.jsonl", lambda out: generate_file(model, train_ex, out, cfg, t))
@@ -68,6 +73,7 @@ def run(cfg: Config, force: bool = False) -> Path:
         model = str(it / "model")
         pairs = read_jsonl(it / "eval-pairs.jsonl") if (it / "eval-pairs.jsonl").exists() else None
         evaluate_stage(stage, model, it, data, cfg, pairs, cfg.per_iteration("beta", t))
+        push_evaluated(run_dir, cfg, iteration_name(t))
     if cfg.eval.continued_sft:  # the baseline: as many SFT steps as SPIN took, from the same start
         continued_sft(stage, run_dir, start, data, cfg)
     summarize(run_dir, cfg)

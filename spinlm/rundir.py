@@ -28,7 +28,7 @@ log = logging.getLogger("spinlm")
 HARMLESS = {"run.progress", "run.progress_every_s", "run.log_every", "run.report_to", "train.checkpoint_every",
             "generation.concurrency", "generation.timeout_s", "generation.retries", "generation.server_start_timeout_s",
             "generation.api_key_env", "run.check_memory", "run.dist_timeout_min", "run.preempt_signals",
-            "run.preempt_grace_s"}
+            "run.preempt_grace_s", "run.push_to_hub", "run.hub_model_id", "run.hub_private_repo"}
 
 
 SFT, CONTINUED_SFT, BEST = "sft", "continued-sft", "best"  # RUN/<name> of the models beside the iterations
@@ -55,6 +55,7 @@ class RunLayout:
         RUN/iteration-T/model               p_{T+1}, with spinlm_train.json; metrics.json beside it
         RUN/continued-sft/model             the baseline: as many SFT steps as SPIN took
         RUN/best -> the model chosen on validation; RUN/summary.json, RUN/config.yaml
+        RUN/pushed.json                     what each Hub repo branch holds (spinlm push, run.push_to_hub)
     """
 
     root: Path
@@ -74,6 +75,13 @@ class RunLayout:
     def train_log(self, t: int) -> Path:
         """spinlm_train.json of iteration t's model: its steps and training history."""
         return self.iteration(t) / "model" / "spinlm_train.json"
+
+    def model(self, name: str) -> Path:
+        """RUN/name/model: the model of sft, iteration-T or continued-sft."""
+        return self.root / name / "model"
+
+    def pushed(self) -> Path:
+        return self.root / "pushed.json"
 
     def sft_log(self) -> Path:
         return self.sft() / "model" / "spinlm_sft.json"
@@ -176,15 +184,15 @@ def release_lock(lock: Path) -> None:
         pass
 
 
-def open_run(cfg: Config, force: bool) -> Path:
+def open_run(cfg: Config, force: bool, provenance: dict | None = None) -> Path:
     """Create or resume RUN/: take its lock, refuse a changed config unless forced, log to RUN/log.txt.
     With several processes rank 0 does this and the others share its outcome."""
-    run_dir = dist.on_main(lambda: _open_run(cfg, force))
+    run_dir = dist.on_main(lambda: _open_run(cfg, force, provenance))
     dist.barrier()
     return run_dir
 
 
-def _open_run(cfg: Config, force: bool) -> Path:
+def _open_run(cfg: Config, force: bool, provenance: dict | None = None) -> Path:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     acquire_lock(run_dir)
@@ -206,7 +214,8 @@ def _open_run(cfg: Config, force: bool) -> Path:
     handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
-    write_json(run_dir / "run_info.json", run_info())
+    # provenance: the commits the model id and Hub datasets resolved to (validate.provenance)
+    write_json(run_dir / "run_info.json", {**run_info(), **(provenance or {})})
     return run_dir
 
 

@@ -97,7 +97,8 @@ def test_model_cards(run_dir):
         _, front, body = card.split("---\n", 2)
         meta = yaml.safe_load(front)
         assert meta["library_name"] == "transformers"
-        assert meta["tags"] == ["spinlm", "spin", "self-play-fine-tuning"]
+        assert meta["tags"] == ["spinlm", "spin", "self-play", "self-play-fine-tuning"]
+        assert meta["pipeline_tag"] == "text-generation" and "license" not in meta  # the tiny model has no card
         assert "base_model" not in meta  # the run started from a local directory, not a Hub id
         assert f"| nll_per_token | {summary[name]['nll_per_token']:.4g} |" in body
         assert f"| accuracy | {summary[name]['accuracy']:.4g} |" in body

@@ -44,7 +44,26 @@ def _run_problems(run: RunConfig) -> list[str]:
         problems.append(f"run.preempt_grace_s must be >= 0 (0 = no timer); got {run.preempt_grace_s}")
     problems += [f"run.preempt_signals: {name!r} is not a signal spinlm can stop on; valid: {', '.join(CATCHABLE)}"
                  for name in run.preempt_signals if name not in CATCHABLE]
-    return problems
+    return problems + _hub_problems(run)
+
+
+def _hub_problems(run: RunConfig) -> list[str]:
+    if run.push_to_hub and not run.hub_model_id:
+        return ["run.push_to_hub needs run.hub_model_id: the Hub repo to push to (NAME or ORG/NAME)"]
+    problem = repo_id_problem(run.hub_model_id) if run.hub_model_id else None
+    return [f"run.hub_model_id: {problem}"] if problem else []
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why `repo_id` is not a Hub repo id (huggingface_hub's own check), or None."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return f"{repo_id!r} is not a Hub repo id (expected NAME or ORG/NAME): {e}"
+    return None
 
 
 def _choice_problems(cfg: Config) -> list[str]:
@@ -81,7 +100,9 @@ def _positive_problems(cfg: Config) -> list[str]:
                 "sft.gradient_accumulation_steps": cfg.sft.gradient_accumulation_steps,
                 "sft.learning_rate": cfg.sft.learning_rate,
                 "generation.temperature": cfg.generation.temperature, "eval.batch_size": cfg.eval.batch_size,
-                "run.log_every": cfg.run.log_every, "packing.max_tokens": cfg.packing.max_tokens}
+                "run.log_every": cfg.run.log_every, "packing.max_tokens": cfg.packing.max_tokens,
+                "judge.max_new_tokens": cfg.judge.max_new_tokens,
+                "packing.logits_chunk_mb": cfg.packing.logits_chunk_mb}
     return [f"{k} must be > 0; got {v}" for k, v in positive.items() if v <= 0]
 
 
@@ -106,6 +127,10 @@ def _range_problems(cfg: Config) -> list[str]:
         section, name = key.split(".")
         if not 0 <= getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{key} must be in [0, 1)")
+    temperatures = {**cfg.judge.temperatures, "(judge.default_temperature)": cfg.judge.default_temperature}
+    problems += [f"judge.temperatures: {k} must be >= 0; got {v}" for k, v in temperatures.items() if v < 0]
+    if cfg.judge.top_k < 0:
+        problems.append(f"judge.top_k must be >= 0 (0 = off); got {cfg.judge.top_k}")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         problems.append("data.max_prompt_length must be smaller than data.max_length")
     if cfg.data.val_size < 0 or (cfg.data.val_size >= 1 and cfg.data.val_size != int(cfg.data.val_size)):
@@ -141,6 +166,9 @@ def _train_problems(tc: TrainConfig) -> list[str]:
         problems.append(f"train.skip_grad_norm_above must be > 0 when set; got {tc.skip_grad_norm_above}")
     if tc.max_steps is not None and tc.max_steps <= 0:
         problems.append("train.max_steps must be > 0 when set")
+    if tc.schedule_epochs is not None and tc.schedule_epochs < tc.epochs:
+        problems.append(f"train.schedule_epochs must be at least train.epochs ({tc.epochs}) when set: the schedule "
+                        f"would reach a learning rate of 0 before training ends; got {tc.schedule_epochs}")
     return problems
 
 

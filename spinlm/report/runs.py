@@ -1,8 +1,8 @@
 """Reading a finished (or running) spinlm run directory: the data the report and the model cards use.
 
 `load_run(RUN)` reads RUN/config.yaml, RUN/summary.json (optional with need_summary=False, as
-while `spinlm run` is still going), RUN/run_info.json, each model's metrics.json (held-out
-metrics and training log, or the model's own training log when metrics.json lacks it) and the
+while `spinlm run` is still going), RUN/run_info.json, each model's metrics.json (held-out and
+validation metrics and training log, or the model's own training log when metrics.json lacks it) and the
 `.done` markers of the generation stages (length statistics). A missing or garbled file is a
 UserError naming it.
 """
@@ -68,10 +68,12 @@ def load_run(run_dir: str | Path, need_summary: bool = True) -> dict:
 def _model_entry(run_dir: Path, name: str, summary: list[dict] | None) -> dict:
     d = run_dir / name
     saved = _read(d / "metrics.json", "json", required=False) or {}
-    metrics = next((e["metrics"] for e in summary if e["name"] == name), None) if summary else None
+    entry = next((e for e in summary if e["name"] == name), None) if summary else None
+    metrics, val = (entry["metrics"], entry.get("val_metrics")) if entry else (None, None)
     gen = _read(marker(d / "generations.jsonl"), "json", required=False) if (d / "generations.jsonl").exists() else None
     return {"name": name, "dir": d, "model": d / "model" if (d / "model" / "config.json").exists() else None,
             "metrics": metrics if metrics is not None else saved.get("eval") or {},
+            "val_metrics": val if val is not None else saved.get("val") or {},
             "train": saved.get("train") or _training_log(d / "model"), "generation": (gen or {}).get("info")}
 
 

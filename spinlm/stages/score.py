@@ -17,9 +17,10 @@ import torch
 
 from spinlm import dist, preempt
 from spinlm.config import Config
+from spinlm.hub import model_key
 from spinlm.io import RowLog, fault_point, fingerprint, read_jsonl, scratch, write_jsonl
 from spinlm.modeling import load_tokenizer
-from spinlm.packing import prepare, response_logps, score_groups
+from spinlm.packing import Layout, prepare, response_logps, score_groups
 from spinlm.progress import bar as progress_bar
 from spinlm.tokens import Limits, pair_groups
 from spinlm.training.strategy import inference_model
@@ -42,7 +43,9 @@ def score_files(model_path: str, generation_files: list[Path], out: Path, cfg: C
 def triplet_rows(rows: list[dict], historical: Path, out: Path, sources: list[str]) -> dict:
     """`out`: the rows with `historical`, `historical_ids`, `historical_finish` from the row of the
     same id in `historical`. Rows with an empty generated or historical response, or none, are
-    dropped (counted and logged)."""
+    dropped (counted and logged). Rows whose generated response is the historical one (iteration 0's
+    own rows in a later mix window) are kept for the current term; training gives their history term
+    no weight (spinlm.loss.tspin_history_scales), and they are counted here."""
     kept = {r["id"]: r for r in read_jsonl(historical) if r["generated"].strip()}
     empty = [r for r in rows if not r["generated"].strip()]
     missing = [r for r in rows if r["generated"].strip() and r["id"] not in kept]
@@ -57,21 +60,30 @@ def triplet_rows(rows: list[dict], historical: Path, out: Path, sources: list[st
                              "historical_finish": h["finish"]})
     if dist.is_main():
         write_jsonl(out, triplets)
-    log.info("score: %d triplets from %s, historical responses from %s (reference-free: no forward pass)",
-             len(triplets), ", ".join(sources), historical)
+    same = sum(_same_response(r) for r in triplets)
+    log.info("score: %d triplets from %s, historical responses from %s (reference-free: no forward pass); in %d "
+             "of them the generated response is the historical one: no history term there", len(triplets),
+             ", ".join(sources), historical, same)
     return {"pairs": len(triplets), "dropped_empty": len(empty), "no_historical": len(missing), "from": sources,
-            "historical_from": str(historical), "reference_pass": False}
+            "historical_from": str(historical), "reference_pass": False, "generated_is_historical": same}
+
+
+def _same_response(row: dict) -> bool:
+    """Whether a triplet's y' is its y0: the same sampled ids (the same text where ids are not stored)."""
+    if row.get("generated_ids") is not None and row.get("historical_ids") is not None:
+        return list(row["generated_ids"]) == list(row["historical_ids"])
+    return row["generated"] == row["historical"]
 
 
 @torch.no_grad()
-def synced_scores(model, fsdp, groups: list, filler, pad_id: int, budget: int | None, batch_size: int) -> list:
+def synced_scores(model, fsdp, groups: list, filler, pad_id: int, layout: Layout | None, batch_size: int) -> list:
     """score_groups on a sharded model: this process's `groups`, then forwards of `filler` (results
     dropped) until it has run as many forwards as the process with the most."""
     mine = -(-len(groups) // batch_size)  # score_groups' forwards: one per batch
     most = fsdp.forwards(mine)  # agreed before any forward: a collective between two gathers would hang
-    scores = score_groups(model, groups, pad_id, budget, batch_size)
+    scores = score_groups(model, groups, pad_id, layout, batch_size)
     for _ in range(most - mine):
-        response_logps(model, [filler], pad_id, budget)
+        response_logps(model, [filler], pad_id, layout)
     return scores
 
 
@@ -89,9 +101,10 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
     tokenizer = load_tokenizer(model_path, cfg.model)
     model, fsdp = inference_model(model_path, cfg)
     groups = pair_groups(tokenizer, rows, Limits.of(cfg))
-    budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
+    layout = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
     chunk = cfg.eval.batch_size * 16
-    key = fingerprint("score", model_path, groups, budget, cfg.model.dtype, cfg.model.attn_implementation, chunk)
+    key = fingerprint("score", model_key(model_path, cfg.model.revision), groups, layout,
+                      cfg.model.dtype, cfg.model.attn_implementation, chunk)
     bar = progress_bar(len(groups), desc, cfg.run.progress and dist.is_main())
     with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
         for c, start in enumerate(range(0, len(groups), chunk)):
@@ -101,12 +114,12 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
             if fsdp is not None:  # every process scores its rows of every chunk, as many forwards as the others
                 mine = [i for i in idx if i % fsdp.world == fsdp.rank and i not in rowlog.done]
                 scores = synced_scores(model, fsdp, [groups[i] for i in mine], groups[idx.start],
-                                       tokenizer.pad_token_id, budget, cfg.eval.batch_size)
+                                       tokenizer.pad_token_id, layout, cfg.eval.batch_size)
                 if mine:
                     rowlog.add([(i, {"real": real, "generated": gen}) for i, (real, gen) in zip(mine, scores)])
                     fault_point("score-chunk")
             elif c % dist.world() == dist.rank() and not all(i in rowlog.done for i in idx):
-                scores = score_groups(model, groups[idx.start:idx.stop], tokenizer.pad_token_id, budget,
+                scores = score_groups(model, groups[idx.start:idx.stop], tokenizer.pad_token_id, layout,
                                       cfg.eval.batch_size)
                 rowlog.add([(i, {"real": real, "generated": gen}) for i, (real, gen) in zip(idx, scores)])
                 fault_point("score-chunk")

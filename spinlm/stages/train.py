@@ -27,7 +27,7 @@ from spinlm.io import fault_point, read_jsonl, write_json
 from spinlm.loss import Objective, objective, real_nll_per_token
 from spinlm.metrics import heldout_metric, over_live_pairs
 from spinlm.modeling import load_tokenizer
-from spinlm.packing import prepare, response_logps
+from spinlm.packing import Layout, prepare, response_logps
 from spinlm.tokens import Limits, encode_pair, is_dead
 from spinlm.tracking import Log
 from spinlm.training import checkpoint
@@ -53,8 +53,10 @@ METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margin", "rewar
 
 def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
     """Token ids of each scored row: the responses spin.objective trains on (for T-SPIN also the
-    row's `historical` response, the starting model's, kept from iteration 0) and, where the
-    objective needs them, the stored reference log-probs."""
+    row's `historical` response, the starting model's, kept from iteration 0), where the objective
+    needs them the stored reference log-probs, and the objective's per-row `scales` of its params
+    (T-SPIN: the history weight only where y' != y0), counted over the rows that train (without dead
+    pairs where spin.drop_dead_pairs leaves them out)."""
     goal, lim = objective(cfg.spin.objective), Limits.of(cfg)
     items = []
     for n, row in enumerate(rows, 1):
@@ -70,6 +72,9 @@ def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
         if goal.needs_reference:
             item.update(ref_real=row["ref_real_logp"], ref_generated=row["ref_generated_logp"])
         items.append(item)
+    trained = [i for i in items if not (cfg.spin.drop_dead_pairs and i["dead"])]
+    for item, scales in zip(trained, goal.scales(trained)):
+        item["scales"] = scales
     return items
 
 
@@ -78,18 +83,20 @@ def responses(item: dict) -> list[list[int]]:
     return [item["real"], item["generated"]] + ([item["historical"]] if "historical" in item else [])
 
 
-def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, goal: Objective, params: dict,
+def batch_losses(model, batch: list[dict], pad_id: int, layout: Layout | None, goal: Objective, params: dict,
                  sft_weight: float = 0.0):
     """Per-row losses (batch,) of the objective `goal` with its `params` (spinlm.loss.OBJECTIVES), plus
     `sft_weight` x the real response's NLL per token, and detached per-row metrics, from one forward over
     the micro-batch (packed [prompt | real | generated (| historical)] rows, or padded sequences when
     packing is off)."""
-    scores = response_logps(model, [(b["prompt"], responses(b)) for b in batch], pad_id, budget)
+    scores = response_logps(model, [(b["prompt"], responses(b)) for b in batch], pad_id, layout)
     policy = {name: torch.stack([s[k][0] for s in scores]) for k, name in enumerate(goal.responses)}
     dev = policy["real"].device
     tokens = {name: torch.tensor([float(s[k][1]) for s in scores], device=dev) for k, name in enumerate(goal.responses)}
     ref = {name: torch.tensor([b[f"ref_{name}"] for b in batch], device=dev)
            for name in ("real", "generated")} if goal.needs_reference else None
+    params = {**params, **{k: params[k] * torch.tensor([b["scales"][k] for b in batch], device=dev)
+                           for k in batch[0].get("scales", {})}}  # per row where the objective says so
     terms = goal.terms(policy, ref, **params)
     losses = sum(terms.values())
     nll = real_nll_per_token(policy["real"], tokens["real"])
@@ -138,20 +145,22 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
                                      epoch)
     per_epoch = len(plan(0))
     steps = min(per_epoch * tc.epochs, tc.max_steps or math.inf)
+    # the schedule's length may exceed the steps run (train.schedule_epochs): training stops partway down it
+    horizon = per_epoch * tc.schedule_epochs if tc.schedule_epochs else steps
 
     def build(wrapped):
         optimizer = make_optimizer(tc.optimizer, wrapped, lr, tc.weight_decay)
-        return optimizer, linear_schedule(optimizer, steps, tc.warmup_ratio, strategy.schedule_factor)
+        return optimizer, linear_schedule(optimizer, horizon, tc.warmup_ratio, strategy.schedule_factor)
 
     ckpt_dir = out.with_name(out.name + ".checkpoints")
     model, optimizer, scheduler, state = strategy.setup(model, build, checkpoint.latest(ckpt_dir))
     state = state or {"step": 0, "history": [], "window": [], "skipped": 0, "checks": [], "warnings": 0}
     # after wrapping: under fsdp every process checks on the sharded model (no whole copy on one device)
-    budget = prepare(strategy.unwrap(model), [(i["prompt"], responses(i)) for i in items[:4]], pad,
+    layout = prepare(strategy.unwrap(model), [(i["prompt"], responses(i)) for i in items[:4]], pad,
                      cfg.packing) if items else None
-    log.info("train iteration %d: %d pairs, %d optimizer steps, lr %g, objective %s (%s), sft_weight %g",
-             iteration, len(items), steps, lr, goal.name, ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                                                                 for k, v in params.items()), cfg.spin.sft_weight)
+    described = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+    log.info("train iteration %d: %d pairs, %d optimizer steps (schedule of %d), lr %g, objective %s (%s), "
+             "sft_weight %g", iteration, len(items), steps, horizon, lr, goal.name, described, cfg.spin.sft_weight)
     checking = bool(tc.eval_every and heldout)
     start, epoch_plan = time.time(), {}
     window = {"tokens": 0, "since": time.time()}  # tokens/s of this process's logging window
@@ -160,7 +169,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
         epoch, k = divmod(state["step"], per_epoch)
         micro, n_pairs = epoch_plan.setdefault(epoch, plan(epoch))[k]
         metrics = train_step(strategy, model, optimizer, scheduler, [[items[i] for i in ids] for ids in micro],
-                             n_pairs, pad, budget, goal, params, cfg, state, iteration, ckpt_dir)
+                             n_pairs, pad, layout, goal, params, cfg, state, iteration, ckpt_dir)
         state["examples"] = state.get("examples", 0) + n_pairs
         state["window"].append(metrics)
         window["tokens"] += world * sum(len(items[i]["prompt"]) + len(items[i]["real"]) + len(items[i]["generated"])
@@ -186,7 +195,8 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
             save()
     strategy.barrier()
     history = state["history"]
-    result = {"steps": state["step"], "planned_steps": steps, "examples": state.get("examples"), "pairs": len(items),
+    result = {"steps": state["step"], "planned_steps": steps, "schedule_steps": horizon,
+              "examples": state.get("examples"), "pairs": len(items),
               "dead_pairs": dead,
               "objective": goal.name, "objective_params": params, "learning_rate": lr, "beta": beta,
               "skipped_steps": state["skipped"], "checks": state["checks"],
@@ -199,16 +209,16 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
 
 
 def train_step(strategy, model, optimizer, scheduler, micro: list[list[dict]], n_pairs: int, pad: int,
-               budget: int | None, goal: Objective, params: dict, cfg: Config, state: dict, iteration: int,
+               layout: Layout | None, goal: Objective, params: dict, cfg: Config, state: dict, iteration: int,
                ckpt_dir: Path) -> dict:
     """One optimizer step over this process's micro-batches; the loss is the mean over the step's
     `n_pairs` pairs of all processes. Guards non-finite values; applies the grad-norm skip policy."""
     tc, world = cfg.train, strategy.world
     metrics, count = {}, 0
     groups_of = lambda batch: [(b["prompt"], responses(b)) for b in batch]
-    for part, weight, last in step_forwards(strategy, micro, groups_of, budget, cfg.packing.backward_per_row):
+    for part, weight, last in step_forwards(strategy, micro, groups_of, layout, cfg.packing.backward_per_row):
         with strategy.sync(model, last=last):  # gradients of all parts add up, synced after the last
-            losses, per_pair = batch_losses(model, part, pad, budget, goal, params, cfg.spin.sft_weight)
+            losses, per_pair = batch_losses(model, part, pad, layout, goal, params, cfg.spin.sft_weight)
             strategy.backward(losses.sum() * (weight * world / n_pairs))
         if weight:
             for key, value in per_pair.items():
