@@ -283,8 +283,10 @@ class EvalConfig:
     batch_size: int = _f(32, "Batch size for held-out generation and scoring.")
     continued_sft: bool = _f(False, "Also train the baseline the paper compares with: the start model fine-tuned "
                              "further on the real responses (sft.learning_rate, no early stopping) for as many "
-                             "optimizer steps of train.batch_size examples as all SPIN iterations took; it is "
-                             "evaluated and listed as continued-sft (never chosen as RUN/best).")
+                             "optimizer steps of train.batch_size examples as all SPIN iterations took, selected "
+                             "as SPIN is: with train.eval_every, checked on the validation data at the steps SPIN "
+                             "checked, by the same metric, its best checked weights kept; it is evaluated and "
+                             "listed as continued-sft (never chosen as RUN/best).")
 
 
 # FastChat's fastchat/llm_judge/common.py, `temperature_config` and `NEED_REF_CATS` (read 2026-12-07).
