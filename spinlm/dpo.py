@@ -81,7 +81,8 @@ def dpo(model_path: str, examples: list[Example], out: Path, cfg: Config,
                   "val_rows": len(val or []),
                   "beta": cfg.per_iteration("beta", 0), "loss_type": cfg.spin.loss_type,
                   "train": {k: v for k, v in result.items() if k != "history"},
-                  "eval": _heldout_metrics(tmp, heldout, eval_pairs, cfg) if heldout else None,
+                  # evaluated in OUT's temporary directory, before the rename: the record names OUT
+                  "eval": {**_heldout_metrics(tmp, heldout, eval_pairs, cfg), "model": str(out)} if heldout else None,
                   "config": cfg.to_dict(), "versions": _versions()}
         if dist.is_main():
             write_json(tmp / "spinlm_dpo.json", record)
