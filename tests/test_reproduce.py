@@ -161,6 +161,9 @@ def test_reproduce_commands_run_on_the_offline_hub(offline_hub, tmp_path):
         assert (record["start_model"], record["start_model_commit"]) == (start, commit), out
         assert record["train_rows"] == offline_hub.splits[oh.ULTRAFEEDBACK]["train_prefs"]
         assert record["train"]["steps"] == 2 and record["config"]["data"]["format"] == "trl"
+        read = record["data"]  # the dataset commits read (the recipes do not pin them)
+        assert [(r, read[r]["split"], read[r]["commit"]) for r in ("train", "eval")] == [
+            ("train", "train_prefs", oh.ULTRAFEEDBACK_REVISION), ("eval", "test_prefs", oh.ULTRAFEEDBACK_REVISION)]
         ev = record["eval"]
         assert ev["examples"] == offline_hub.splits[oh.ULTRAFEEDBACK]["test_prefs"]
         assert ev["model"] == f"runs/{out}/model" and ev["reward_accuracy"] is not None, ev
