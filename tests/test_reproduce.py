@@ -118,7 +118,7 @@ def test_reproduce_commands_run_on_the_offline_hub(offline_hub, tmp_path):
     commands = doc_commands(PAGE, TEST)
     launched = [c for c in commands if c[0] == "torchrun"]
     others = [c for c in commands if c[0] != "torchrun"]
-    assert [next(k for k in NOT_RUN if tuple(c[:len(k)]) == k) for c in others] == [
+    assert [next((k for k in NOT_RUN if tuple(c[:len(k)]) == k), c) for c in others] == [
         ("M=runs/zephyr-7b-spin/iteration-3/model",), ("spinlm", "lm-eval"), ("spinlm", "lm-eval"),
         ("spinlm", "judge")], others
     runs = [_scaled(c) for c in launched]
