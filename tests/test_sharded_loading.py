@@ -83,7 +83,8 @@ persistent = reference.state_dict()
 computed = {n: b for n, b in reference.named_buffers() if n not in persistent}
 result = {
     "rank": strategy.rank, "reads": len(reads),
-    "computed_equal": sorted(n for n, b in plain.named_buffers() if n in computed and torch.equal(b.cpu(), computed[n])),
+    "computed_equal": sorted(n for n, b in plain.named_buffers()
+                             if n in computed and torch.equal(b.cpu(), computed[n])),
     "computed": sorted(computed),
     "tied": plain.lm_head.weight is plain.get_input_embeddings().weight,
 }

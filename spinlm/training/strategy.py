@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 8 -m spinlm run CONFIG.yaml --train.strategy=fsdp
 
 Every training stage (SFT, continued SFT, SPIN train, `spinlm dpo`) asks its strategy the same
-questions: wrap the model and build its optimizer, keep gradients local on all but the last
+questions: load the model, wrap it and build its optimizer, keep gradients local on all but the last
 micro-batch, backward, clip, sum over processes, save the model, save and load a checkpoint.
 
 - `ddp` (default): every process holds the whole fp32 model, its gradients and optimizer
@@ -21,9 +21,16 @@ micro-batch, backward, clip, sum over processes, save the model, save and load a
   off: every micro-batch's backward reduce-scatters and adds into the partitions, and one
   `engine.step()` per optimizer step is the boundary); clipping to train.max_grad_norm happens
   once, inside DeepSpeed's step (spinlm's clip call runs that step and reports its norm).
-  DeepSpeed is driven directly, not through accelerate (its DeepSpeed path runs the optimizer
-  step inside `backward`, before spinlm's guards, and its process state would clash with the one
-  spinlm already started).
+  With train.zero3_offload_optimizer / zero3_offload_params the optimizer state (and master
+  partitions) / the weight partitions live in CPU memory. DeepSpeed is driven directly, not
+  through accelerate's plugin (its DeepSpeed path runs the optimizer step inside `backward`, before
+  spinlm's guards), also under `accelerate launch` with distributed_type DEEPSPEED: that launch
+  only starts the processes, and its settings must agree with the run's config (check_launch).
+
+Loading under fsdp and zero3: rank 0 alone reads the weights (the whole model once per launch,
+not once per process); the other processes build the model without memory and receive their
+shards from rank 0 (fsdp: torch's set_model_state_dict, broadcast from rank 0; zero3: transformers'
+ZeRO-3 path, zero.Init). The values are exactly load_model's.
 
 Saved models are plain transformers directories either way (under fsdp and zero3 the full fp32
 state dict is gathered to rank 0's CPU memory, and rank 0 writes); fsdp checkpoints are sharded
