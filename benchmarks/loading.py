@@ -6,8 +6,9 @@ Writes a random Llama (hidden 1024, 10 layers, vocabulary 32000: 194M parameters
 safetensors, as real checkpoints are shipped, then for each strategy runs this file as a worker
 under `torchrun --standalone --nproc_per_node 2` (gloo, one thread per process). Each worker
 does what a training stage does before its first step: the strategy loads the model (fp32) and
-sets it up with its optimizer; then it reports its peak RSS (VmHWM, the kernel's high-water mark)
-and exits. The driver samples the summed RSS of the workers every 20 ms for the launch's peak.
+sets it up with its optimizer (zero3: deepspeed.initialize); it reports its peak RSS (VmHWM, the
+kernel's high-water mark) after loading and after the set-up, and exits. The driver samples the
+summed RSS of the workers every 20 ms for the launch's peak.
 `--code DIR` runs the workers against the spinlm package in DIR (e.g. a checkout of older code,
 for a before / after comparison): where a strategy has no `load` (before rank 0 alone read the
 weights), the workers load as the stages did then (every process reads the whole model, the
@@ -54,14 +55,15 @@ def _status(pid: int | str = "self") -> dict[str, int]:
 def worker(model: str, strategy_name: str, out: str) -> None:
     """One process of the launch: load and set up as a training stage does, then report."""
     import torch
+    import transformers.modeling_utils  # noqa: F401 (imported before the baseline is taken)
 
     from spinlm.config import build
     from spinlm.training.steps import linear_schedule, make_optimizer
     from spinlm.training.strategy import make_strategy
 
-    start = _status()
     cfg = build(overrides=[f"--train.strategy={strategy_name}"])
-    strategy = make_strategy(cfg.train)
+    strategy = make_strategy(cfg.train)  # joins the group (zero3: imports DeepSpeed)
+    start = _status()
     began = time.time()
     if hasattr(strategy, "load"):
         loaded = strategy.load(model, cfg.model, False)
@@ -69,6 +71,7 @@ def worker(model: str, strategy_name: str, out: str) -> None:
         from spinlm.training.steps import load_trainable
 
         loaded = load_trainable(model, cfg.model, strategy.load_device, False)
+    after_load = _status()  # its VmHWM: the peak while loading (before: the whole model, not yet sharded)
 
     def optimizer(m):
         o = make_optimizer("rmsprop", m, 1e-6, 0.0)
@@ -78,8 +81,8 @@ def worker(model: str, strategy_name: str, out: str) -> None:
     strategy.barrier()
     seconds = time.time() - began
     with open(f"{out}.rank{strategy.rank}.json", "w") as f:
-        json.dump({"rank": strategy.rank, "load_s": round(seconds, 2), "at_start": start, "at_end": _status(),
-                   "torch": torch.__version__}, f)
+        json.dump({"rank": strategy.rank, "load_s": round(seconds, 2), "at_start": start, "after_load": after_load,
+                   "at_end": _status(), "torch": torch.__version__}, f)
     strategy.barrier()
 
 
@@ -109,8 +112,9 @@ def launch(model: Path, strategy: str, code: Path, out: Path) -> dict:
         return {"error": log[-3000:]}
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
     return {"peak_rss_sum_mb": peak_sum, "peak_rss_mb": [r["at_end"]["VmHWM"] for r in ranks],
-            "rss_after_imports_mb": [r["at_start"]["VmRSS"] for r in ranks], "load_s": [r["load_s"] for r in ranks],
-            "wall_s": round(time.time() - began, 1)}
+            "load_peak_rss_mb": [r["after_load"]["VmHWM"] for r in ranks],
+            "rss_after_startup_mb": [r["at_start"]["VmRSS"] for r in ranks],
+            "load_and_setup_s": [r["load_s"] for r in ranks], "wall_s": round(time.time() - began, 1)}
 
 
 def main(argv: list[str] | None = None) -> None:
