@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--pairs", help="Scored held-out pairs (generated and scored by the reference model).")
     sp.add_argument("--beta", type=float, help="beta for the reward metrics (default spin.beta).")
     sp.add_argument("--out", required=True, help="Output metrics .json.")
-    sub.add_parser("config", help="Print every config key with its type, default and meaning.")
+    sp = sub.add_parser("config", help="Print every config key with its type, default and meaning.")
+    sp.add_argument("--markdown", action="store_true", help="As docs/config.md: a Markdown table per section.")
     sp = sub.add_parser("report", help="Write RUN/report/README.md (table, verdict, PNG plots) and model cards.",
                         description="Markdown report of a run with PNG plots (needs `pip install 'spinlm[report]'`), "
                         "and a README.md model card in each model directory of the run.")
@@ -131,12 +132,19 @@ def _add_experiment(sub) -> None:
 
 
 def _add_judge(add) -> None:
-    sp = add("judge", "MT-Bench-style judged evaluation: the model answers multi-turn questions (generated here), "
-             "a judge model behind an OpenAI-compatible chat endpoint grades each turn 1-10, or compares two models "
-             "in both orders (--pairwise). Judgments are cached in OUT: a re-run resumes.")
+    sp = add("judge", "Judged evaluation: the model answers multi-turn questions (generated here), a judge model "
+             "behind an OpenAI-compatible chat endpoint grades each turn 1-10, or compares two models in both orders "
+             "(--pairwise). With --judge-prompts: MT-Bench as FastChat's llm_judge runs it (docs/evaluation.md; "
+             "judge.* keys); without: spinlm's quick judge, not MT-Bench. Judgments are cached in OUT: a re-run "
+             "resumes.")
     sp.add_argument("--model", required=True, help="Model to evaluate (model A in pairwise mode).")
     sp.add_argument("--questions", required=True, help="Questions: MT-Bench JSON lines (question_id, category, "
                     "turns, optional reference) or a Hub dataset id.")
+    sp.add_argument("--judge-prompts", help="MT-Bench: FastChat's judge_prompts.jsonl (name, type, system_prompt, "
+                    "prompt_template, output_format); selects the MT-Bench protocol.")
+    sp.add_argument("--reference-answers", help="MT-Bench: reference answers in FastChat's answer format "
+                    "(data/mt_bench/reference_answer/gpt-4.jsonl) for the judge.reference_categories questions "
+                    "(default: each question's own 'reference').")
     sp.add_argument("--questions-split", default="train", help="Split when --questions is a Hub id (default train).")
     sp.add_argument("--max-questions", type=int, help="Use only the first N questions.")
     sp.add_argument("--judge-url", required=True, help="Base URL of the judge's OpenAI-compatible server "
@@ -146,12 +154,13 @@ def _add_judge(add) -> None:
                     "(the key itself is never logged or written).")
     sp.add_argument("--pairwise", action="store_true", help="Compare --model with --model-b instead of grading.")
     sp.add_argument("--model-b", help="The other model of a pairwise comparison.")
-    sp.add_argument("--sample", action="store_true", help="Sample the answers with generation.temperature / "
-                    "top_p / top_k (default: greedy).")
+    sp.add_argument("--sample", action="store_true", help="Quick judge: sample the answers with "
+                    "generation.temperature / top_p / top_k (default: greedy). MT-Bench samples per category.")
     sp.add_argument("--concurrency", type=int, default=8, help="Judge requests in flight (default 8).")
     sp.add_argument("--timeout-s", type=float, default=120.0, help="Seconds per judge request (default 120).")
     sp.add_argument("--retries", type=int, default=4, help="Retries on connection errors, timeouts, 429, 5xx.")
-    sp.add_argument("--judge-max-tokens", type=int, default=1024, help="Longest judge reply (default 1024).")
+    sp.add_argument("--judge-max-tokens", type=int, help="Longest judge reply (default: 2048 for MT-Bench, as "
+                    "FastChat asks OpenAI judges; 1024 for the quick judge).")
     sp.add_argument("--out", required=True, help="Output directory: judge.json, judgments.jsonl, answers, caches.")
 
 
@@ -201,17 +210,20 @@ def _atomic(out: str, fn) -> None:
         print(f"wrote {out}")
 
 
-def _examples(cfg, source: str | None, split: str):
+def _examples(cfg, source: str | None, role: str, **kw):
+    """Examples of `source` read as data role `role` (train, val, eval): its split, subset and revision."""
     from spinlm.data import load_examples
 
     if not source:
         return []
-    return load_examples(source, split=split, format=cfg.data.format, turn=cfg.data.turn)
+    d = cfg.data
+    return load_examples(source, split=getattr(d, f"{role}_split"), subset=getattr(d, f"{role}_subset"),
+                         revision=getattr(d, f"{role}_revision"), format=d.format, turn=d.turn, **kw)
 
 
 def dispatch(args, overrides: list[str]) -> None:
     if args.command == "config":
-        print(config_mod.reference())
+        print(config_mod.reference_markdown().rstrip("\n") if args.markdown else config_mod.reference())
     elif args.command == "run":
         from spinlm.loop import run
 
@@ -276,13 +288,13 @@ def run_stage(args, cfg) -> None:
     if args.command == "sft":
         from spinlm.stages.sft import sft
 
-        train = _examples(cfg, args.data, cfg.data.train_split)
-        held = _examples(cfg, args.eval_data, cfg.data.eval_split)
+        train = _examples(cfg, args.data, "train")
+        held = _examples(cfg, args.eval_data, "eval")
         _atomic(args.out, lambda tmp: sft(args.model, train, held, tmp, cfg))
     elif args.command == "generate":
         from spinlm.stages.generate import generate_file
 
-        examples = _examples(cfg, args.data, cfg.data.train_split)
+        examples = _examples(cfg, args.data, "train")
         _atomic(args.out, lambda tmp: generate_file(args.model, examples, tmp, cfg, args.iteration))
     elif args.command == "score":
         from spinlm.stages.score import score_files
@@ -297,7 +309,7 @@ def run_stage(args, cfg) -> None:
     elif args.command == "evaluate":
         from spinlm.stages.evaluate import evaluate
 
-        examples = _examples(cfg, args.data, cfg.data.eval_split)
+        examples = _examples(cfg, args.data, "eval")
         pairs = read_jsonl(args.pairs) if args.pairs else None
         _atomic(args.out, lambda tmp: write_main(tmp, evaluate(args.model, examples, cfg, pairs, args.beta)))
 
@@ -320,7 +332,6 @@ def _experiment(args, overrides: list[str]) -> None:
 
 
 def _dpo(args, cfg) -> None:
-    from spinlm.data import load_examples
     from spinlm.dpo import dpo
     from spinlm.loss import OBJECTIVES, objective
 
@@ -333,17 +344,14 @@ def _dpo(args, cfg) -> None:
         raise UserError(f"spinlm dpo: spin.objective {cfg.spin.objective} needs the starting model's own responses, "
                         f"kept across self-play iterations; preference pairs have none. Use {pairs}.")
     d = cfg.data
-    train = load_examples(data, split=d.train_split, format=d.format, turn=d.turn, max_rows=d.max_train_rows,
-                          preference=True)
-    heldout = load_examples(held, split=d.eval_split, format=d.format, turn=d.turn, max_rows=d.max_eval_rows,
-                            preference=True) if held else None
+    train = _examples(cfg, data, "train", max_rows=d.max_train_rows, preference=True)
+    heldout = _examples(cfg, held, "eval", max_rows=d.max_eval_rows, preference=True) if held else None
     val = []
     if cfg.train.eval_every > 0:  # in-training checks select on validation pairs, never on the reported held-out ones
         from spinlm.validate import require_validation, validation_split
 
         if d.val:
-            val = load_examples(d.val, split=d.val_split, format=d.format, turn=d.turn, max_rows=d.max_eval_rows,
-                                preference=True)
+            val = _examples(cfg, d.val, "val", max_rows=d.max_eval_rows, preference=True)
         else:
             train, val = validation_split(cfg, train, data)
         require_validation(cfg, val)
@@ -357,10 +365,19 @@ def _dpo(args, cfg) -> None:
 
 
 def _judge(args, cfg) -> None:
-    from spinlm.eval.judge import Judge, judge_run, load_questions
+    from spinlm.eval.judge import MT_BENCH_LABEL, QUICK_LABEL, Judge, MTBenchFiles, judge_run, load_questions
+    from spinlm.eval.mt_bench import JUDGE_MAX_TOKENS
 
     if args.pairwise != bool(args.model_b):
         raise UserError("spinlm judge: --pairwise and --model-b go together (pairwise compares --model with --model-b)")
+    mt = MTBenchFiles(args.judge_prompts, args.reference_answers) if args.judge_prompts else None
+    if mt is None and args.reference_answers:
+        raise UserError("spinlm judge: --reference-answers is MT-Bench's: give --judge-prompts too")
+    if mt is not None and args.sample:
+        raise UserError("spinlm judge: --sample is the quick judge's; MT-Bench samples each category at its "
+                        "judge.temperatures value")
+    if args.judge_max_tokens is None:
+        args.judge_max_tokens = JUDGE_MAX_TOKENS if mt else 1024
     for name in ("concurrency", "timeout_s", "judge_max_tokens"):
         if getattr(args, name) <= 0:
             raise UserError(f"spinlm judge: --{name.replace('_', '-')} must be > 0; got {getattr(args, name)}")
@@ -373,7 +390,7 @@ def _judge(args, cfg) -> None:
     questions = load_questions(args.questions, args.questions_split, args.max_questions)
     judge = Judge(args.judge_url, args.judge_model, args.api_key_env, args.concurrency, args.timeout_s, args.retries,
                   args.judge_max_tokens)
-    s = judge_run(cfg, questions, judge, Path(args.out), args.model_b, args.sample)
+    s = judge_run(cfg, questions, judge, Path(args.out), args.model_b, args.sample, mt)
     bad = s["unparsable"]["count"]
     if s["mode"] == "single":
         overall = "n/a" if s["overall"] is None else f"{s['overall']:.2f}"
@@ -382,8 +399,9 @@ def _judge(args, cfg) -> None:
         rate = lambda k: "n/a" if s[k] is None else f"{s[k]:.3f}"  # noqa: E731
         what = (f"A vs B: win {rate('win_rate')}, tie {rate('tie_rate')}, loss {rate('loss_rate')} over "
                 f"{s['scored']} comparisons")
-    print(f"wrote {Path(args.out) / 'judge.json'} ({what}; {bad} of {s['judgments']} judge replies unparsable, "
-          "not scored)")
+    label = MT_BENCH_LABEL if mt else QUICK_LABEL
+    print(f"wrote {Path(args.out) / 'judge.json'} ({label}: {what}; {bad} of {s['judgments']} judge replies "
+          "unparsable, not scored)")
 
 
 def main(argv: list[str] | None = None) -> int:

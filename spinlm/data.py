@@ -1,6 +1,7 @@
 """Read (prompt, real response) examples from the dataset shapes SPIN users already have.
 
-Sources: a local `.jsonl`, `.json` or `.parquet` file, or a Hugging Face Hub dataset id.
+Sources: a local `.jsonl`, `.json` or `.parquet` file, or a Hugging Face Hub dataset id (with a subset and
+revision), whose split's files spinlm.hub finds through huggingface_hub and the same readers read.
 Row shapes (see FORMATS): the released SPIN data (`real`/`generated`), UltraChat-style
 `messages`, TRL preference (`prompt`/`chosen`/`rejected`, strings or conversational),
 plain `prompt`/`response`, and Alpaca (`instruction`/`input`/`output`).
@@ -89,23 +90,46 @@ def _tname(value: Any) -> str:
 # ---------------------------------------------------------------- reading rows
 
 
-def _open_source(source: str, split: str) -> tuple[str, Iterator[tuple[int, Any]]]:
-    """Resolve `source` to (display name, iterator of (1-based row number, row))."""
+def _open_source(source: str, split: str, subset: str | None = None,
+                 revision: str | None = None) -> tuple[str, Iterator[tuple[str, int, Any]], dict | None]:
+    """Resolve `source` to (display name, iterator of (file name, 1-based row number in it, row), and for a Hub
+    dataset what was read: id, subset, split, revision, commit, files)."""
     name = str(source)
     path = Path(name).expanduser()
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix not in _READABLE_SUFFIXES:
-            raise UserError(
-                f"{name}: unsupported file type '{suffix}'; expected .jsonl, .json or .parquet")
-        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}[suffix]
-        return name, reader(path, name)
+        return name, _rows_of(path, name), None
     looks_like_file = (path.suffix.lower() in _FILE_SUFFIXES
                        or name.startswith(("./", "../", "/", "~")))
     if looks_like_file and not path.exists():
         raise UserError(f"{name}: no such file (looked for {path.resolve()})")
-    # Not a local file: a Hub dataset id (or a local dataset directory datasets can read).
-    return f"{name}[{split}]", _read_hub(name, split)
+    if path.is_dir():
+        raise UserError(f"{name}: a directory; give a .jsonl, .json or .parquet file in it, or a Hub dataset id")
+    # Not a local file: a Hub dataset id, resolved to the split's files through huggingface_hub's cache.
+    from spinlm.hub import dataset_split
+
+    found = dataset_split(name, split, subset, revision)
+    subset_part = "" if found.subset == "default" else f", subset {found.subset}"
+    label = f"{name}[{split}{subset_part}]@{found.commit[:12]}"
+    return label, _hub_rows(found, label), {"id": name, "subset": found.subset, "split": split,
+                                            "revision": revision, "commit": found.commit,
+                                            "files": [rel for rel, _ in found.files]}
+
+
+def _rows_of(path: Path, name: str) -> Iterator[tuple[str, int, Any]]:
+    """Rows of one local file, by its suffix."""
+    suffix = path.suffix.lower()
+    if suffix not in _READABLE_SUFFIXES:
+        raise UserError(
+            f"{name}: unsupported file type '{suffix}'; expected .jsonl, .json or .parquet")
+    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}[suffix]
+    for row_no, row in reader(path, name):
+        yield name, row_no, row
+
+
+def _hub_rows(found, label: str) -> Iterator[tuple[str, int, Any]]:
+    """Rows of a Hub split's files in order; each file's rows numbered from 1 and named by the file."""
+    for rel, local in found.files:
+        yield from _rows_of(local, f"{label}/{rel}")
 
 
 def _read_jsonl(path: Path, name: str) -> Iterator[tuple[int, Any]]:
@@ -169,23 +193,6 @@ def _read_parquet(path: Path, name: str) -> Iterator[tuple[int, Any]]:
     except (OSError, ValueError, pyarrow.ArrowException) as e:
         raise UserError(f"{name}: cannot read as parquet: {e}") from None
     yield from enumerate(rows, 1)
-
-
-def _read_hub(source: str, split: str) -> Iterator[tuple[int, Any]]:
-    """Rows of a Hugging Face Hub dataset split (imported lazily: datasets is slow to load)."""
-    try:
-        import datasets
-    except ImportError as e:
-        raise UserError(
-            f"{source}: not a local file, and loading Hub datasets needs `datasets`: {e}") from None
-    try:
-        ds = datasets.load_dataset(source, split=split)
-    except Exception as e:  # network, auth, unknown id or split: all for the user to fix
-        raise UserError(
-            f"{source}: not a local file, and the dataset '{source}' split '{split}' could not be "
-            f"loaded from the Hugging Face Hub: {type(e).__name__}: {e}"
-        ) from None
-    yield from enumerate(ds, 1)
 
 
 # ---------------------------------------------------------------- formats
@@ -472,27 +479,29 @@ def split_validation(examples: list[Example], size: float, seed: int,
 
 def load_examples(source: str, *, split: str = "train", format: str = "auto", turn: str = "first",
                   max_rows: int | None = None, dedupe: bool = True, counts: dict | None = None,
-                  preference: bool = False) -> list[Example]:
+                  preference: bool = False, subset: str | None = None, revision: str | None = None) -> list[Example]:
     """Load examples from a local .jsonl/.json/.parquet file or a Hub dataset id.
 
     `format="auto"` detects the format from the first row; every row is then checked against
     it. `turn` picks the first (the paper's choice) or last assistant reply of a conversation.
     `dedupe` drops exact (prompt, real) repeats, keeping the first; `max_rows` keeps the
     first N examples after dedupe (reading stops there). `counts`, if given, receives the
-    number of duplicates dropped. `preference` (DPO) also reads each row's rejected response
-    (formats trl and spin, see PREFERENCE_FIELDS); a row without one is an error.
+    number of duplicates dropped, and for a Hub dataset `hub`: the commit and files read. `preference` (DPO)
+    also reads each row's rejected response (formats trl and spin, see PREFERENCE_FIELDS); a row without one
+    is an error. For a Hub dataset id, `subset` (config) and `revision` choose what `split` is read from
+    (spinlm.hub.dataset_split).
     """
     _check_options(format, turn, max_rows)
-    name, rows = _open_source(source, split)
+    name, rows, hub = _open_source(source, split, subset, revision)
     auto = format == "auto"
     fmt = None if auto else format
     how = "detected from the first row" if auto else "given explicitly"
     examples: list[Example] = []
     seen: set[tuple[str, str]] = set()
     dropped = 0
-    for row_no, row in rows:
-        at = _At(name, row_no)
-        fmt = fmt or detect_format(row, name, row_no)
+    for file, row_no, row in rows:
+        at = _At(file, row_no)
+        fmt = fmt or detect_format(row, file, row_no)
         ex = _to_example(row, fmt, how, turn, at, preference)
         key = (json.dumps(ex.prompt, ensure_ascii=False), ex.real, ex.rejected)
         if dedupe and key in seen:
@@ -510,4 +519,6 @@ def load_examples(source: str, *, split: str = "train", format: str = "auto", tu
     _make_ids_unique(examples, name)
     if counts is not None:
         counts["duplicates"] = dropped
+        if hub:
+            counts["hub"] = hub
     return examples

@@ -32,6 +32,7 @@ from pathlib import Path
 from spinlm import dist
 from spinlm.config import Config
 from spinlm.data import Example
+from spinlm.hub import model_commit, model_key
 from spinlm.io import fingerprint, finish, is_done, marker, produce, read_json, read_jsonl, scratch, write_json
 from spinlm.stages.score import score_rows
 
@@ -48,7 +49,8 @@ def scored_pairs(model_path: str, examples: list[Example], out: Path, cfg: Confi
     """Reference log-probs of the pairs under `model_path`, written once to `out`; a finished file
     from the same inputs is reused (its `.done` marker holds their fingerprint)."""
     rows = preference_rows(examples)
-    key = fingerprint("dpo-pairs", model_path, rows, cfg.data.max_prompt_length, cfg.data.max_length,
+    key = fingerprint("dpo-pairs", model_key(model_path, cfg.model.revision), rows, cfg.data.max_prompt_length,
+                      cfg.data.max_length,
                       cfg.model.dtype, cfg.model.attn_implementation, cfg.packing.enabled, cfg.model.chat_template)
     if is_done(out) and (read_json(marker(out)) or {}).get("fingerprint") == key:
         log.info("%s: reusing the reference log-probs scored earlier", out)
@@ -73,7 +75,9 @@ def dpo(model_path: str, examples: list[Example], out: Path, cfg: Config,
 
     def fit(tmp: Path) -> dict:
         result = train(model_path, pairs, tmp, cfg, 0, val or [])
-        record = {"start_model": str(model_path), "pairs": str(pairs), "train_rows": len(examples),
+        record = {"start_model": str(model_path), "start_model_revision": cfg.model.revision,
+                  "start_model_commit": model_commit(str(model_path), cfg.model.revision),
+                  "pairs": str(pairs), "train_rows": len(examples),
                   "val_rows": len(val or []),
                   "beta": cfg.per_iteration("beta", 0), "loss_type": cfg.spin.loss_type,
                   "train": {k: v for k, v in result.items() if k != "history"},

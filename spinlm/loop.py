@@ -38,7 +38,7 @@ def run(cfg: Config, force: bool = False) -> Path:
     """Run (or resume) the whole loop; return the run directory."""
     dist.configure(cfg.run)
     data = check(cfg)  # everything `spinlm validate` checks, before the run directory is touched
-    run_dir = open_run(cfg, force)
+    run_dir = open_run(cfg, force, data.provenance)
     log.info("validated:\n%s", report(data))
     use_deterministic(cfg.run.deterministic)
     progress.configure(cfg.run)

@@ -165,7 +165,8 @@ def tspin_loss(
         l    = -log sigma(cur) - beta log sigma(hist)
 
     beta 0 at iteration 0, where y' and y0 come from the same model. spin.objective tspin: the loop
-    keeps iteration 0's generations as y0 and trains on triplets (spinlm.stages.train).
+    keeps iteration 0's generations as y0 and trains on triplets (spinlm.stages.train). `beta` may be a
+    tensor (batch,): a weight per triplet (tspin_history_scales).
     """
     current, historical = tspin_terms(policy_real_logps, policy_generated_logps, policy_historical_logps, alpha, beta)
     return current + historical
@@ -174,11 +175,30 @@ def tspin_loss(
 def tspin_terms(policy_real_logps, policy_generated_logps, policy_historical_logps, alpha: float = 1.0,
                 beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """T-SPIN's two terms (tspin_loss is their sum): -log sigma(cur) and -beta log sigma(hist)."""
-    if not alpha > 0 or not beta >= 0:
+    if not alpha > 0 or not bool(torch.all(torch.as_tensor(beta) >= 0)):  # also rejects NaN
         raise ValueError(f"alpha must be > 0 and beta >= 0, got {alpha}, {beta}")
     cur = alpha * (policy_real_logps - policy_generated_logps)
     hist = alpha * (policy_generated_logps - policy_historical_logps)
     return -F.logsigmoid(cur), -beta * F.logsigmoid(hist)
+
+
+def tspin_history_scales(live: list[bool]) -> list[float]:
+    """Per-triplet multipliers of T-SPIN's history weight: n / n_live where y' differs from y0
+    (`live`), 0 where it is y0 token for token.
+
+    Where y' = y0 the history term is the constant -beta log sigma(0) (no gradient). That is every
+    row of iteration 0's own generations, which a mix window (spin.mix_window 2) trains on again at
+    iteration 1 beside p_1's: counted in the batch mean, they would halve the history term's weight
+    there. The paper's triplets pair y' ~ p_t with y0 ~ p_0 generated once (arXiv 2601.08198,
+    Appendix D: hist = alpha (log p(y'|x) - log p(y0|x)), beta its weight; beta 0 at iteration 0,
+    where y' and y0 come from the same model), so beta weighs the history term of triplets whose y'
+    is not y0. With these multipliers the loss is, over an iteration's rows,
+        mean_all(-log sigma(cur)) + beta * mean_{y' != y0}(-log sigma(hist))
+    (over the batches of an epoch; within one batch it is the same in expectation). Rows with y' = y0
+    still train the current term. No live row: all 0.
+    """
+    n, n_live = len(live), sum(bool(v) for v in live)
+    return [n / n_live if v else 0.0 for v in live] if n_live else [0.0] * n
 
 
 # --- the table: every objective by name; the stages name the objective and never branch on it -----
@@ -196,7 +216,9 @@ class Objective:
         section and the iteration's beta (the per-iteration `spin.beta`);
     terms(policy, ref, **params): the named per-row terms whose sum is the loss;
     rewards(policy, ref, **params): the implicit-reward metrics per row (real, generated, margin,
-        accuracy = margin > 0, ...).
+        accuracy = margin > 0, ...);
+    row_scales(rows): per-row multipliers of some of its params, from each row's response token ids
+        (a dict per row: response name -> ids); None: every row takes the params as they are.
     """
 
     name: str
@@ -205,11 +227,16 @@ class Objective:
     params: Callable[[Any, float, int], dict]
     terms: Callable[..., dict[str, torch.Tensor]]
     rewards: Callable[..., dict[str, torch.Tensor]]
+    row_scales: Callable[[list[dict]], list[dict[str, float]]] | None = None
 
     @property
     def historical(self) -> bool:
         """Whether rows carry the starting model's response y0, generated once at iteration 0 and kept."""
         return "historical" in self.responses
+
+    def scales(self, rows: list[dict]) -> list[dict[str, float]]:
+        """Per row: the multipliers of params that differ from row to row (none for most objectives)."""
+        return self.row_scales(rows) if self.row_scales else [{} for _ in rows]
 
     def loss(self, policy: dict, ref: dict | None, **params) -> torch.Tensor:
         """Per-row losses (batch,): the sum of the terms."""
@@ -246,13 +273,17 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               params=lambda spin, beta, t: {"beta": beta},
               terms=lambda p, r, beta: dict(zip(("real", "generated"), sppo_hard_terms(*_sides(p, r), beta))),
               rewards=_pair_rewards),
-    # the history weight is 0 at iteration 0, where y' and y0 come from the same model (the paper's setting)
+    # the history weight is 0 at iteration 0, where y' and y0 come from the same model (the paper's setting);
+    # later, it weighs only the triplets whose y' is not y0 (tspin_history_scales: a mix window's rows of
+    # iteration 0 are y0 itself)
     Objective("tspin", ("real", "generated", "historical"), False,
               params=lambda spin, beta, t: {"alpha": spin.tspin_alpha,
                                             "history_weight": 0.0 if t == 0 else spin.tspin_history_weight},
               terms=lambda p, r, alpha, history_weight: dict(zip(("current", "historical"), tspin_terms(
                   p["real"], p["generated"], p["historical"], alpha=alpha, beta=history_weight))),
-              rewards=_tspin_rewards),
+              rewards=_tspin_rewards,
+              row_scales=lambda rows: [{"history_weight": s} for s in tspin_history_scales(
+                  [list(r["generated"]) != list(r["historical"]) for r in rows])]),
 )}
 
 

@@ -1,6 +1,6 @@
 """Per-device memory of a planned run, estimated before anything loads (`spinlm validate`).
 
-The sums are README "Scaling out"'s, per process:
+The sums are docs/scaling.md's, per process:
 - training: fp32 master weights (4 bytes per parameter), fp32 gradients of what trains (4), and the
   optimizer state (RMSprop 4, AdamW 8); fsdp and zero3 divide all three by the number of processes,
   and with train.fsdp_cpu_offload they live in host memory (under zero3: the gradients and optimizer
@@ -51,13 +51,15 @@ class Arch:
     kv_width: int  # key/value heads x head size
 
 
-def arch_of(model_dir: str, parameters: int, trust_remote_code: bool = False) -> Arch | None:
-    """The sizes the estimate needs, from the model's config.json (its text config for multimodal ones);
-    None for a config that does not name them the transformers way."""
+def arch_of(model_dir: str, parameters: int, trust_remote_code: bool = False,
+            revision: str | None = None) -> Arch | None:
+    """The sizes the estimate needs, from the model's config.json (its text config for multimodal ones; a Hub
+    model's at `revision`, from the cache offline); None for a config that does not name them the transformers
+    way."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(model_dir, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"{model_dir}: could not read config.json: {e}") from None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

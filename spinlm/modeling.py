@@ -10,6 +10,7 @@ import torch
 
 from spinlm.config import ModelConfig
 from spinlm.errors import UserError
+from spinlm.hub import model_commit
 from spinlm.tokens import set_chat_template
 
 log = logging.getLogger("spinlm")
@@ -72,6 +73,8 @@ def load_tokenizer(path: str, cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer or path
+    if not cfg.tokenizer:
+        model_commit(path, cfg.revision)  # an unknown Hub id or revision: say what exists
     if cfg.trust_remote_code:
         log.warning("trust_remote_code is on: code from %s will run on this machine", source)
     try:
@@ -97,6 +100,7 @@ def read_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM
 
     check_local(path)
+    model_commit(path, cfg.revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

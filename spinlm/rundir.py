@@ -176,15 +176,15 @@ def release_lock(lock: Path) -> None:
         pass
 
 
-def open_run(cfg: Config, force: bool) -> Path:
+def open_run(cfg: Config, force: bool, provenance: dict | None = None) -> Path:
     """Create or resume RUN/: take its lock, refuse a changed config unless forced, log to RUN/log.txt.
     With several processes rank 0 does this and the others share its outcome."""
-    run_dir = dist.on_main(lambda: _open_run(cfg, force))
+    run_dir = dist.on_main(lambda: _open_run(cfg, force, provenance))
     dist.barrier()
     return run_dir
 
 
-def _open_run(cfg: Config, force: bool) -> Path:
+def _open_run(cfg: Config, force: bool, provenance: dict | None = None) -> Path:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     acquire_lock(run_dir)
@@ -206,7 +206,8 @@ def _open_run(cfg: Config, force: bool) -> Path:
     handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
-    write_json(run_dir / "run_info.json", run_info())
+    # provenance: the commits the model id and Hub datasets resolved to (validate.provenance)
+    write_json(run_dir / "run_info.json", {**run_info(), **(provenance or {})})
     return run_dir
 
 

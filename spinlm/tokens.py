@@ -14,8 +14,15 @@ so it is not trained either. Generation stops on the same tokens (`stop_ids`).
 Where the template's tokens of the whole conversation do not start with the prompt's tokens (a
 tokenizer that merges across the boundary, e.g. a sentencepiece space), the response text that
 follows the rendered prompt is tokenized on its own instead (`Encoding.fallback` counts these):
-the model then sees the prompt exactly as it was generated from. A template whose rendered
-conversation does not even start with the rendered prompt text cannot be split; that is an error.
+the model then sees the prompt exactly as it was generated from.
+
+A template that folds the system message into the last user turn (Mistral-7B-Instruct-v0.3 and
+later Mistral templates: the system text goes inside the `[INST] ... [/INST]` of the last user
+message only while that message ends the conversation) renders it in the prompt but drops it once
+the reply follows, so the conversation does not start with the prompt. There the reply's rendering
+is taken from the same conversation without its system message, where it does, and put after the
+prompt as it was generated from (`_conversation_text`). A template whose rendered conversation starts
+with the rendered prompt text neither way cannot be split; that is an error.
 """
 
 from __future__ import annotations
@@ -100,13 +107,7 @@ def encode_response(tokenizer, prompt: list[dict], text: str, complete: bool = T
     response that did not end (`complete=False`: a generation that hit max_new_tokens) is cut
     before it. A template without any turn-end token gets the EOS token appended."""
     prompt_text = render_prompt_text(tokenizer, prompt)
-    full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": text}], tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise UserError("model.chat_template: the conversation rendered with the assistant reply does not start with "
-                        "the prompt rendered with add_generation_prompt=True, so the reply's tokens cannot be told "
-                        f"apart (prompt renders as {prompt_text[-80:]!r}, the conversation as "
-                        f"{full_text[:len(prompt_text) + 40][-120:]!r}); set model.chat_template to a template whose "
-                        "generation prompt is a prefix of the rendered conversation")
+    full_text = _conversation_text(tokenizer, prompt, prompt_text, text)
     prompt_ids, full_ids = _ids(tokenizer, prompt_text), _ids(tokenizer, full_text)
     if full_ids[: len(prompt_ids)] == prompt_ids:
         ids = full_ids[len(prompt_ids):]
@@ -123,6 +124,32 @@ def encode_response(tokenizer, prompt: list[dict], text: str, complete: bool = T
     else:
         ids = ids[: end + 1] if complete else ids[:end]
     return ids
+
+
+def _conversation_text(tokenizer, prompt: list[dict], prompt_text: str, text: str) -> str:
+    """The rendered prompt followed by the template's rendering of the reply `text`: the whole
+    conversation as the template renders it, where that starts with `prompt_text` (every template
+    but those below, unchanged); else, for a prompt with a system message, `prompt_text` followed by
+    what the template renders after the prompt in the conversation without the system message
+    (a template that folds the system text into the last user turn only while it ends the
+    conversation, as Mistral-7B-Instruct-v0.3's does: the model generated after the prompt with the
+    system text, and its reply is rendered the same way with or without one)."""
+    reply = [{"role": "assistant", "content": text}]
+    full_text = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
+    if full_text.startswith(prompt_text):
+        return full_text
+    bare = [m for m in prompt if m["role"] != "system"]
+    if bare and len(bare) < len(prompt):
+        bare_prompt = render_prompt_text(tokenizer, bare)
+        bare_full = tokenizer.apply_chat_template(bare + reply, tokenize=False)
+        if bare_full.startswith(bare_prompt):
+            return prompt_text + bare_full[len(bare_prompt):]
+    raise UserError("model.chat_template: the conversation rendered with the assistant reply does not start with "
+                    "the prompt rendered with add_generation_prompt=True (nor does it without the system message), "
+                    "so the reply's tokens cannot be told apart (prompt renders as "
+                    f"{prompt_text[-80:]!r}, the conversation as {full_text[:len(prompt_text) + 40][-120:]!r}); "
+                    "set model.chat_template to a template whose generation prompt is a prefix of the rendered "
+                    "conversation")
 
 
 @dataclass

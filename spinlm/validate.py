@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spinlm import hub
 from spinlm.config import Config
 from spinlm.data import Example, load_examples, split_validation
 from spinlm.errors import UserError
@@ -38,17 +39,19 @@ class Checked:
     model: dict = field(default_factory=dict)  # parameters, weight bytes (local models)
     plan: list[dict] = field(default_factory=list)  # estimated tokens per iteration
     disk: dict = field(default_factory=dict)
-    memory: dict = field(default_factory=dict)  # per-device estimate (spinlm.memory); {} for Hub models
+    memory: dict = field(default_factory=dict)  # per-device estimate (spinlm.memory)
+    provenance: dict = field(default_factory=dict)  # the model's and Hub datasets' commits (RUN/run_info.json)
 
 
-def model_weights(path: str) -> dict:
-    """Parameter count and bytes of a local model's safetensors files, read from their headers."""
+def model_weights(path: str, revision: str | None = None) -> dict:
+    """Parameter count and bytes of a model's safetensors: a local model's from its files' headers; a Hub
+    model's without downloading its weights (spinlm.hub.model_weights says how)."""
     from safetensors import safe_open
 
     check_local(path)
     p = Path(path)
     if not p.is_dir():
-        return {}
+        return hub.model_weights(path, revision)
 
     params = 0
     for f in sorted(p.glob("*.safetensors")):
@@ -63,7 +66,8 @@ def model_weights(path: str) -> dict:
             raise UserError(f"{f}: not a readable safetensors file: {e}") from None
     if not (p / "config.json").is_file():
         raise UserError(f"{p}: no config.json in the model directory")
-    return {"parameters": params, "weights_bytes": sum(f.stat().st_size for f in p.glob("*.safetensors"))}
+    return {"parameters": params, "weights_bytes": sum(f.stat().st_size for f in p.glob("*.safetensors")),
+            "source": "the safetensors headers"}
 
 
 def apply_length_policy(examples: list[Example], tokenizer, cfg: Config, name: str) -> tuple[list[Example], dict]:
@@ -105,10 +109,16 @@ def apply_length_policy(examples: list[Example], tokenizer, cfg: Config, name: s
     return kept, stats
 
 
-def _load(cfg: Config, source: str, split: str, max_rows: int | None) -> tuple[list[Example], dict]:
-    counts: dict = {}
-    examples = load_examples(source, split=split, format=cfg.data.format, turn=cfg.data.turn, max_rows=max_rows,
-                             counts=counts)
+def _load(cfg: Config, role: str, max_rows: int | None, sources: dict | None = None) -> tuple[list[Example], dict]:
+    """The examples of data role `role` (train, val, eval) with its split, subset and revision; a Hub dataset's
+    commit and files go to `sources[role]`."""
+    d, counts = cfg.data, {}
+    examples = load_examples(getattr(d, role), split=getattr(d, f"{role}_split"), format=d.format, turn=d.turn,
+                             max_rows=max_rows, counts=counts, subset=getattr(d, f"{role}_subset"),
+                             revision=getattr(d, f"{role}_revision"))
+    hub_read = counts.pop("hub", None)
+    if hub_read and sources is not None:
+        sources[role] = hub_read
     return examples, counts
 
 
@@ -117,8 +127,8 @@ def _policy(cfg: Config, tokenizer, examples: list[Example], counts: dict, name:
     return kept, {"duplicates": 0, **stats, **counts}
 
 
-def _split(cfg: Config, tokenizer, source: str, split: str, max_rows: int | None) -> tuple[list[Example], dict]:
-    return _policy(cfg, tokenizer, *_load(cfg, source, split, max_rows), name=source)
+def _split(cfg: Config, tokenizer, role: str, max_rows: int | None, sources: dict) -> tuple[list[Example], dict]:
+    return _policy(cfg, tokenizer, *_load(cfg, role, max_rows, sources), name=getattr(cfg.data, role))
 
 
 def validation_split(cfg: Config, train: list[Example], name: str) -> tuple[list[Example], list[Example]]:
@@ -185,7 +195,7 @@ def disk_need(cfg: Config, model: dict) -> dict:
 
 def memory_plan(cfg: Config, model: dict, train: dict, world: int | None, device_gib: float | None) -> dict:
     """The per-device memory estimate (spinlm.memory) for `world` processes (default: this launch's),
-    checked against `device_gib` (default: this process's GPU; none on a CPU). {} for Hub models."""
+    checked against `device_gib` (default: this process's GPU; none on a CPU); local and Hub models alike."""
     import torch
 
     from spinlm import dist, memory
@@ -193,7 +203,8 @@ def memory_plan(cfg: Config, model: dict, train: dict, world: int | None, device
     if not model:
         return {}
     world = world or dist.world()
-    arch = memory.arch_of(cfg.model.name_or_path, model["parameters"], cfg.model.trust_remote_code)
+    arch = memory.arch_of(cfg.model.name_or_path, model["parameters"], cfg.model.trust_remote_code,
+                          cfg.model.revision)
     if arch is None:
         return {"lines": ["memory: unknown (config.json lacks hidden_size, num_hidden_layers, num_attention_heads "
                           "or vocab_size)"]}
@@ -222,12 +233,12 @@ def check(cfg: Config, world: int | None = None, device_gib: float | None = None
     if cfg.peft.enabled:
         require_peft()
     require_trackers(cfg)
-    model = model_weights(cfg.model.name_or_path)
+    model = model_weights(cfg.model.name_or_path, cfg.model.revision)  # an unknown Hub id or revision fails here
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model)
     load_checker(cfg.eval.checker)
     backend_for(cfg).preflight()  # the generation backend's packages; a server's reachability
-    d, splits = cfg.data, {}
-    rows, counts = _load(cfg, d.train, d.train_split, d.max_train_rows)
+    d, splits, sources = cfg.data, {}, {}
+    rows, counts = _load(cfg, "train", d.max_train_rows, sources)
     rows, split_val = validation_split(cfg, rows, d.train)
     train, splits["train"] = _policy(cfg, tokenizer, rows, counts, d.train)
     if not train:
@@ -235,15 +246,22 @@ def check(cfg: Config, world: int | None = None, device_gib: float | None = None
                         f"(data.prompt_overflow=drop, data.max_prompt_length={d.max_prompt_length})")
     val, held = [], []
     if d.val:
-        val, splits["val"] = _split(cfg, tokenizer, d.val, d.val_split, d.max_eval_rows)
+        val, splits["val"] = _split(cfg, tokenizer, "val", d.max_eval_rows, sources)
     elif split_val:
         val, splits["val"] = _policy(cfg, tokenizer, split_val, {}, f"{d.train} (validation split)")
     require_validation(cfg, val)
     if d.eval:
-        held, splits["eval"] = _split(cfg, tokenizer, d.eval, d.eval_split, d.max_eval_rows)
+        held, splits["eval"] = _split(cfg, tokenizer, "eval", d.max_eval_rows, sources)
     log.info("data: %d train, %d validation, %d held-out examples", len(train), len(val), len(held))
     return Checked(train, val, held, splits, model, plan(cfg, splits["train"]), disk_need(cfg, model),
-                   memory_plan(cfg, model, splits["train"], world, device_gib))
+                   memory_plan(cfg, model, splits["train"], world, device_gib), provenance(cfg, model, sources))
+
+
+def provenance(cfg: Config, model: dict, sources: dict) -> dict:
+    """What exactly was read: the model's id, revision and the commit it resolved to (Hub models), and each Hub
+    dataset's commit and files."""
+    return {"model": {"name_or_path": cfg.model.name_or_path, "revision": cfg.model.revision,
+                      "commit": model.get("commit")}, "data": sources}
 
 
 def report(c: Checked) -> str:
@@ -256,12 +274,13 @@ def report(c: Checked) -> str:
                      f"({s['long_prompts_action']}), {s['responses_cut']} responses cut to fit, "
                      f"{s['duplicates']} duplicate rows dropped")
     if c.model:
-        lines.append(f"model: {c.model['parameters'] / 1e6:.1f}M parameters, "
-                     f"{c.model['weights_bytes'] / 2**20:.1f} MiB of safetensors")
+        commit = f" at commit {c.model['commit']}" if c.model.get("commit") else ""
+        lines.append(f"model{commit}: {c.model['parameters'] / 1e6:.1f}M parameters, "
+                     f"{c.model['weights_bytes'] / 2**20:.1f} MiB of safetensors (from {c.model['source']})")
     need = c.disk.get("need_bytes")
     lines.append(f"disk: {'unknown (Hub model)' if need is None else f'{need / 2**30:.2f} GiB'} needed, "
                  f"{c.disk['free_bytes'] / 2**30:.1f} GiB free")
-    lines.extend(c.memory.get("lines", ["memory: unknown (Hub model: no local config.json to size it from)"]))
+    lines.extend(c.memory.get("lines", ["memory: unknown (no model size)"]))
     lines.append("estimated tokens per iteration (upper bounds: generated responses counted at max_new_tokens):")
     lines.append("  iteration | pairs | generate (prompt + new) | score | train")
     for p in c.plan:

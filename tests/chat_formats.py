@@ -11,7 +11,11 @@ the template, and whether a system role exists. The templates follow the structu
 - llama3:  `<|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>` with EOS
            `<|end_of_text|>` and no pad token;
 - gemma:   `<bos><start_of_turn>user\\n...<end_of_turn>\\n<start_of_turn>model\\n`, EOS `<eos>`, no system role;
-- mistral: `<s>[INST] ... [/INST]...</s>`, no generation prompt and no system role.
+- mistral: `<s>[INST] ... [/INST]...</s>`, no generation prompt and no system role (v0.1/v0.2's shape);
+- mistral_v3: Mistral-7B-Instruct-v0.3's `<s>[INST] ...[/INST] reply</s>`: no generation prompt, and a
+           system message folded into the LAST user turn (`[INST] system\n\nuser[/INST]`) only while that
+           turn ends the conversation, so with a system message the rendered conversation does not start
+           with the rendered prompt (the system text is gone once the reply follows).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ class Family:
     extra: tuple[str, ...] = ()
     sentencepiece: bool = False
     system: bool = True  # whether the template accepts a system message
+    # how the template writes an assistant turn after the rendered prompt ({content}: the reply, stripped),
+    # where a test must not take it from the template's rendering of the whole conversation (mistral_v3)
+    reply: str | None = None
 
     def special_tokens(self) -> list[str]:
         return list(dict.fromkeys([t for t in (self.pad, self.bos, self.eos, self.turn_end) if t] + list(self.extra)))
@@ -96,6 +103,25 @@ FAMILIES = {
         "{%- endif -%}"
         "{%- endfor -%}",
         bos="<s>", eos="</s>", turn_end="</s>", extra=("[INST]", "[/INST]"), system=False),
+    # the structure of mistralai/Mistral-7B-Instruct-v0.3's tokenizer_config.json chat_template (its tool
+    # calling left out): the system message goes into the last user message, and only `if loop.last`
+    "mistral_v3": Family(
+        "mistral_v3",
+        "{%- if messages[0]['role'] == 'system' -%}"
+        "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
+        "{{- bos_token -}}"
+        "{%- for message in loop_messages -%}" + ALTERNATE +
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if loop.last and system_message is defined -%}"
+        "{{- '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' -}}"
+        "{%- else -%}{{- '[INST] ' + message['content'] + '[/INST]' -}}{%- endif -%}"
+        "{%- elif message['role'] == 'assistant' -%}{{- ' ' + message['content'] | trim + eos_token -}}"
+        "{%- else -%}{{- raise_exception('Only user and assistant roles are supported, with the exception of an "
+        "initial optional system message!') -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}",
+        bos="<s>", eos="</s>", turn_end="</s>", extra=("[INST]", "[/INST]"), reply=" {content}</s>"),
 }
 
 

@@ -43,6 +43,16 @@ def tiny_model(tmp_path_factory, task_data) -> Path:
                       max_position_embeddings=256)
 
 
+@pytest.fixture(scope="session")
+def offline_hub(tmp_path_factory):
+    """A Hugging Face cache (HF_HOME) holding tiny stand-ins under the recipes' real model and dataset ids, at
+    pinned commits (tests/offline_hub.py). Use it from a subprocess: `env=offline_hub.env()` sets HF_HOME and
+    HF_HUB_OFFLINE=1; `offline_hub.models` / `.datasets` list each id's commits, `.splits` the row counts."""
+    import offline_hub
+
+    return offline_hub.build(tmp_path_factory.mktemp("hf_home"))
+
+
 COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]
 
 

@@ -5,7 +5,7 @@ torch.distributed.run, as on GPUs (distributed_type MULTI_GPU and FSDP both go t
 multi-GPU launcher); spinlm's strategies then join one gloo group. Each launch here trains the
 tiny model with 4 pairs per process per step and is compared with one process taking 8; the
 FSDP2 launch is killed once and resumed from its sharded checkpoint on the way. All runs use
-gradient checkpointing, as configs/zephyr-7b-ultrachat.yaml trains (fsdp + checkpointing).
+gradient checkpointing, as configs/zephyr-7b-ultrachat.yaml trains (sharded + checkpointing).
 """
 
 from __future__ import annotations

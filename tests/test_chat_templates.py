@@ -1,11 +1,13 @@
 """Real chat formats: responses end the way the template ends an assistant turn, in every stage.
 
-For each family of tests/chat_formats.py (Zephyr, ChatML with a separate EOS, Llama-3, Gemma, Mistral)
-a tiny Llama is trained by `spinlm run` (SFT, then one SPIN iteration) while every forward of every
-stage is recorded. The expected token ids are computed here from the template itself: the prompt is
-the template's rendering with the assistant turn opened, a real response is the template's rendering
+For each family of tests/chat_formats.py (Zephyr, ChatML with a separate EOS, Llama-3, Gemma, Mistral,
+Mistral v0.3) a tiny Llama is trained by `spinlm run` (SFT, then one SPIN iteration) while every forward
+of every stage is recorded. The expected token ids are computed here from the template itself: the prompt
+is the template's rendering with the assistant turn opened, a real response is the template's rendering
 of the whole conversation minus the prompt, up to and including the turn-end token (nothing after
-it, e.g. ChatML's newline), and a generated response is the ids that were sampled.
+it, e.g. ChatML's newline), and a generated response is the ids that were sampled. Mistral v0.3 folds a
+system message into the last user turn only while it ends the conversation: there a real response is
+the prompt's rendering followed by the assistant turn as that template writes it (` reply</s>`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,17 @@ import spinlm.training.steps
 from spinlm.cli import main
 from spinlm.demo.build import build_model
 from spinlm.demo.task import make_splits
+from spinlm.errors import UserError
 from spinlm.io import read_jsonl
-from spinlm.tokens import Encoding, Limits, encode_pair, stop_ids, turn_end_ids
+from spinlm.tokens import Encoding, Limits, encode_pair, encode_response, stop_ids, turn_end_ids
 
 from chat_formats import FAMILIES, build_family_tokenizer
+
+SYSTEM = "You are a careful calculator. Answer in one sentence."
+# (family, whether prompts carry a system message): every family without, those with a system role with one
+CASES = [(name, False) for name in sorted(FAMILIES)] + [(name, True) for name in sorted(FAMILIES)
+                                                        if FAMILIES[name].system]
+SLOW_CASES = [(name, False) for name in sorted(FAMILIES)] + [("mistral_v3", True)]
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +50,28 @@ def _family_model(name, splits, tmp_path):
     return tok, tmp_path / "model"
 
 
+def _messages(prompt: str, system: bool) -> list[dict]:
+    return ([{"role": "system", "content": SYSTEM}] if system else []) + [{"role": "user", "content": prompt}]
+
+
 def _template_ids(tok, family, prompt, response=None):
-    """What the template renders: the prompt (assistant turn opened), or prompt + response cut after the turn end."""
+    """What the template renders: the prompt (assistant turn opened), or prompt + response cut after the turn end
+    (for a family with a fixed `reply` form: the rendered prompt, then the reply in that form)."""
+    head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if response is None:
-        text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return tok(text, add_special_tokens=False)["input_ids"]
-    text = tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        return tok(head, add_special_tokens=False)["input_ids"]
+    if family.reply:
+        text = head + family.reply.replace("{content}", response.strip())
+    else:
+        text = tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     prompt_len = len(_template_ids(tok, family, prompt))
     end = ids.index(tok.convert_tokens_to_ids(family.turn_end), prompt_len)
     return ids[: end + 1]
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_turn_end_and_stop_tokens(name, splits, tmp_path):
+@pytest.mark.parametrize("name,system", CASES)
+def test_turn_end_and_stop_tokens(name, system, splits, tmp_path):
     family = FAMILIES[name]
     tok, _ = _family_model(name, splits, tmp_path)
     turn_end = tok.convert_tokens_to_ids(family.turn_end)
@@ -62,9 +79,13 @@ def test_turn_end_and_stop_tokens(name, splits, tmp_path):
     assert set(stop_ids(tok)) == {turn_end, tok.eos_token_id}
     counts = Encoding()
     for r in splits["train"][:10]:
-        prompt = [{"role": "user", "content": r["prompt"]}]
+        prompt = _messages(r["prompt"], system)
+        if family.reply and not system:  # the fixed reply form is what the template renders after the prompt
+            full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": r["response"]}], tokenize=False)
+            head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            assert full == head + family.reply.replace("{content}", r["response"].strip())
         row = {"prompt": prompt, "real": r["response"], "generated": "The answer is 1", "finish": "length"}
-        p, real, cut = encode_pair(tok, row, Limits(64, 128), counts)
+        p, real, cut = encode_pair(tok, row, Limits(128, 256), counts)
         assert p == _template_ids(tok, family, prompt)
         assert real[-1] == turn_end and turn_end not in cut  # a generation that hit the limit has no turn end
         if family.sentencepiece:  # merges cross the boundary: the response text is tokenized on its own (as TRL
@@ -77,12 +98,13 @@ def test_turn_end_and_stop_tokens(name, splits, tmp_path):
     assert (counts.fallback > 0) == family.sentencepiece and counts.template + counts.fallback == 20
 
 
-def _config(model, data, run_dir):
+def _config(model, data, run_dir, system=False):
+    limits = {"max_prompt_length": 96, "max_length": 160} if system else {"max_prompt_length": 64, "max_length": 128}
     return {
         "run": {"dir": str(run_dir), "progress": False, "seed": 3},
         "model": {"name_or_path": str(model)},
         "data": {"train": str(data["train"]), "val": str(data["val"]), "eval": str(data["test"]),
-                 "max_prompt_length": 64, "max_length": 128},
+                 **limits},  # the system message's tokens are not cut from a prompt
         "sft": {"enabled": True, "learning_rate": 3e-3, "epochs": 25, "batch_size": 8},
         "generation": {"max_new_tokens": 16, "batch_size": 16},
         "spin": {"iterations": 1, "beta": 0.1},
@@ -92,15 +114,43 @@ def _config(model, data, run_dir):
     }
 
 
+def test_mistral_v3_system_prompt_is_in_the_prompt_and_not_the_response(splits, tmp_path):
+    family = FAMILIES["mistral_v3"]
+    tok, _ = _family_model("mistral_v3", splits, tmp_path)
+    r = splits["train"][0]
+    prompt, real = encode_pair(tok, {"prompt": _messages(r["prompt"], True), "real": r["response"],
+                                     "generated": "x", "finish": "eos"}, Limits(64, 128))[:2]
+    # as Mistral's own inference renders it: the system text inside the last [INST], then the reply
+    text = f"<s>[INST] {SYSTEM}\n\n{r['prompt']}[/INST] {r['response']}</s>"
+    assert prompt + real == tok(text, add_special_tokens=False)["input_ids"]
+    assert SYSTEM not in tok.decode(real) and tok.decode(real).strip() == r["response"] + family.eos
+    # the reply's tokens are the same with and without the system message
+    bare = encode_pair(tok, {"prompt": _messages(r["prompt"], False), "real": r["response"], "generated": "x",
+                             "finish": "eos"}, Limits(64, 128))
+    assert bare[1] == real and len(prompt) > len(bare[0])
+
+
+def test_a_template_that_cannot_be_split_is_an_error(splits, tmp_path):
+    tok, _ = _family_model("chatml", splits, tmp_path)
+    # the generation prompt opens a turn the conversation never writes: no prefix, with or without a system message
+    tok.chat_template = (FAMILIES["chatml"].template.replace("'<|im_start|>assistant\n'", "'<|im_start|>bot\n'"))
+    for system in (False, True):
+        with pytest.raises(UserError, match="model.chat_template: .* does not start with the prompt"):
+            encode_response(tok, _messages("Compute 1 + 1.", system), "2")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_every_stage_sees_the_templates_tokens(name, splits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name,system", SLOW_CASES)
+def test_every_stage_sees_the_templates_tokens(name, system, splits, tmp_path, monkeypatch):
     family = FAMILIES[name]
     tok, model = _family_model(name, splits, tmp_path)
     turn_end = tok.convert_tokens_to_ids(family.turn_end)
     data = {}
     for split, rows in splits.items():
         data[split] = tmp_path / f"{split}.jsonl"
+        if system:  # conversations whose prompt starts with a system message (UltraChat-style `messages`)
+            rows = [{"messages": _messages(r["prompt"], True) + [{"role": "assistant", "content": r["response"]}],
+                     "answer": r["answer"]} for r in rows]
         data[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
     seen: dict[str, set] = {}
 
@@ -124,11 +174,11 @@ def test_every_stage_sees_the_templates_tokens(name, splits, tmp_path, monkeypat
         monkeypatch.setattr(module, "inference_model",
                             lambda path, cfg, stage=stage: (instrumented(stage)(path, cfg.model).eval(), None))
     cfg_path = tmp_path / "run.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(model, data, tmp_path / "run")))
+    cfg_path.write_text(yaml.safe_dump(_config(model, data, tmp_path / "run", system)))
     assert main(["run", str(cfg_path)]) == 0
 
     def msgs(r):
-        return [{"role": "user", "content": r["prompt"]}]
+        return _messages(r["prompt"], system)
 
     prompts = {s: {tuple(_template_ids(tok, family, msgs(r))) for r in rows} for s, rows in splits.items()}
     reals = {s: {tuple(_template_ids(tok, family, msgs(r), r["response"])) for r in rows} for s, rows in splits.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -517,3 +518,17 @@ def test_reference_shows_types_and_defaults():
 def test_sections_cover_config():
     hints = typing.get_type_hints(Config)
     assert set(C.SECTIONS) == set(hints)
+
+
+def test_docs_config_reference_is_generated_from_the_schema(capsys):
+    """docs/config.md is `spinlm config --markdown`: a key added, removed or re-documented makes it stale."""
+    from spinlm.cli import main
+    from spinlm.config import SECTIONS
+
+    assert main(["config", "--markdown"]) == 0
+    printed = capsys.readouterr().out
+    checked_in = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert printed == checked_in, "docs/config.md is stale: run `spinlm config --markdown > docs/config.md`"
+    for section, cls in SECTIONS.items():  # every key has its row
+        for f in dataclasses.fields(cls):
+            assert f"| `{section}.{f.name}` |" in checked_in

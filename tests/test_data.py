@@ -5,13 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
-import types
 from pathlib import Path
 
 import pytest
 
-from spinlm.data import FORMATS, Example, detect_format, load_examples
+from spinlm.data import FORMATS, detect_format, load_examples
 from spinlm.errors import UserError
 
 SAMPLES = Path(__file__).resolve().parent / "data" / "formats"  # copies of the shapes in the wild (README.md there)
@@ -231,25 +229,6 @@ def test_trl_implicit_prompt_and_multi_turn_prompt(tmp_path):
     assert (first.prompt, first.real) == ([user("hi")], "hello")
     assert second.prompt == [user("a"), assistant("b"), user("c")]
     assert second.real == "d"
-
-
-def test_hub_dataset_branch(monkeypatch):
-    calls = []
-
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
-        if name == "owner/missing":
-            raise FileNotFoundError("Dataset 'owner/missing' doesn't exist on the Hub")
-        return [{"messages": [user("q"), assistant("r")], "prompt_id": "h1"}]
-
-    fake_datasets = types.SimpleNamespace(load_dataset=fake_load_dataset)
-    monkeypatch.setitem(sys.modules, "datasets", fake_datasets)
-    examples = load_examples("owner/ultra", split="train_sft")
-    assert calls == [("owner/ultra", "train_sft")]
-    assert examples == [Example(prompt=[user("q")], real="r", id="h1",
-                                source="owner/ultra[train_sft]:1", extra={})]
-    raises_user_error("owner/missing", "train_sft", "could not be loaded", "doesn't exist",
-                      source="owner/missing", split="train_sft")
 
 
 def test_bad_options():

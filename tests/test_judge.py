@@ -97,6 +97,8 @@ def test_single_grading_per_category_unparsable_and_retry(other_model, tmp_path,
     assert {path for path, _, _ in state["requests"]} == {"/v1/chat/completions"}
     summary = read_json(tmp_path / "out" / "judge.json")
     assert summary["template_version"] == judge_prompts.TEMPLATE_VERSION and summary["mode"] == "single"
+    assert summary["protocol"] == "spinlm quick judge (not MT-Bench)"  # its scores do not sit beside MT-Bench's
+    assert "spinlm quick judge (not MT-Bench): average grade" in out.out
     assert summary["judgments"] == 5 and summary["scored"] == 4 and summary["unparsable"]["count"] == 1
     assert summary["unparsable"]["examples"][0]["question_id"] == "82"
     assert summary["overall"] == pytest.approx((9 + 3 + 6 + 8) / 4)

@@ -114,3 +114,41 @@ def test_missing_lm_eval_is_a_user_error(tiny_model, tmp_path, monkeypatch, caps
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     assert main(["lm-eval", "--model", str(tiny_model), "--preset", "open_llm", "--out", str(tmp_path / "r")]) == 2
     assert "pip install 'spinlm[lmeval]'" in capsys.readouterr().err
+
+
+def test_preset_runs_with_the_papers_harness_settings(tiny_model, local_task, tmp_path, monkeypatch):
+    """A preset's own settings reach lm-eval: the paper's stop strings for a generating task (applied by
+    lm-eval itself, merged into the task's), and the hf backend without a BOS token (46c7966's behaviour)."""
+    from spinlm.eval import lmeval
+
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i} plus 1?", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    (local_task / "spinlm_sums.yaml").write_text(
+        "task: spinlm_sums\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "output_type: generate_until\ntest_split: test\nfewshot_split: test\n"
+        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: "{{answer}}"\n'
+        'generation_kwargs:\n  until: ["Q:"]\n  max_gen_toks: 4\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    monkeypatch.setitem(lmeval.PRESETS, "tiny", [
+        lmeval.Benchmark("spinlm_colours", 1, "acc"),
+        lmeval.Benchmark("spinlm_sums", 1, "exact_match", until=("\n\n", "Question:"))])
+    loaded, load_lm = [], lmeval.load_lm
+    monkeypatch.setattr(lmeval, "load_lm", lambda *a: loaded.append(load_lm(*a)) or loaded[-1])
+    s = lmeval.lm_eval_run(str(tiny_model), tmp_path / "r.json", preset="tiny", limit=2,
+                           include_path=str(local_task), batch_size="2")
+    applied = s["generation_kwargs"]["spinlm_sums"]
+    assert applied["until"] == ["\n\n", "Question:"] and applied["max_gen_toks"] == 4  # updated, not replaced
+    assert "spinlm_colours" not in s["generation_kwargs"] and set(s["tasks"]) == {"spinlm_colours", "spinlm_sums"}
+    assert s["model_args"] == {"add_bos_token": False} and loaded[0].add_bos_token is False
+    assert s["harness_of_the_paper"].startswith("lm-evaluation-harness 46c796644913")
+    assert s["apply_chat_template"] is False
+
+
+def test_open_llm_preset_pins_gsm8k_stops():
+    from spinlm.eval.lmeval import PAPER_MODEL_ARGS, PRESETS
+
+    gsm8k = next(b for b in PRESETS["open_llm"] if b.task == "gsm8k")
+    assert gsm8k.until == ("\n\n", "Question:") and gsm8k.filter == "strict-match"
+    assert all(b.until is None for b in PRESETS["open_llm"] if b.task != "gsm8k")
+    assert PAPER_MODEL_ARGS == {"add_bos_token": False}

@@ -26,6 +26,7 @@ from spinlm.loss import (
     tspin_terms,
 )
 from spinlm.modeling import load_model, load_tokenizer
+from spinlm.stages.score import score_files
 from spinlm.stages.train import batch_losses, pair_items
 
 from conftest import COMMON
@@ -274,6 +275,50 @@ def test_tspin_triplets_packed_equal_plain(tiny_model, pairs):
     assert torch.allclose(packed.double(), expected, atol=1e-4, rtol=1e-4)
     assert torch.allclose(plain.double(), expected, atol=1e-4, rtol=1e-4)
     assert torch.allclose(metrics["rewards/historical_margin"].double(), 0.5 * (lp[1] - lp[2]), atol=1e-4)
+
+
+def test_tspin_history_term_weighs_only_triplets_whose_y_prime_is_not_y0(tiny_model, task_data, tmp_path):
+    # Issue 29, part 4. Iteration 1 with spin.mix_window 2 trains on iteration 0's generations too, and their
+    # y0 is the same row of the same file: y' = y0, a constant history term. Built here as the loop builds it
+    # (generate iterations 0 and 1, then the score stage with iteration 0's file as y0), then trained on.
+    gens = []
+    for t in (0, 1):
+        gens.append(tmp_path / f"it{t}.jsonl")
+        assert main(["generate", "--model", str(tiny_model), "--data", str(task_data["train"]), "--out",
+                     str(gens[-1]), "--iteration", str(t), "--generation.max_new_tokens=8",
+                     "--data.max_train_rows=12", *COMMON]) == 0
+    cfg = Config()
+    cfg.data.max_prompt_length, cfg.data.max_length = 64, 128
+    cfg.spin.objective, cfg.spin.tspin_alpha, cfg.spin.tspin_history_weight = "tspin", 0.5, 0.3
+    stats = score_files(str(tiny_model), gens, tmp_path / "pairs.jsonl", cfg, historical=gens[0])
+    rows = read_jsonl(tmp_path / "pairs.jsonl")
+    y0 = [r["generated_ids"] == r["historical_ids"] for r in rows]
+    assert 6 <= sum(y0) < len(rows)  # iteration 0's own rows: y' = y0; iteration 1's differ
+    tok = load_tokenizer(str(tiny_model), cfg.model)
+    model = load_model(str(tiny_model), cfg.model, dtype=torch.float64)
+    goal = objective("tspin")
+    params = goal.params(cfg.spin, cfg.spin.beta, 1)
+    items = pair_items(tok, rows, cfg)
+    losses, metrics = batch_losses(model, items, tok.pad_token_id, 384, goal, params)
+    # each row's history weight, read back from its term: -w log sigma(m) = w softplus(-m), m = alpha (y' - y0)
+    margin = metrics["rewards/historical_margin"].double()
+    weight = metrics["terms/historical"].double() / F.softplus(-margin)
+    live = torch.tensor([not same for same in y0])
+    assert torch.all(margin[~live] == 0) and torch.all(margin[live] != 0)
+    assert torch.all(weight[~live] == 0)  # y' = y0: no history term (main: 0.3 x the constant log 2)
+    assert torch.all(weight[live] > 0)
+    # the configured weight per triplet that carries a history term, not diluted by the y' = y0 rows
+    assert weight.sum().item() / len(rows) == pytest.approx(0.3, rel=1e-5)
+    assert torch.allclose(weight[live], torch.full((int(live.sum()),), 0.3 * len(rows) / int(live.sum()),
+                                                   dtype=torch.float64), rtol=1e-5)
+    # so the history term's gradient is nonzero in every row it weighs: d/dm [w softplus(-m)] = -w sigma(-m)
+    m = margin.clone().requires_grad_(True)
+    (weight * F.softplus(-m)).sum().backward()
+    assert torch.all(m.grad[live] < 0) and torch.all(m.grad[~live] == 0)
+    # the rows with y' = y0 still train the current term, and the loss is the two terms
+    assert torch.all(metrics["terms/current"] > 0)
+    assert torch.allclose(losses.detach().double(), (metrics["terms/current"] + metrics["terms/historical"]).double())
+    assert stats["generated_is_historical"] == sum(y0)
 
 
 def test_tspin_rows_without_historical_are_refused(tiny_model, pairs, tmp_path, capsys):

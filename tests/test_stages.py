@@ -143,3 +143,37 @@ def test_length_batches_respect_row_and_token_budgets():
         assert len(b) <= 4
         assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 20) <= 150
     assert len(batches[0]) == 1 and len(batches[-1]) == 4  # long prompts get small batches
+
+
+def test_schedule_epochs_stops_partway_down_a_longer_schedule(tiny_model, pairs, tmp_path):
+    """train.schedule_epochs 3 with train.epochs 1 (the released SPIN scripts' 6-epoch schedule stopped
+    early): one epoch of steps runs, each at the learning rate of a 3-epoch linear schedule with warm-up,
+    computed here from the formula; without the key the same epoch decays to 0."""
+    peak, warmup = 1e-3, 0.1
+    runs = {}
+    for name, extra in (("long", ["--train.schedule_epochs=3"]), ("plain", [])):
+        cfg = _cfg(tiny_model, tmp_path / name, "--run.log_every=1", f"--train.warmup_ratio={warmup}", *extra)
+        runs[name] = train(str(tiny_model), pairs, tmp_path / name / "model", cfg, 0)
+    long, plain = runs["long"], runs["plain"]
+    per_epoch = plain["steps"]
+    assert per_epoch >= 4 and long["steps"] == per_epoch and long["schedule_steps"] == 3 * per_epoch
+
+    def expected(step: int, horizon: int) -> float:  # transformers' linear schedule, written out
+        w = int(warmup * horizon)
+        return peak * (step / w if step < w else max(0.0, (horizon - step) / (horizon - w)))
+
+    assert [r["lr"] for r in long["history"]] == pytest.approx([expected(s, 3 * per_epoch)
+                                                               for s in range(1, per_epoch + 1)])
+    assert long["history"][-1]["lr"] == pytest.approx(peak * (2 * per_epoch) / (3 * per_epoch - int(0.3 * per_epoch)))
+    assert plain["history"][-1]["lr"] == 0.0 and plain["schedule_steps"] == per_epoch
+    # the first steps differ only by the schedule: the warm-up of the longer one is longer
+    assert long["history"][0]["lr"] < plain["history"][0]["lr"]
+
+
+def test_schedule_shorter_than_training_is_refused():
+    from spinlm.errors import UserError
+
+    cfg = config.build(None, ["--model.name_or_path=m", "--data.train=d.jsonl", "--train.epochs=2",
+                              "--train.schedule_epochs=1"])
+    with pytest.raises(UserError, match="train.schedule_epochs must be at least train.epochs"):
+        config.validate(cfg)

@@ -8,11 +8,11 @@ Where each part lives:
   schema.py  the sections (RunConfig ... EvalConfig, Config): every key's type, default and help;
              CHOICES (read from the Literal[...] annotations), SECTIONS, TRACKERS / trackers()
   parse.py   YAML files (yaml.safe_load only), flags, type coercion, merge(), build(), to_yaml(),
-             reference() (what `spinlm config` prints)
+             reference() (what `spinlm config` prints), reference_markdown() (docs/config.md)
   rules.py   validate(): the cross-field checks
 """
 
-from spinlm.config.parse import Raw, build, load_yaml, merge, parse_overrides, reference, to_yaml
+from spinlm.config.parse import Raw, build, load_yaml, merge, parse_overrides, reference, reference_markdown, to_yaml
 from spinlm.config.rules import validate
 from spinlm.config.schema import (
     CHOICES,
@@ -23,6 +23,7 @@ from spinlm.config.schema import (
     DataConfig,
     EvalConfig,
     GenerationConfig,
+    JudgeConfig,
     ModelConfig,
     PackingConfig,
     PeftConfig,
@@ -35,6 +36,7 @@ from spinlm.config.schema import (
 
 __all__ = [
     "CHOICES", "PLANNED", "SECTIONS", "TRACKERS", "Config", "DataConfig", "EvalConfig", "GenerationConfig",
-    "ModelConfig", "PackingConfig", "PeftConfig", "RunConfig", "SFTConfig", "SPINConfig", "TrainConfig", "Raw",
-    "build", "load_yaml", "merge", "parse_overrides", "reference", "to_yaml", "trackers", "validate",
+    "JudgeConfig", "ModelConfig", "PackingConfig", "PeftConfig", "RunConfig", "SFTConfig", "SPINConfig",
+    "TrainConfig", "Raw", "build", "load_yaml", "merge", "parse_overrides", "reference", "reference_markdown",
+    "to_yaml", "trackers", "validate",
 ]

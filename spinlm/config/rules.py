@@ -81,7 +81,8 @@ def _positive_problems(cfg: Config) -> list[str]:
                 "sft.gradient_accumulation_steps": cfg.sft.gradient_accumulation_steps,
                 "sft.learning_rate": cfg.sft.learning_rate,
                 "generation.temperature": cfg.generation.temperature, "eval.batch_size": cfg.eval.batch_size,
-                "run.log_every": cfg.run.log_every, "packing.max_tokens": cfg.packing.max_tokens}
+                "run.log_every": cfg.run.log_every, "packing.max_tokens": cfg.packing.max_tokens,
+                "judge.max_new_tokens": cfg.judge.max_new_tokens}
     return [f"{k} must be > 0; got {v}" for k, v in positive.items() if v <= 0]
 
 
@@ -106,6 +107,10 @@ def _range_problems(cfg: Config) -> list[str]:
         section, name = key.split(".")
         if not 0 <= getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{key} must be in [0, 1)")
+    temperatures = {**cfg.judge.temperatures, "(judge.default_temperature)": cfg.judge.default_temperature}
+    problems += [f"judge.temperatures: {k} must be >= 0; got {v}" for k, v in temperatures.items() if v < 0]
+    if cfg.judge.top_k < 0:
+        problems.append(f"judge.top_k must be >= 0 (0 = off); got {cfg.judge.top_k}")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         problems.append("data.max_prompt_length must be smaller than data.max_length")
     if cfg.data.val_size < 0 or (cfg.data.val_size >= 1 and cfg.data.val_size != int(cfg.data.val_size)):
@@ -141,6 +146,9 @@ def _train_problems(tc: TrainConfig) -> list[str]:
         problems.append(f"train.skip_grad_norm_above must be > 0 when set; got {tc.skip_grad_norm_above}")
     if tc.max_steps is not None and tc.max_steps <= 0:
         problems.append("train.max_steps must be > 0 when set")
+    if tc.schedule_epochs is not None and tc.schedule_epochs < tc.epochs:
+        problems.append(f"train.schedule_epochs must be at least train.epochs ({tc.epochs}) when set: the schedule "
+                        f"would reach a learning rate of 0 before training ends; got {tc.schedule_epochs}")
     return problems
 
 

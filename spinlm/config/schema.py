@@ -35,7 +35,7 @@ class RunConfig:
                                  "the run fails. It must cover the longest wait: the other processes wait while rank "
                                  "0 alone feeds a generation server (generation.backend: server) or runs the one vLLM "
                                  "engine of generation.vllm_layout: tensor (torch's default: 30, NCCL's: 10).")
-    check_memory: bool = _f(True, "Before a run, estimate the memory per device (README 'Scaling out' has the sums; "
+    check_memory: bool = _f(True, "Before a run, estimate the memory per device (docs/scaling.md has the sums; "
                             "`spinlm validate` prints it) and refuse a plan that does not fit the GPU; false skips "
                             "the refusal (the estimate is approximate).")
     deterministic: bool = _f(False, "Use deterministic kernels only (torch.use_deterministic_algorithms): with it, "
@@ -55,7 +55,9 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = _f("", "The SFT model to start from: a local directory or a Hub id.")
-    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model (and of model.tokenizer's Hub "
+                              "id): every stage, the vLLM engine and a managed server load that commit; the commit "
+                              "it resolves to is recorded in RUN/run_info.json. Default: main.")
     tokenizer: str | None = _f(None, "Tokenizer directory or Hub id, if not the model's own.")
     chat_template: str | None = _f(
         None, "Jinja chat template (text, or path to a .jinja file) used instead of the tokenizer's."
@@ -71,15 +73,27 @@ class ModelConfig:
 class DataConfig:
     train: str = _f("", "Training data: a .jsonl/.json/.parquet file or a Hub dataset id.")
     train_split: str = _f("train", "Split to use when `train` is a Hub dataset id.")
+    train_subset: str | None = _f(None, "Subset (the dataset card's config_name) of `train` when it is a Hub "
+                                  "dataset id; default: the card's default subset.")
+    train_revision: str | None = _f(None, "Hub revision (branch, tag or commit) of `train` when it is a Hub "
+                                    "dataset id (default: main); the commit read is recorded in RUN/run_info.json.")
     val: str | None = _f(None, "Validation data: what SFT early stopping, in-iteration checks (train.eval_every) and "
                          "RUN/best select on (default: a slice of the training rows, data.val_size).")
     val_split: str = _f("validation", "Split to use when `val` is a Hub dataset id.")
+    val_subset: str | None = _f(None, "Subset (the dataset card's config_name) of `val` when it is a Hub "
+                                "dataset id; default: the card's default subset.")
+    val_revision: str | None = _f(None, "Hub revision (branch, tag or commit) of `val` when it is a Hub "
+                                  "dataset id (default: main); the commit read is recorded in RUN/run_info.json.")
     val_size: float = _f(0.05, "Without data.val: the share (below 1) or number (1 and up) of training rows split off, "
                          "seeded by run.seed, as validation data (at most data.max_eval_rows; they are not trained "
                          "on); 0 = none, and then nothing is selected (no early stopping, checks or RUN/best).")
     eval: str | None = _f(None, "Held-out data for the reported metrics (same formats as `train`); never selected "
                           "on.")
     eval_split: str = _f("test", "Split to use when `eval` is a Hub dataset id.")
+    eval_subset: str | None = _f(None, "Subset (the dataset card's config_name) of `eval` when it is a Hub "
+                                 "dataset id; default: the card's default subset.")
+    eval_revision: str | None = _f(None, "Hub revision (branch, tag or commit) of `eval` when it is a Hub "
+                                   "dataset id (default: main); the commit read is recorded in RUN/run_info.json.")
     format: Literal["auto", "spin", "messages", "trl", "prompt_response", "alpaca"] = _f(
         "auto", "Input format: auto, spin, messages, trl, prompt_response, alpaca.")
     turn: Literal["first", "last"] = _f(
@@ -142,7 +156,8 @@ class SPINConfig:
     space_mu: float = _f(1.0, "objective space: the noise ratio mu (generated responses per real one; 1 recommended).")
     tspin_alpha: float = _f(1.0, "objective tspin: alpha, the scale of both log-prob gaps (used in spin.beta's place).")
     tspin_history_weight: float = _f(0.1, "objective tspin: the paper's beta, the weight of the historical term "
-                                     "(0 at iteration 0, where y' and y0 come from the same model).")
+                                     "over the triplets whose y' is not y0 (0 at iteration 0, where y' and y0 come "
+                                     "from the same model).")
     sft_weight: float = _f(0.0, "Add sft_weight x the real response's NLL per token to each pair's loss (a "
                            "regulariser, TRL's rpo_alpha); 0 = the paper's loss.")
     drop_dead_pairs: bool = _f(False, "Leave out of training the pairs whose generated response equals the real one "
@@ -157,6 +172,11 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "Weight decay.")
     epochs: int = _f(2, "Epochs over the iteration's pairs.")
     max_steps: int | None = _f(None, "Stop an iteration after this many optimizer steps.")
+    schedule_epochs: int | None = _f(None, "Length, in epochs, of the learning-rate schedule (warm-up share and linear "
+                                     "decay to 0 are computed over it); null = the steps run (train.epochs, or "
+                                     "train.max_steps if fewer). Set above train.epochs to stop partway down a "
+                                     "longer schedule, as the released SPIN scripts did (a 6-epoch schedule, "
+                                     "stopped early: uclaml/SPIN issues #12, #36). At least train.epochs.")
     batch_size: int = _f(8, "Pairs per micro-batch (per process).")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     warmup_ratio: float = _f(0.1, "Share of the steps spent warming the learning rate up linearly.")
@@ -169,7 +189,7 @@ class TrainConfig:
         "1/N of them, weights gathered a layer at a time; bf16 compute on a GPU with "
         "mixed_precision auto/bf16) or zero3 (DeepSpeed ZeRO-3, `pip install 'spinlm[deepspeed]'`: "
         "each holds 1/N of them, fp32 partitions, bf16 compute on a GPU with mixed_precision auto/bf16). "
-        "README 'Scaling out' has the memory sums.")
+        "docs/scaling.md has the memory sums.")
     fsdp_cpu_offload: bool = _f(False, "strategy fsdp: keep the sharded weights, gradients and optimizer state in CPU "
                                 "memory (the optimizer steps on the CPU): for a model that does not fit otherwise, "
                                 "at the cost of speed.")
@@ -255,6 +275,30 @@ class EvalConfig:
                              "evaluated and listed as continued-sft (never chosen as RUN/best).")
 
 
+# FastChat's fastchat/llm_judge/common.py, `temperature_config` and `NEED_REF_CATS` (read 2026-12-07).
+MT_BENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
+MT_BENCH_REFERENCE_CATEGORIES = ["math", "reasoning", "coding", "arena-hard-200"]
+
+
+@dataclass
+class JudgeConfig:
+    """`spinlm judge --judge-prompts FILE` (MT-Bench as FastChat's llm_judge runs it; docs/evaluation.md)."""
+
+    max_new_tokens: int = _f(1024, "MT-Bench: most tokens per answer turn (FastChat gen_model_answer.py's "
+                             "--max-new-token default); the prompt is never cut.")
+    temperatures: dict[str, float] = _f(MT_BENCH_TEMPERATURES, "MT-Bench: the answers' sampling temperature per "
+                                        "question category (FastChat common.py temperature_config); 0 = greedy. "
+                                        "A value given replaces the whole mapping.")
+    default_temperature: float = _f(0.7, "MT-Bench: the temperature of a category not in judge.temperatures "
+                                    "(FastChat's 0.7).")
+    top_k: int = _f(50, "MT-Bench: top-k of the sampled answers (FastChat passes none to generate, so "
+                    "transformers 4.x's default 50 applied); 0 = off.")
+    reference_categories: list[str] = _f(MT_BENCH_REFERENCE_CATEGORIES, "MT-Bench: categories judged against a "
+                                         "reference answer with the *-math-v1 prompts (FastChat common.py "
+                                         "NEED_REF_CATS).")
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -267,6 +311,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def per_iteration(self, name: str, t: int) -> float:
         """lr or beta for iteration t (a scalar, or the t-th entry of a list)."""

@@ -4,8 +4,10 @@
     spinlm lm-eval --model MODEL_DIR --tasks my_task,arc_easy:5 --include-path my_tasks/ --out results.json
 
 A preset is the paper's benchmark list: each task with its shot count and the one metric the
-paper reports. lm-eval takes one shot count per call, so there is one `simple_evaluate` call
-per distinct shot count (the model is loaded once). The presets' datasets come from the
+paper reports, run with the settings of the harness the paper used where the installed lm-eval
+lets them be set (PAPER_HARNESS; docs/evaluation.md lists what still differs and by how much).
+lm-eval takes one shot count per call, so there is one `simple_evaluate` call per distinct shot
+count and generation setting (the model is loaded once). The presets' datasets come from the
 Hugging Face Hub: they need the network (or a filled datasets cache).
 """
 
@@ -33,17 +35,26 @@ class Benchmark:
     shots: int | None
     metric: str | None = None  # None: the first metric the task reports
     filter: str = "none"
+    until: tuple[str, ...] | None = None  # stop strings replacing the task's own (the paper's harness had these)
 
+
+# The harness the paper ran (uclaml/SPIN README: "v0.4.0"; the commit it links, 46c7966 of 2023-12-28, is
+# the v0.4.0 tag plus 152 commits). Its hf backend never added a BOS token for causal LMs
+# (huggingface.py tok_encode / tok_batch_encode: add_special_tokens=False); lm-eval >= 0.4.10 follows the
+# tokenizer instead (PR #3347, `add_bos_token` default None), which for Mistral/Llama tokenizers adds <s>.
+PAPER_HARNESS = "lm-evaluation-harness 46c796644913cd99da7eee868e64f9ed6af33407 (v0.4.0 + 152 commits)"
+PAPER_MODEL_ARGS = {"add_bos_token": False}
 
 PRESETS: dict[str, list[Benchmark]] = {
-    # The Open LLM Leaderboard (v1) suite of the paper's Table 3 (lm-evaluation-harness v0.4.0).
-    # truthfulqa_mc2's "acc" is the mc2 score. GSM8k: the leaderboard's metric is the exact match of
-    # the "#### N" answer, lm-eval's strict-match filter.
+    # The Open LLM Leaderboard (v1) suite of the paper's Table 3, shots and metrics as SPIN.md gives them.
+    # truthfulqa_mc2's "acc" is the mc2 score. GSM8k: the exact match of the "#### N" answer, lm-eval's
+    # strict-match filter ("get-answer" in 46c7966's gsm8k.yaml, version 1.0, which also stopped at a blank
+    # line: its `until` is restored here; version 3.0 dropped "\n\n").
     "open_llm": [
         Benchmark("arc_challenge", 25, "acc_norm"),
         Benchmark("truthfulqa_mc2", 0, "acc"),
         Benchmark("winogrande", 5, "acc"),
-        Benchmark("gsm8k", 5, "exact_match", "strict-match"),
+        Benchmark("gsm8k", 5, "exact_match", "strict-match", until=("\n\n", "Question:")),
         Benchmark("hellaswag", 10, "acc_norm"),
         Benchmark("mmlu", 5, "acc"),
     ],
@@ -112,30 +123,33 @@ def check_tasks(manager, benches: list[Benchmark]) -> None:
                         "and --include-path adds a directory of task YAML files")
 
 
-def load_lm(model: str, dtype: str, batch_size: str):
-    """lm-eval's `hf` backend, loaded once for every call."""
+def load_lm(model: str, dtype: str, batch_size: str, model_args: dict | None = None):
+    """lm-eval's `hf` backend, loaded once for every call; `model_args` as for `--model_args`."""
     import lm_eval.api.registry
     import torch
 
     from spinlm.modeling import inference_dtype
 
     resolved = str(inference_dtype(dtype)).removeprefix("torch.")
-    args = {"pretrained": model, "dtype": resolved, "trust_remote_code": False}
+    args = {"pretrained": model, "dtype": resolved, "trust_remote_code": False, **(model_args or {})}
     extra = {"batch_size": batch_size, "device": "cuda" if torch.cuda.is_available() else "cpu"}
     log.info("lm-eval: loading %s (%s) with the hf backend", model, resolved)
     return lm_eval.api.registry.get_model("hf").create_from_arg_obj(args, extra)
 
 
 def run_group(lm, manager, benches: list[Benchmark], shots: int | None, limit: float | None,
-              chat: bool) -> dict:
-    """One simple_evaluate call for the tasks that share a shot count; returns lm-eval's results per task."""
+              chat: bool, until: tuple[str, ...] | None = None) -> dict:
+    """One simple_evaluate call for the tasks that share a shot count and stop strings; returns lm-eval's
+    results per task, and under "_generation_kwargs" each generating task's settings as lm-eval applied them."""
     import lm_eval
 
     log.info("lm-eval: %s, %s-shot", ", ".join(b.task for b in benches), "default" if shots is None else shots)
     out = lm_eval.simple_evaluate(model=lm, tasks=[b.task for b in benches], num_fewshot=shots, limit=limit,
                                   task_manager=manager, log_samples=False, apply_chat_template=chat,
-                                  fewshot_as_multiturn=chat)
-    return out["results"]
+                                  fewshot_as_multiturn=chat, gen_kwargs={"until": list(until)} if until else None)
+    configs = out.get("configs", {})
+    applied = {t: c["generation_kwargs"] for t, c in configs.items() if c.get("output_type") == "generate_until"}
+    return {**out["results"], "_generation_kwargs": applied}
 
 
 def pick(bench: Benchmark, result: dict) -> dict:
@@ -175,14 +189,20 @@ def lm_eval_run(model: str, out: Path, preset: str | None = None, tasks: str | N
     lm_eval = import_lm_eval()
     manager = task_manager(include_path)
     check_tasks(manager, benches)
-    lm = load_lm(model, dtype, batch_size)
-    results = {}
-    for shots in dict.fromkeys(b.shots for b in benches):  # distinct shot counts, in preset order
-        results.update(run_group(lm, manager, [b for b in benches if b.shots == shots], shots, limit, chat))
+    model_args = PAPER_MODEL_ARGS if preset else {}
+    lm = load_lm(model, dtype, batch_size, model_args)
+    results, generation = {}, {}
+    for shots, until in dict.fromkeys((b.shots, b.until) for b in benches):  # in preset order
+        group = [b for b in benches if (b.shots, b.until) == (shots, until)]
+        found = run_group(lm, manager, group, shots, limit, chat, until)
+        generation.update(found.pop("_generation_kwargs", {}))
+        results.update(found)
     per_task = {b.task: pick(b, results.get(b.task, {})) for b in benches}
     values = [r["value"] for r in per_task.values() if r["value"] is not None]
     summary = {"model": model, "preset": preset, "lm_eval_version": _version(lm_eval), "limit": limit,
-               "apply_chat_template": chat, "tasks": per_task,
+               "apply_chat_template": chat, "harness_of_the_paper": PAPER_HARNESS if preset else None,
+               "model_args": model_args, "generation_kwargs": json.loads(json.dumps(generation, default=_plain)),
+               "tasks": per_task,
                "average": sum(values) / len(values) if len(values) == len(per_task) else None,
                "benchmarks": [asdict(b) for b in benches],
                "lm_eval_results": json.loads(json.dumps(results, default=_plain))}

@@ -46,7 +46,7 @@ class Setup:
 
 
 def base_config(setup: Setup) -> dict:
-    """The demo's settings (README "The CPU demo"), shrunk with --quick."""
+    """The demo's settings (docs/demo.md), shrunk with --quick."""
     cfg = defaults(setup.demo_dir())
     cfg["run"]["progress"] = False
     cfg["spin"]["iterations"] = setup.iterations

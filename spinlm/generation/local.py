@@ -164,10 +164,11 @@ def _decode(tokenizer, ids: list[int], eos: list[int]) -> dict:
             "finish": "length" if stop is None else "eos", "ids": ids if stop is None else ids[: stop + 1]}
 
 
-def checkpoint_generation_config(model_path: str):
-    """The checkpoint's generation_config (for its eos ids only), or None where it has none."""
+def checkpoint_generation_config(model_path: str, revision: str | None = None):
+    """The checkpoint's generation_config (for its eos ids only; a Hub model's at `revision`), or None where it
+    has none."""
     try:
-        return HFGenerationConfig.from_pretrained(model_path)
+        return HFGenerationConfig.from_pretrained(model_path, revision=revision)
     except OSError:
         return None
 

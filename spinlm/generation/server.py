@@ -62,6 +62,7 @@ from spinlm.errors import Preempted, UserError
 from spinlm.generation.client import Endpoint, Rejected, api_key, base_url, completion, endpoint, opener, require_openai
 from spinlm.generation.local import checkpoint_generation_config
 from spinlm.generation.process import managed_server
+from spinlm.hub import is_hub_id, snapshot_dir
 from spinlm.io import RowLog
 from spinlm.modeling import release_device_memory
 from spinlm.progress import bar as progress_bar
@@ -96,7 +97,8 @@ class ServerBackend:
             try:
                 generate_server(tokenizer, [prompts[i] for i in todo], [seeds[i] for i in todo], self.cfg,
                                 model_path, finished, progress=self.cfg.run.progress, desc=desc,
-                                stops=stop_ids(tokenizer, checkpoint_generation_config(model_path)))
+                                stops=stop_ids(tokenizer, checkpoint_generation_config(model_path,
+                                                                                       self.cfg.model.revision)))
             except Preempted:  # while the server started; the stage stops every process together
                 pass
         return results
@@ -119,6 +121,7 @@ def generate_server(tokenizer, prompts: list[list[int]], seeds: list[int], cfg: 
     if not prompts:
         return
     stops = sorted(set(stops or [tokenizer.eos_token_id]))
+    model_path = _served(model_path, cfg)
     with _server(g, model_path) as (url, alive):
         ep = endpoint(url, g.server_model or model_path, g.api_key_env, g.timeout_s, g.retries, alive)
         log.info("sending %d prompts to %s", len(prompts), url)
@@ -128,6 +131,14 @@ def generate_server(tokenizer, prompts: list[list[int]], seeds: list[int], cfg: 
         finally:
             bar.close()
         ep.client.close()  # not on an error: requests still in flight are abandoned, not cut off
+
+
+def _served(model_path: str, cfg: Config) -> str:
+    """What a managed server is started on: a Hub model at model.revision becomes the local snapshot of that
+    commit (a server command takes a model but not always a revision); otherwise `model_path` itself."""
+    if cfg.generation.server_url or not cfg.model.revision or not is_hub_id(model_path):
+        return model_path
+    return snapshot_dir(model_path, cfg.model.revision)
 
 
 @contextmanager

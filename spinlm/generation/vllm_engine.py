@@ -78,7 +78,8 @@ class VllmBackend:
         """generate_vllm's rows (`desc` unused: vLLM draws its own progress bar)."""
         release_device_memory()  # the engine needs the device: every process returns its cached memory
         return generate_vllm(model_path, tokenizer, prompts, seeds,
-                             stop_ids(tokenizer, checkpoint_generation_config(model_path)), self.cfg, rowlog,
+                             stop_ids(tokenizer, checkpoint_generation_config(model_path, self.cfg.model.revision)),
+                             self.cfg, rowlog,
                              progress=self.cfg.run.progress and dist.is_main())
 
 

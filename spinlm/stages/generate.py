@@ -21,6 +21,7 @@ from spinlm.config import Config
 from spinlm.data import Example
 from spinlm.generation import backend_for
 from spinlm.generation.local import gather_rows, row_seed
+from spinlm.hub import model_key
 from spinlm.io import RowLog, fingerprint, scratch, write_jsonl
 from spinlm.modeling import load_tokenizer
 from spinlm.tokens import Limits, encode_pair, encode_prompt, is_dead
@@ -35,7 +36,8 @@ def generate_file(model_path: str, examples: list[Example], out: Path, cfg: Conf
     prompts = [encode_prompt(tokenizer, ex.prompt, cfg.data.max_prompt_length) for ex in examples]
     seeds = [row_seed(cfg.run.seed, iteration, ex.id) for ex in examples]
     g = cfg.generation
-    key = fingerprint("generate", model_path, prompts, seeds, g.backend, g.max_new_tokens, g.temperature, g.top_p,
+    key = fingerprint("generate", model_key(model_path, cfg.model.revision), prompts, seeds,
+                      g.backend, g.max_new_tokens, g.temperature, g.top_p,
                       g.top_k, g.batch_size, g.batch_tokens, cfg.model.dtype, cfg.model.attn_implementation)
     backend = backend_for(cfg)
     with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:

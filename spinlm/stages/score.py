@@ -17,6 +17,7 @@ import torch
 
 from spinlm import dist, preempt
 from spinlm.config import Config
+from spinlm.hub import model_key
 from spinlm.io import RowLog, fault_point, fingerprint, read_jsonl, scratch, write_jsonl
 from spinlm.modeling import load_tokenizer
 from spinlm.packing import prepare, response_logps, score_groups
@@ -42,7 +43,9 @@ def score_files(model_path: str, generation_files: list[Path], out: Path, cfg: C
 def triplet_rows(rows: list[dict], historical: Path, out: Path, sources: list[str]) -> dict:
     """`out`: the rows with `historical`, `historical_ids`, `historical_finish` from the row of the
     same id in `historical`. Rows with an empty generated or historical response, or none, are
-    dropped (counted and logged)."""
+    dropped (counted and logged). Rows whose generated response is the historical one (iteration 0's
+    own rows in a later mix window) are kept for the current term; training gives their history term
+    no weight (spinlm.loss.tspin_history_scales), and they are counted here."""
     kept = {r["id"]: r for r in read_jsonl(historical) if r["generated"].strip()}
     empty = [r for r in rows if not r["generated"].strip()]
     missing = [r for r in rows if r["generated"].strip() and r["id"] not in kept]
@@ -57,10 +60,19 @@ def triplet_rows(rows: list[dict], historical: Path, out: Path, sources: list[st
                              "historical_finish": h["finish"]})
     if dist.is_main():
         write_jsonl(out, triplets)
-    log.info("score: %d triplets from %s, historical responses from %s (reference-free: no forward pass)",
-             len(triplets), ", ".join(sources), historical)
+    same = sum(_same_response(r) for r in triplets)
+    log.info("score: %d triplets from %s, historical responses from %s (reference-free: no forward pass); in %d "
+             "of them the generated response is the historical one: no history term there", len(triplets),
+             ", ".join(sources), historical, same)
     return {"pairs": len(triplets), "dropped_empty": len(empty), "no_historical": len(missing), "from": sources,
-            "historical_from": str(historical), "reference_pass": False}
+            "historical_from": str(historical), "reference_pass": False, "generated_is_historical": same}
+
+
+def _same_response(row: dict) -> bool:
+    """Whether a triplet's y' is its y0: the same sampled ids (the same text where ids are not stored)."""
+    if row.get("generated_ids") is not None and row.get("historical_ids") is not None:
+        return list(row["generated_ids"]) == list(row["historical_ids"])
+    return row["generated"] == row["historical"]
 
 
 @torch.no_grad()
@@ -91,7 +103,8 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
     groups = pair_groups(tokenizer, rows, Limits.of(cfg))
     budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
     chunk = cfg.eval.batch_size * 16
-    key = fingerprint("score", model_path, groups, budget, cfg.model.dtype, cfg.model.attn_implementation, chunk)
+    key = fingerprint("score", model_key(model_path, cfg.model.revision), groups, budget,
+                      cfg.model.dtype, cfg.model.attn_implementation, chunk)
     bar = progress_bar(len(groups), desc, cfg.run.progress and dist.is_main())
     with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
         for c, start in enumerate(range(0, len(groups), chunk)):

@@ -51,8 +51,10 @@ METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margin", "rewar
 
 def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
     """Token ids of each scored row: the responses spin.objective trains on (for T-SPIN also the
-    row's `historical` response, the starting model's, kept from iteration 0) and, where the
-    objective needs them, the stored reference log-probs."""
+    row's `historical` response, the starting model's, kept from iteration 0), where the objective
+    needs them the stored reference log-probs, and the objective's per-row `scales` of its params
+    (T-SPIN: the history weight only where y' != y0), counted over the rows that train (without dead
+    pairs where spin.drop_dead_pairs leaves them out)."""
     goal, lim = objective(cfg.spin.objective), Limits.of(cfg)
     items = []
     for n, row in enumerate(rows, 1):
@@ -68,6 +70,9 @@ def pair_items(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
         if goal.needs_reference:
             item.update(ref_real=row["ref_real_logp"], ref_generated=row["ref_generated_logp"])
         items.append(item)
+    trained = [i for i in items if not (cfg.spin.drop_dead_pairs and i["dead"])]
+    for item, scales in zip(trained, goal.scales(trained)):
+        item["scales"] = scales
     return items
 
 
@@ -88,6 +93,8 @@ def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, goal
     tokens = {name: torch.tensor([float(s[k][1]) for s in scores], device=dev) for k, name in enumerate(goal.responses)}
     ref = {name: torch.tensor([b[f"ref_{name}"] for b in batch], device=dev)
            for name in ("real", "generated")} if goal.needs_reference else None
+    params = {**params, **{k: params[k] * torch.tensor([b["scales"][k] for b in batch], device=dev)
+                           for k in batch[0].get("scales", {})}}  # per row where the objective says so
     terms = goal.terms(policy, ref, **params)
     losses = sum(terms.values())
     nll = real_nll_per_token(policy["real"], tokens["real"])
@@ -136,10 +143,12 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
                                      epoch)
     per_epoch = len(plan(0))
     steps = min(per_epoch * tc.epochs, tc.max_steps or math.inf)
+    # the schedule's length may exceed the steps run (train.schedule_epochs): training stops partway down it
+    horizon = per_epoch * tc.schedule_epochs if tc.schedule_epochs else steps
 
     def build(wrapped):
         optimizer = make_optimizer(tc.optimizer, wrapped, lr, tc.weight_decay)
-        return optimizer, linear_schedule(optimizer, steps, tc.warmup_ratio, strategy.schedule_factor)
+        return optimizer, linear_schedule(optimizer, horizon, tc.warmup_ratio, strategy.schedule_factor)
 
     ckpt_dir = out.with_name(out.name + ".checkpoints")
     model, optimizer, scheduler, state = strategy.setup(model, build, checkpoint.latest(ckpt_dir))
@@ -147,9 +156,9 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     # after wrapping: under fsdp every process checks on the sharded model (no whole copy on one device)
     budget = prepare(strategy.unwrap(model), [(i["prompt"], responses(i)) for i in items[:4]], pad,
                      cfg.packing) if items else None
-    log.info("train iteration %d: %d pairs, %d optimizer steps, lr %g, objective %s (%s), sft_weight %g",
-             iteration, len(items), steps, lr, goal.name, ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                                                                 for k, v in params.items()), cfg.spin.sft_weight)
+    described = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+    log.info("train iteration %d: %d pairs, %d optimizer steps (schedule of %d), lr %g, objective %s (%s), "
+             "sft_weight %g", iteration, len(items), steps, horizon, lr, goal.name, described, cfg.spin.sft_weight)
     checking = bool(tc.eval_every and heldout)
     start, epoch_plan = time.time(), {}
     window = {"tokens": 0, "since": time.time()}  # tokens/s of this process's logging window
@@ -184,7 +193,8 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
             save()
     strategy.barrier()
     history = state["history"]
-    result = {"steps": state["step"], "planned_steps": steps, "examples": state.get("examples"), "pairs": len(items),
+    result = {"steps": state["step"], "planned_steps": steps, "schedule_steps": horizon,
+              "examples": state.get("examples"), "pairs": len(items),
               "dead_pairs": dead,
               "objective": goal.name, "objective_params": params, "learning_rate": lr, "beta": beta,
               "skipped_steps": state["skipped"], "checks": state["checks"],

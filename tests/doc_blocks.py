@@ -1,0 +1,37 @@
+"""Shell blocks of README.md and docs/ for the tests that run them: each block is preceded by a marker line,
+    <!-- commands run by tests/FILE.py::TEST ... -->
+    <!-- commands not run in tests: WHY -->
+and the test named reads its commands with doc_commands(), so the page and the test cannot drift apart."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+RUN_BY = re.compile(r"<!-- commands run by (tests/[\w/]+\.py)::(\w+)")
+NOT_RUN = re.compile(r"<!-- commands not run in tests: \S.*-->")
+
+
+def shell_blocks(page: Path) -> list[tuple[str, list[str]]]:
+    """(the line before the block, the block's lines) for every ```bash block of a page."""
+    lines = page.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```bash":
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+            blocks.append((lines[i - 1] if i else "", lines[i + 1:end]))
+            i = end
+        i += 1
+    return blocks
+
+
+def doc_commands(page: str, test: str) -> list[list[str]]:
+    """The commands (argv lists, comments and blank lines dropped, `\\` continuations joined) of the block
+    of `page` (relative to the repo) whose marker names `test`."""
+    found = [body for marker, body in shell_blocks(ROOT / page) if (m := RUN_BY.search(marker)) and m[2] == test]
+    assert len(found) == 1, f"{page}: expected one shell block run by {test}, found {len(found)}"
+    text = "\n".join(found[0]).replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in text.splitlines() if shlex.split(line, comments=True)]

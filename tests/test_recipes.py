@@ -1,0 +1,148 @@
+"""The shipped recipes (configs/): the paper's values, docs/reproducing.md's commands valid, and the
+zephyr recipes' prompt rendering equal to the one the reference code trained on.
+
+The expected values below are the authors' (uclaml/SPIN at a12ba808: configs/config*.yaml,
+scripts/finetune*.sh, issues #12 and #36; alignment-handbook 61a11a5
+recipes/zephyr-7b-beta/dpo/config_full.yaml for the DPO baseline), written out here so that an edit
+of a recipe that drifts from them fails. No test reads the Hub: `spinlm validate` runs on each
+reproduce command with the model and the datasets replaced by local stand-ins of the same shapes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+from doc_blocks import doc_commands
+
+from spinlm import config
+from spinlm.cli import main
+from spinlm.demo.build import build_model
+from spinlm.tokens import encode_response, render_prompt_text
+
+from chat_formats import FAMILIES, build_family_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+FORMATS = REPO / "tests" / "data" / "formats"
+
+SPIN_ZEPHYR = {
+    "model.name_or_path": "alignment-handbook/zephyr-7b-sft-full",
+    "model.revision": "ac6e600eefcce74f5e8bae1035d4f66019e93190",
+    "data.train": "UCLA-AGI/SPIN_iter0", "data.train_split": "train", "data.max_train_rows": None,
+    "data.val": "UCLA-AGI/SPIN_iter0", "data.val_split": "test", "data.val_size": 0,
+    "data.max_prompt_length": 512, "data.max_length": 1024, "data.prompt_overflow": "truncate",
+    "generation.backend": "local", "generation.max_new_tokens": 256, "generation.temperature": 1.0,
+    "generation.top_p": 1.0, "generation.top_k": 0,
+    "spin.iterations": 4, "spin.mix_window": 2, "spin.beta": [0.1, 0.1, 0.1, 5.0], "spin.loss_type": "sigmoid",
+    "spin.sft_weight": 0.0,
+    "train.learning_rate": [5e-7, 5e-7, 1e-7, 1e-7], "train.optimizer": "rmsprop", "train.weight_decay": 0.0,
+    "train.epochs": 2, "train.schedule_epochs": 6, "train.warmup_ratio": 0.1, "train.batch_size": 8,
+    "train.gradient_accumulation_steps": 1, "train.max_grad_norm": 1.0, "train.gradient_checkpointing": True,
+    "train.mixed_precision": "bf16", "train.strategy": "zero3", "train.disable_dropout": True,
+    "peft.enabled": False, "run.seed": 42,
+}
+DPO_ZEPHYR = {
+    "model.name_or_path": "alignment-handbook/zephyr-7b-sft-full",
+    "model.revision": "ac6e600eefcce74f5e8bae1035d4f66019e93190",
+    "data.train": "HuggingFaceH4/ultrafeedback_binarized", "data.train_split": "train_prefs",
+    "data.eval_split": "test_prefs", "data.format": "trl", "data.max_prompt_length": 512, "data.max_length": 1024,
+    "spin.beta": 0.1, "spin.loss_type": "sigmoid",
+    "train.learning_rate": 5e-7, "train.optimizer": "rmsprop", "train.weight_decay": 0.0, "train.epochs": 3,
+    "train.schedule_epochs": None, "train.warmup_ratio": 0.1, "train.batch_size": 8,
+    "train.gradient_accumulation_steps": 1, "train.gradient_checkpointing": True, "train.mixed_precision": "bf16",
+    "train.strategy": "zero3", "train.eval_every": 0, "peft.enabled": False, "run.seed": 42,
+}
+
+
+def _get(cfg, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+@pytest.mark.parametrize("name, expected", [("zephyr-7b-ultrachat", SPIN_ZEPHYR), ("zephyr-7b-dpo", DPO_ZEPHYR)])
+def test_zephyr_recipes_hold_the_published_values(name, expected):
+    cfg = config.build(REPO / "configs" / f"{name}.yaml")
+    config.validate(cfg)
+    assert {k: _get(cfg, k) for k in expected} == expected
+    text = (REPO / "configs" / f"{name}.yaml").read_text()  # the sources' commits are named
+    assert "a12ba808" in text and ("61a11a5" in text or name != "zephyr-7b-dpo")
+
+
+def test_spin_then_dpo_differs_from_the_dpo_recipe_only_in_start_and_epochs():
+    dpo = config.build(REPO / "configs" / "zephyr-7b-dpo.yaml").to_dict()
+    then = config.build(REPO / "configs" / "zephyr-7b-spin-then-dpo.yaml").to_dict()
+    changed = {f"{s}.{k}" for s in dpo for k in dpo[s] if dpo[s][k] != then[s][k]}
+    assert changed == {"run.dir", "model.name_or_path", "model.revision", "train.epochs"}
+    assert then["model"]["name_or_path"] == "runs/zephyr-7b-spin/iteration-3/model" and then["train"]["epochs"] == 2
+
+
+def _reproduce_commands() -> list[tuple[str, str, list[str]]]:
+    """(subcommand, config path, config overrides) of each spinlm run/dpo command in docs/reproducing.md's
+    block of commands."""
+    commands = []
+    for words in doc_commands("docs/reproducing.md", "test_reproduce_commands_validate"):
+        if "spinlm" not in words or words[0] == "spinlm":  # torchrun ... -m spinlm run/dpo
+            continue
+        args = words[words.index("spinlm") + 1:]
+        sub, rest = args[0], args[1:]
+        path = rest[rest.index("--config") + 1] if sub == "dpo" else rest[0]
+        overrides = [a for a in rest if re.match(r"--\w+\.\w+=", a)]
+        commands.append((sub, path, overrides))
+    return commands
+
+
+@pytest.fixture(scope="module")
+def zephyr_like(tmp_path_factory) -> Path:
+    """A tiny Llama with a Zephyr-format tokenizer (EOS `</s>`), standing in for zephyr-7b-sft-full."""
+    out = tmp_path_factory.mktemp("zephyr-like")
+    texts = [r["content"] for line in (FORMATS / "spin_iter.jsonl").read_text().splitlines()
+             for r in json.loads(line)["real"]] * 4
+    tok = build_family_tokenizer(FAMILIES["zephyr"], texts, out)
+    build_model(tok, out, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=2048)
+    return out
+
+
+def test_reproduce_commands_validate(zephyr_like, tmp_path, capsys):
+    """Every torchrun ... spinlm run/dpo command of docs/reproducing.md: its config (recipe + the command's
+    overrides) is valid, and `spinlm validate` on it exits 0 with the Hub model and datasets replaced by
+    local stand-ins of the same shapes (this machine has no Hub access)."""
+    commands = _reproduce_commands()
+    assert [(s, p) for s, p, _ in commands] == [("run", "configs/zephyr-7b-ultrachat.yaml"),
+                                                ("dpo", "configs/zephyr-7b-dpo.yaml"),
+                                                ("dpo", "configs/zephyr-7b-spin-then-dpo.yaml")]
+    # the documented alternative where DeepSpeed is not installed
+    no_deepspeed = [] if importlib.util.find_spec("deepspeed") else ["--train.strategy=fsdp"]
+    for sub, path, overrides in commands:
+        cfg = config.build(REPO / path, overrides)
+        config.validate(cfg)
+        assert not cfg.peft.enabled  # full fine-tuning, as the paper (LoRA is refused with sharding anyway)
+        data = ([f"--data.train={FORMATS / 'spin_iter.parquet'}", f"--data.val={FORMATS / 'spin_iter.jsonl'}",
+                 f"--data.eval={FORMATS / 'ultrachat.parquet'}"] if sub == "run" else
+                [f"--data.train={FORMATS / 'trl_preference.jsonl'}", f"--data.eval={FORMATS / 'trl_preference.jsonl'}"])
+        stand_ins = [f"--model.name_or_path={zephyr_like}", f"--run.dir={tmp_path / sub}", *data, *no_deepspeed]
+        assert main(["validate", str(REPO / path), *overrides, *stand_ins]) == 0, (path, capsys.readouterr().err)
+        assert "ok: no problems found" in capsys.readouterr().out
+
+
+def test_zephyr_template_renders_the_reference_codes_training_prompt(zephyr_like):
+    """The recipes' chat template: the Zephyr format with an empty system turn first, the prompt the
+    reference code trained on (uclaml/SPIN spin/run_spin.py inserts {"role": "system", "content": ""})."""
+    from transformers import AutoTokenizer
+
+    templates = {config.build(REPO / "configs" / f"{n}.yaml").model.chat_template
+                 for n in ("zephyr-7b-ultrachat", "zephyr-7b-dpo", "zephyr-7b-spin-then-dpo")}
+    assert len(templates) == 1
+    tok = AutoTokenizer.from_pretrained(zephyr_like)
+    tok.chat_template = templates.pop()
+    user = [{"role": "user", "content": "Name three primary colors."}]
+    expected = "<|system|>\n</s>\n<|user|>\nName three primary colors.</s>\n<|assistant|>\n"
+    assert render_prompt_text(tok, user) == expected
+    system = [{"role": "system", "content": "Be brief."}, *user]
+    assert render_prompt_text(tok, system).startswith("<|system|>\nBe brief.</s>\n<|user|>\n")
+    ids = encode_response(tok, user, "Red, yellow and blue.")
+    assert ids[-1] == tok.eos_token_id and tok.decode(ids[:-1]).strip() == "Red, yellow and blue."
+    assert tok.apply_chat_template(user + [{"role": "assistant", "content": "Red."}], tokenize=False) == \
+        "<|system|>\n</s>\n<|user|>\nName three primary colors.</s>\n<|assistant|>\nRed.</s>\n"
