@@ -46,3 +46,66 @@ def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], pad_id: int):
     row = torch.repeat_interleave(torch.arange(len(seqs), device=dev), counts)
     sums = torch.zeros(len(seqs), device=dev, dtype=per_token.dtype).index_add(0, row, per_token)
     return sums, counts
+
+
+class _ChunkedTargetLogps(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] for (position, target) pairs, `rows` positions at a time.
+
+    Forward keeps only the log-sum-exp of each position (n,); backward recomputes each chunk's logits.
+    With p = softmax(z_i) and g_k the gradient of pair k = (i, t):
+        dL/dz_i = sum_{k at i} g_k (onehot(t_k) - p_i) = onehot terms - G_i p_i,   G_i = sum_{k at i} g_k
+    so the dense part is G_i p_i per chunk and the onehot part is a sparse scatter (no (n, vocab) tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, index, targets, rows):
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        picked = torch.empty(index.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            z = _logits(hidden[start:start + rows], weight, bias)  # (rows, vocab) float32
+            lse[start:start + rows] = torch.logsumexp(z, dim=-1)
+            inside = (index >= start) & (index < start + rows)
+            picked[inside] = z[index[inside] - start, targets[inside]]
+        ctx.save_for_backward(hidden, weight, bias, index, targets, lse)
+        ctx.rows = rows
+        return picked - lse[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, index, targets, lse = ctx.saved_tensors
+        grad = grad.float()
+        total = torch.zeros_like(lse).index_add_(0, index, grad)  # G_i
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = None if bias is None else torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], ctx.rows):
+            h = hidden[start:start + ctx.rows]
+            dz = torch.exp(_logits(h, weight, bias) - lse[start:start + ctx.rows, None])
+            dz.mul_(-total[start:start + ctx.rows, None])
+            grad_hidden[start:start + ctx.rows] = dz.to(hidden.dtype) @ weight
+            if h.dtype == torch.float32:
+                grad_weight.addmm_(dz.t(), h)
+            else:  # bf16/fp16 matmul (fp32 accumulation inside), the chunks summed in float32
+                grad_weight += (dz.to(h.dtype).t() @ h).float()
+            if grad_bias is not None:
+                grad_bias += dz.sum(0)
+        # the onehot terms: + g_k W[t_k] at position i_k, + g_k h_{i_k} at vocabulary row t_k
+        grad_hidden.index_add_(0, index, (grad[:, None] * weight[targets].float()).to(hidden.dtype))
+        grad_weight.index_add_(0, targets, grad[:, None] * hidden[index].float())
+        if grad_bias is not None:
+            grad_bias.index_add_(0, targets, grad)
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The output layer on a chunk of positions, as nn.Linear computes it, then float32."""
+    return torch.nn.functional.linear(hidden, weight, bias).float()
+
+
+def chunked_target_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor,
+                         targets: torch.Tensor, rows: int) -> torch.Tensor:
+    """log softmax(linear(hidden[index]))[targets], (m,) float32, with at most `rows` positions' logits held at a
+    time (forward and backward): hidden (n, H), weight (vocab, H), index/targets (m,) (a position may appear in
+    several pairs: a prompt's last position predicts the first token of each of its responses)."""
+    return _ChunkedTargetLogps.apply(hidden, weight, bias, index, targets, max(1, int(rows)))

@@ -22,7 +22,7 @@ from spinlm.errors import UserError
 from spinlm.generation.local import gather_rows, generate
 from spinlm.io import write_jsonl
 from spinlm.loss import spin_rewards
-from spinlm.packing import Group, prepare, score_groups
+from spinlm.packing import Group, Layout, prepare, score_groups
 from spinlm.tokens import Limits, encode_prompt, encode_real, is_dead, pair_groups
 
 
@@ -41,11 +41,11 @@ def load_checker(spec: str | None) -> Callable | None:
 
 
 @torch.no_grad()
-def heldout_nll(model, groups: list[Group], pad_id: int, budget: int | None, batch_size: int) -> float:
+def heldout_nll(model, groups: list[Group], pad_id: int, layout: Layout | None, batch_size: int) -> float:
     """Per-token NLL of the real responses: sum of -log p over all tokens / token count."""
     was_training = model.training
     model.eval()
-    scores = [s for per_group in score_groups(model, groups, pad_id, budget, batch_size) for s in per_group]
+    scores = [s for per_group in score_groups(model, groups, pad_id, layout, batch_size) for s in per_group]
     model.train(was_training)
     return -sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
 

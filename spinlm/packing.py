@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spinlm.logprobs import sequence_logps
+from spinlm.logprobs import chunked_target_logps, sequence_logps
 
 log = logging.getLogger("spinlm")
 Group = tuple[list[int], list[list[int]]]  # (prompt ids, [response ids, ...])
@@ -99,6 +99,17 @@ class PackedBatch:
     keep: torch.Tensor  # (rows, L) bool: positions whose logits are needed
     # per group: per response (kept-logit index, token ids); identical responses share one entry
     targets: list[list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How log-probs are computed for a model (from `prepare`): packed rows of at most `budget` tokens, and the
+    output layer in chunks of `logits_chunk_mb` float32 logits (`chunk_logits`: auto = only when a forward's
+    kept logits would exceed one chunk, always, never)."""
+
+    budget: int
+    chunk_logits: str = "auto"
+    logits_chunk_mb: float = 512.0
 
 
 def _lay_row(groups: list[Group]):
@@ -204,24 +215,18 @@ def _select_head_input(model, keep: torch.Tensor):
         handle.remove()
 
 
-def packed_logps(model, groups: list[Group], budget: int, pad_id: int,
-                 native: bool | None = None) -> list[list[tuple[torch.Tensor, int]]]:
+def packed_logps(model, groups: list[Group], budget: int, pad_id: int, native: bool | None = None,
+                 chunk_rows: int | None = None) -> list[list[tuple[torch.Tensor, int]]]:
     """Per group, per response: (summed log-prob as a 0-dim tensor, token count); one forward.
-    `native`: select kept logits in the model's forward (default: where it can)."""
+    `native`: select kept logits in the model's forward (default: where it can). `chunk_rows`: compute the
+    output layer and log-softmax that many kept positions at a time, recomputed in backward, so no
+    (kept positions x vocabulary) tensor exists (None: all at once)."""
     dev = next(model.parameters()).device
     batch = build(groups, budget, pad_id)
     bias = attention_bias(batch, next(model.parameters()).dtype).to(dev)
     keep = batch.keep.to(dev)
     inputs = dict(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev), attention_mask=bias,
                   use_cache=False)
-    if native is None:
-        native = takes_bool_logits_to_keep(model)
-    if native:
-        logits = model(**inputs, logits_to_keep=keep).logits
-    else:
-        with _select_head_input(model, keep):
-            logits = model(**inputs).logits
-    logits = logits.float()  # (n_kept, vocab)
     # One gather for every response token and one segment sum: indexing the logits once per
     # response would make each response's backward a dense (n_kept, vocab) gradient
     # (gigabytes at a 128k vocabulary). A response laid out once (identical copies in a group)
@@ -235,11 +240,60 @@ def packed_logps(model, groups: list[Group], budget: int, pad_id: int,
                 index.append(idx)
                 tokens.append(tok)
     flat_index, flat_tokens = torch.cat(index).to(dev), torch.cat(tokens).to(dev)
+    if native is None:
+        native = takes_bool_logits_to_keep(model)
+    with _head_gives_target_logps(model, flat_index, flat_tokens, chunk_rows):
+        if native:
+            out = model(**inputs, logits_to_keep=keep).logits
+        else:
+            with _select_head_input(model, keep):
+                out = model(**inputs).logits
+    if chunk_rows:
+        per_token = out.reshape(-1)  # (n_targets,): the output layer gave the target log-probs
+    else:
+        logits = out.float()  # (n_kept, vocab)
+        per_token = logits[flat_index, flat_tokens] - torch.logsumexp(logits, dim=-1)[flat_index]
     lengths = torch.tensor([len(t) for t in tokens], device=dev)
-    per_token = logits[flat_index, flat_tokens] - torch.logsumexp(logits, dim=-1)[flat_index]
     owner = torch.repeat_interleave(torch.arange(len(index), device=dev), lengths)
     sums = torch.zeros(len(index), device=dev, dtype=per_token.dtype).index_add(0, owner, per_token).unbind()
     return [[(sums[slot[id(idx)]], len(tok)) for idx, tok in per_response] for per_response in batch.targets]
+
+
+@contextmanager
+def _head_gives_target_logps(model, index: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None):
+    """With chunk_rows, the output layer's forward returns the log-probs of `targets` at its input positions
+    `index` (chunked_target_logps) instead of logits. It runs inside the layer's own call, so wrappers' hooks
+    (FSDP's unshard, DDP, DeepSpeed's gather) see an ordinary forward of that layer."""
+    if not chunk_rows:
+        yield
+        return
+    head = _inner(model).get_output_embeddings()
+    head.forward = lambda hidden: chunked_target_logps(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias,
+                                                       index, targets, chunk_rows)
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def chunk_rows_for(model, n_kept: int, layout: Layout) -> int | None:
+    """How many kept positions' logits to compute at a time, or None for all at once (layout.chunk_logits).
+    Only a plain linear output layer whose logits the model does not transform afterwards can be chunked."""
+    if layout.chunk_logits == "never" or not chunk_logits_possible(model):
+        return None
+    vocab = _inner(model).get_output_embeddings().weight.shape[0]
+    rows = max(1, int(layout.logits_chunk_mb * 2**20 // (4 * vocab)))
+    return rows if layout.chunk_logits == "always" or n_kept > rows else None
+
+
+def chunk_logits_possible(model) -> bool:
+    """The output layer is an nn.Linear (FSDP's and DeepSpeed's wrapping keep that; a LoRA layer is not) and the
+    model does not soft-cap or scale its logits after it (Gemma-2, Cohere, Granite do)."""
+    head = _inner(model).get_output_embeddings()
+    cfg = getattr(model, "config", None)
+    transformed = any(getattr(cfg, name, None) not in (None, 1, 1.0) for name in
+                      ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return isinstance(head, torch.nn.Linear) and not transformed
 
 
 def plain_logps(model, groups: list[Group], pad_id: int) -> list[list[tuple[torch.Tensor, int]]]:
@@ -253,35 +307,31 @@ def plain_logps(model, groups: list[Group], pad_id: int) -> list[list[tuple[torc
     return out
 
 
-def response_logps(model, groups: list[Group], pad_id: int, budget: int | None):
-    """Packed rows of `budget` tokens (a budget from `prepare`), or plain padded sequences if None."""
-    if budget:
-        return packed_logps(model, groups, budget, pad_id)
+def response_logps(model, groups: list[Group], pad_id: int, layout: Layout | None):
+    """Packed rows as `layout` says (a layout from `prepare`), or plain padded sequences if None."""
+    if layout:
+        kept = sum(len(r) for _, responses in groups for r in distinct(responses)[0])
+        return packed_logps(model, groups, layout.budget, pad_id, chunk_rows=chunk_rows_for(model, kept, layout))
     return plain_logps(model, groups, pad_id)
 
 
 @torch.no_grad()
-def enable_packing(model, groups: list[Group], pad_id: int, budget: int, tolerance: float | None = None) -> bool:
-    """Check once, on a few real groups, that packed log-probs equal the plain ones for this
-    model. Says so once in the log if not."""
+def enable_packing(model, groups: list[Group], pad_id: int, budget: int, tolerance: float | None = None,
+                   chunk_rows: int | None = None) -> bool:
+    """Check once, on a few real groups, that packed log-probs (with the output layer in chunks of
+    `chunk_rows` positions, if given) equal the plain ones for this model. Says so once in the log if not."""
     attn = getattr(model.config, "_attn_implementation", None)
     ok = attn not in PLAIN_ATTENTION and bool(groups) and can_pack(model)
     if ok:
-        was_training = model.training
-        model.eval()
-        sample = groups[:4]
-        packed = packed_logps(model, sample, budget, pad_id)
-        plain = plain_logps(model, sample, pad_id)
-        model.train(was_training)
+        worst = _worst_difference(model, groups[:4], pad_id, budget, chunk_rows)
         fp32 = next(model.parameters()).dtype == torch.float32
         tol = tolerance if tolerance is not None else (1e-3 if fp32 else 5e-2)
-        worst = max(abs(a.item() - b.item()) / max(n, 1) for ga, gb in zip(packed, plain)
-                    for (a, n), (b, _) in zip(ga, gb))
         ok = worst <= tol
         if not ok:
             _warn_once(model, "packing: %s gives %.3g nats/token difference from the plain computation "
-                        "(tolerance %g); using the plain padded path for this model",
-                        model.config.model_type, worst, tol)
+                        "(tolerance %g)%s; using the %s path for this model", model.config.model_type, worst, tol,
+                       " with the output layer in chunks" if chunk_rows else "",
+                       "unchunked packed" if chunk_rows else "plain padded")
     elif groups and attn in PLAIN_ATTENTION:
         _warn_once(model, "packing: attention '%s' does not take custom masks; using the plain padded path", attn)
     elif groups:
@@ -290,8 +340,18 @@ def enable_packing(model, groups: list[Group], pad_id: int, budget: int, toleran
     return ok
 
 
+def _worst_difference(model, sample: list[Group], pad_id: int, budget: int, chunk_rows: int | None) -> float:
+    """Largest |packed - plain| per token over the sample's responses (eval mode)."""
+    was_training = model.training
+    model.eval()
+    packed = packed_logps(model, sample, budget, pad_id, chunk_rows=chunk_rows)
+    plain = plain_logps(model, sample, pad_id)
+    model.train(was_training)
+    return max(abs(a.item() - b.item()) / max(n, 1) for ga, gb in zip(packed, plain) for (a, n), (b, _) in zip(ga, gb))
+
+
 @torch.no_grad()
-def score_groups(model, groups: list[Group], pad_id: int, budget: int | None, batch_size: int,
+def score_groups(model, groups: list[Group], pad_id: int, layout: Layout | None, batch_size: int,
                  progress=None) -> list[list[tuple[float, int]]]:
     """Summed log-probs and counts of every response, in input order, batch_size groups a forward
     (groups of similar length together)."""
@@ -299,16 +359,21 @@ def score_groups(model, groups: list[Group], pad_id: int, budget: int | None, ba
     out: list = [None] * len(groups)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        for i, res in zip(idx, response_logps(model, [groups[i] for i in idx], pad_id, budget)):
+        for i, res in zip(idx, response_logps(model, [groups[i] for i in idx], pad_id, layout)):
             out[i] = [(s.item(), n) for s, n in res]
         if progress is not None:
             progress.update(len(idx))
     return out
 
 
-def prepare(model, groups: list[Group], pad_id: int, packing_cfg) -> int | None:
-    """The row budget to use with this model: None (plain path) unless packing is enabled and
-    verified equal to the plain computation on the first groups."""
-    if not packing_cfg.enabled:
+def prepare(model, groups: list[Group], pad_id: int, packing_cfg) -> Layout | None:
+    """How to compute log-probs with this model: None (plain path) unless packing is enabled and verified
+    equal to the plain computation on the first groups; chunked output-layer computation kept only if it
+    is verified too (on chunks of 3 positions, so that several chunks run)."""
+    if not packing_cfg.enabled or not enable_packing(model, groups[:4], pad_id, packing_cfg.max_tokens):
         return None
-    return packing_cfg.max_tokens if enable_packing(model, groups[:4], pad_id, packing_cfg.max_tokens) else None
+    layout = Layout(packing_cfg.max_tokens, packing_cfg.chunk_logits, packing_cfg.logits_chunk_mb)
+    if layout.chunk_logits != "never" and chunk_logits_possible(model):
+        if not enable_packing(model, groups[:4], pad_id, layout.budget, chunk_rows=3):
+            layout = Layout(layout.budget, "never", layout.logits_chunk_mb)
+    return layout

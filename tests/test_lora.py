@@ -4,6 +4,7 @@ an adapter that starts as the identity, and checkpoints that resume to the same 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -111,11 +112,12 @@ def test_adapter_starts_as_the_base_model(tiny_model):
     base = _trainable(tiny_model, Config()).eval()
     adapted = _trainable(tiny_model, cfg).eval()
     assert type(adapted).__name__ == "PeftModelForCausalLM"
-    assert prepare(adapted, groups, pad, cfg.packing) == cfg.packing.max_tokens  # the packing probe passes
+    layout = prepare(adapted, groups, pad, cfg.packing)
+    assert layout.budget == cfg.packing.max_tokens and layout.chunk_logits == "auto"  # the packing probes pass
     with torch.no_grad():
-        for budget in (cfg.packing.max_tokens, None):
-            want = [float(s) for g in response_logps(base, groups, pad, budget) for s, _ in g]
-            got = [float(s) for g in response_logps(adapted, groups, pad, budget) for s, _ in g]
+        for how in (layout, replace(layout, chunk_logits="always"), None):
+            want = [float(s) for g in response_logps(base, groups, pad, how) for s, _ in g]
+            got = [float(s) for g in response_logps(adapted, groups, pad, how) for s, _ in g]
             assert got == pytest.approx(want, abs=1e-6)
         plain = merged(adapted)
         assert type(plain).__name__ == "LlamaForCausalLM"

@@ -8,13 +8,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
+from spinlm.config import Config
+from spinlm.logprobs import chunked_target_logps
 from spinlm.packing import (
+    Layout,
     attention_bias,
     build,
+    chunk_logits_possible,
+    chunk_rows_for,
     enable_packing,
     pack,
     packed_logps,
     plain_logps,
+    prepare,
     takes_bool_logits_to_keep,
 )
 
@@ -42,28 +48,33 @@ def _unpacked_reference(model, prompt, response) -> float:
 
 # native=None: kept logits selected as this transformers version can (a boolean logits_to_keep from 5.21 on);
 # native=False: always by the output layer's pre-hook, the path older versions (vLLM's pins) take.
+# chunk_rows=3: the output layer and log-softmax three kept positions at a time (packing.chunk_logits).
+@pytest.mark.parametrize("chunk_rows", [None, 3], ids=["whole", "chunked"])
 @pytest.mark.parametrize("native", [None, False], ids=["auto", "head-hook"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_packed_equals_unpacked_reference(arch, attn, native):
+def test_packed_equals_unpacked_reference(arch, attn, native, chunk_rows):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(ARCHS[arch](), attn_implementation=attn).eval()
     groups = _groups()
     with torch.no_grad():
-        packed = packed_logps(model, groups, budget=40, pad_id=0, native=native)  # several rows and groups a row
+        # several rows and groups a row
+        packed = packed_logps(model, groups, budget=40, pad_id=0, native=native, chunk_rows=chunk_rows)
         for (prompt, responses), got in zip(groups, packed):
             for response, (value, count) in zip(responses, got):
                 assert count == len(response)
                 assert value.item() == pytest.approx(_unpacked_reference(model, prompt, response), abs=1e-4)
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 1, 7], ids=["whole", "chunks-of-1", "chunks-of-7"])
 @pytest.mark.parametrize("native", [None, False], ids=["auto", "head-hook"])
-def test_packing_gradients_equal_plain(native):
+def test_packing_gradients_equal_plain(native, chunk_rows):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(ARCHS["llama"]())
     groups = _groups(1)
     grads = []
-    for fn in (lambda: packed_logps(model, groups, 64, 0, native=native), lambda: plain_logps(model, groups, 0)):
+    for fn in (lambda: packed_logps(model, groups, 64, 0, native=native, chunk_rows=chunk_rows),
+               lambda: plain_logps(model, groups, 0)):
         model.zero_grad()
         total = sum(v * (k + 1) for per in fn() for k, (v, _) in enumerate(per))
         total.backward()
@@ -193,3 +204,87 @@ def test_kept_logits_selection_follows_the_transformers_version():
     assert not model.get_output_embeddings()._forward_pre_hooks
     full = model(input_ids=torch.tensor([[5, 6, 7]])).logits
     assert full.shape == (1, 3, COMMON["vocab_size"])
+
+
+def test_chunked_target_logps_by_hand():
+    """The chunked op against log_softmax written out in float64, values and gradients (bias included), with a
+    position in several pairs (a prompt's last position predicts each response's first token)."""
+    g = torch.Generator().manual_seed(0)
+    n, hidden, vocab = 11, 8, 37
+    h = torch.randn(n, hidden, generator=g, dtype=torch.float64)
+    w = torch.randn(vocab, hidden, generator=g, dtype=torch.float64)
+    b = torch.randn(vocab, generator=g, dtype=torch.float64)
+    index = torch.tensor([0, 0, 3, 10, 10, 10, 5])
+    targets = torch.tensor([1, 2, 36, 0, 0, 7, 5])
+    upstream = torch.randn(len(index), generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    z = leaves[0] @ leaves[1].T + leaves[2]
+    want = (z - z.exp().sum(-1, keepdim=True).log())[index, targets]
+    want_grads = torch.autograd.grad((want * upstream).sum(), leaves)
+    for rows in (1, 4, 11, 50):
+        mine = [t.float().requires_grad_() for t in (h, w, b)]
+        got = chunked_target_logps(*mine, index, targets, rows)
+        assert got.dtype == torch.float32 and got.shape == (len(index),)
+        assert torch.allclose(got.double(), want.detach(), atol=1e-5)
+        for a, e in zip(torch.autograd.grad((got * upstream.float()).sum(), mine), want_grads):
+            assert torch.allclose(a.double(), e, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", [None, False], ids=["auto", "head-hook"])
+def test_chunked_equals_whole_within_1e5_and_keeps_no_vocabulary_sized_tensor(native):
+    """Values and every parameter's gradient of the chunked path equal the whole-logits path within 1e-5
+    (fp32), and what autograd saves for backward holds no (kept positions x vocabulary) tensor."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ARCHS["qwen2"]())
+    groups = _groups(2)
+    n_kept = int(build(groups, 64, 0).keep.sum())  # positions predicting a response token
+    results = {}
+    for rows in (None, 5):
+        saved = []
+
+        def keep_shape(t):  # the size of every saved tensor with a vocabulary-sized last dimension
+            saved.append(t.numel() if t.dim() and t.shape[-1] == COMMON["vocab_size"] else 0)
+            return t
+
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(keep_shape, lambda t: t):
+            out = packed_logps(model, groups, 64, 0, native=native, chunk_rows=rows)
+        values = torch.stack([v for per in out for v, _ in per])
+        (values * torch.linspace(-1, 2, len(values))).sum().backward()
+        results[rows] = (values.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]), max(saved))
+    assert torch.allclose(results[5][0], results[None][0], atol=1e-5)
+    assert torch.allclose(results[5][1], results[None][1], atol=1e-5)
+    vocab = COMMON["vocab_size"]
+    assert results[None][2] >= n_kept * vocab  # the whole path keeps the logits (so the check can fail)
+    assert results[5][2] == 0  # the chunked one keeps no logits at all
+
+
+def test_chunk_policy_and_models_that_cannot_chunk():
+    llama = AutoModelForCausalLM.from_config(ARCHS["llama"]()).eval()
+    capped = AutoModelForCausalLM.from_config(Gemma2Config(head_dim=8, final_logit_softcapping=30.0, **COMMON)).eval()
+    mb = 4 * 256 * 10 / 2**20  # ten positions of a 256-token vocabulary
+    assert chunk_rows_for(llama, 11, Layout(64, "auto", mb)) == 10
+    assert chunk_rows_for(llama, 10, Layout(64, "auto", mb)) is None  # fits in one chunk: whole
+    assert chunk_rows_for(llama, 3, Layout(64, "always", mb)) == 10
+    assert chunk_rows_for(llama, 11, Layout(64, "never", mb)) is None
+    assert chunk_logits_possible(llama) and not chunk_logits_possible(capped)
+    assert chunk_rows_for(capped, 11, Layout(64, "always", mb)) is None
+    cfg = Config()
+    cfg.packing.chunk_logits = "always"
+    assert prepare(llama, _groups(), 0, cfg.packing) == Layout(cfg.packing.max_tokens, "always", 512.0)
+    cfg.packing.enabled = False
+    assert prepare(llama, _groups(), 0, cfg.packing) is None
+
+
+def test_a_model_whose_chunked_path_differs_keeps_packing_unchunked(caplog):
+    """The probe compares the chunked path with the plain one too: a model that transforms its logits
+    after the output layer without saying so in its config (here: a hook that soft-caps them) keeps
+    packing, unchunked, with one log line."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ARCHS["llama"]()).eval()
+    model.lm_head.register_forward_hook(lambda module, args, out: 5 * torch.tanh(out / 5))
+    cfg = Config()
+    with caplog.at_level(logging.WARNING, logger="spinlm"):
+        layout = prepare(model, _groups(), 0, cfg.packing)
+    assert layout == Layout(cfg.packing.max_tokens, "never", cfg.packing.logits_chunk_mb)
+    assert "with the output layer in chunks" in caplog.text

@@ -396,3 +396,22 @@ def test_zero3_without_deepspeed_says_how_to_install(tiny_model, pairs, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "pip install 'spinlm[deepspeed]'" in err and "Traceback" not in err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_chunked_output_layer_under_sharding_matches_whole_logits(tiny_model, pairs, tmp_path, strategy):
+    """The output layer in chunks (packing.chunk_logits always, a few positions a chunk) inside FSDP's and
+    DeepSpeed's own calls of that layer (their gather before it, their gradient hooks after): 2 processes
+    train to the weights one process gets with whole logits."""
+    if strategy == "zero3":
+        _deepspeed()
+    args = ["train", "--model", str(tiny_model), "--pairs", str(pairs), "--train.learning_rate=1e-3",
+            "--train.epochs=1", "--train.optimizer=adamw", *COMMON]
+    single = _spinlm([*args, "--out", str(tmp_path / "one"), "--train.batch_size=8",
+                      "--packing.chunk_logits=never"], two=False)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = _spinlm([*args, "--out", str(tmp_path / "two"), "--train.batch_size=4", f"--train.strategy={strategy}",
+                       "--packing.chunk_logits=always", "--packing.logits_chunk_mb=0.01"], two=True)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    _assert_close(tmp_path / "one", tmp_path / "two", f"chunked output layer, {strategy} x2 vs whole logits x1")

@@ -234,6 +234,14 @@ class PackingConfig:
                                 "row at a time (gradients "
                                 "add up to the same step), so activations of one row, not of the whole "
                                 "micro-batch, are held at once.")
+    chunk_logits: Literal["auto", "always", "never"] = _f(
+        "auto", "Compute the output layer and log-softmax on packed rows a chunk of positions at a time, recomputed "
+        "in backward, so no (positions x vocabulary) logits tensor is held (a 152k-262k vocabulary at 2-8k tokens "
+        "makes it gigabytes): auto = only when a forward's logits would exceed packing.logits_chunk_mb, always, "
+        "never. Checked against the plain computation once per model, like packing; models that soft-cap or scale "
+        "their logits (Gemma-2, Cohere, Granite) or whose output layer is not a plain Linear are never chunked.")
+    logits_chunk_mb: float = _f(512.0, "Size of one chunk of float32 logits in MB (positions per chunk = MB / (4 x "
+                                "vocabulary)); with chunk_logits auto, also the size above which a forward chunks.")
 
 
 @dataclass

@@ -144,8 +144,8 @@ def sample_logps(model, tokenizer, kl_rows: list[dict], cfg) -> list[list[float]
     the stop token included)."""
     groups = [(r["prompt_ids"], [s["ids"] for s in r["samples"] if s["finish"] == "eos"]) for r in kl_rows]
     scored = [g for g in groups if g[1]]  # a prompt whose draws all hit the limit has nothing to score
-    budget = prepare(model, scored, tokenizer.pad_token_id, cfg.packing)
-    scores = iter(score_groups(model, scored, tokenizer.pad_token_id, budget, cfg.eval.batch_size))
+    layout = prepare(model, scored, tokenizer.pad_token_id, cfg.packing)
+    scores = iter(score_groups(model, scored, tokenizer.pad_token_id, layout, cfg.eval.batch_size))
     return [[lp for lp, _ in next(scores)] if g[1] else [] for g in groups]
 
 

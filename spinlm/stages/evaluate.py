@@ -34,9 +34,9 @@ def evaluate(model_path: str, examples: list[Example], cfg: Config, pairs: list[
     tokenizer = load_tokenizer(model_path, cfg.model)
     model, fsdp = inference_model(model_path, cfg)  # sharded with train.fsdp_inference: all take every example
     groups = encode_real(tokenizer, examples, Limits.of(cfg))
-    budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
+    layout = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
     metrics = {"model": str(model_path), "examples": len(examples),
-               "nll_per_token": heldout_nll(model, groups, tokenizer.pad_token_id, budget, cfg.eval.batch_size)}
+               "nll_per_token": heldout_nll(model, groups, tokenizer.pad_token_id, layout, cfg.eval.batch_size)}
     metrics.update(greedy_metrics(model, tokenizer, examples, cfg, checker, outputs, sharded=fsdp is not None))
     if pairs:
         metrics.update(reward_metrics(model, tokenizer, pairs, cfg,

@@ -20,7 +20,7 @@ from spinlm.config import Config
 from spinlm.hub import model_key
 from spinlm.io import RowLog, fault_point, fingerprint, read_jsonl, scratch, write_jsonl
 from spinlm.modeling import load_tokenizer
-from spinlm.packing import prepare, response_logps, score_groups
+from spinlm.packing import Layout, prepare, response_logps, score_groups
 from spinlm.progress import bar as progress_bar
 from spinlm.tokens import Limits, pair_groups
 from spinlm.training.strategy import inference_model
@@ -76,14 +76,14 @@ def _same_response(row: dict) -> bool:
 
 
 @torch.no_grad()
-def synced_scores(model, fsdp, groups: list, filler, pad_id: int, budget: int | None, batch_size: int) -> list:
+def synced_scores(model, fsdp, groups: list, filler, pad_id: int, layout: Layout | None, batch_size: int) -> list:
     """score_groups on a sharded model: this process's `groups`, then forwards of `filler` (results
     dropped) until it has run as many forwards as the process with the most."""
     mine = -(-len(groups) // batch_size)  # score_groups' forwards: one per batch
     most = fsdp.forwards(mine)  # agreed before any forward: a collective between two gathers would hang
-    scores = score_groups(model, groups, pad_id, budget, batch_size)
+    scores = score_groups(model, groups, pad_id, layout, batch_size)
     for _ in range(most - mine):
-        response_logps(model, [filler], pad_id, budget)
+        response_logps(model, [filler], pad_id, layout)
     return scores
 
 
@@ -101,9 +101,9 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
     tokenizer = load_tokenizer(model_path, cfg.model)
     model, fsdp = inference_model(model_path, cfg)
     groups = pair_groups(tokenizer, rows, Limits.of(cfg))
-    budget = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
+    layout = prepare(model, groups, tokenizer.pad_token_id, cfg.packing)
     chunk = cfg.eval.batch_size * 16
-    key = fingerprint("score", model_key(model_path, cfg.model.revision), groups, budget,
+    key = fingerprint("score", model_key(model_path, cfg.model.revision), groups, layout,
                       cfg.model.dtype, cfg.model.attn_implementation, chunk)
     bar = progress_bar(len(groups), desc, cfg.run.progress and dist.is_main())
     with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
@@ -114,12 +114,12 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
             if fsdp is not None:  # every process scores its rows of every chunk, as many forwards as the others
                 mine = [i for i in idx if i % fsdp.world == fsdp.rank and i not in rowlog.done]
                 scores = synced_scores(model, fsdp, [groups[i] for i in mine], groups[idx.start],
-                                       tokenizer.pad_token_id, budget, cfg.eval.batch_size)
+                                       tokenizer.pad_token_id, layout, cfg.eval.batch_size)
                 if mine:
                     rowlog.add([(i, {"real": real, "generated": gen}) for i, (real, gen) in zip(mine, scores)])
                     fault_point("score-chunk")
             elif c % dist.world() == dist.rank() and not all(i in rowlog.done for i in idx):
-                scores = score_groups(model, groups[idx.start:idx.stop], tokenizer.pad_token_id, budget,
+                scores = score_groups(model, groups[idx.start:idx.stop], tokenizer.pad_token_id, layout,
                                       cfg.eval.batch_size)
                 rowlog.add([(i, {"real": real, "generated": gen}) for i, (real, gen) in zip(idx, scores)])
                 fault_point("score-chunk")

@@ -23,7 +23,7 @@ from spinlm.data import Example
 from spinlm.io import fault_point, write_json
 from spinlm.metrics import heldout_nll
 from spinlm.modeling import load_tokenizer
-from spinlm.packing import Group, prepare, response_logps
+from spinlm.packing import Group, Layout, prepare, response_logps
 from spinlm.tokens import Limits, encode_real
 from spinlm.tracking import Log
 from spinlm.training import checkpoint
@@ -60,14 +60,14 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     ckpt_dir = out.with_name(out.name + ".checkpoints")
     model, optimizer, scheduler, state = strategy.setup(model, build, checkpoint.latest(ckpt_dir))
     state = state or {"step": 0, "best": None, "stale": 0, "history": [], "examples": 0}
-    budget = prepare(strategy.unwrap(model), train_seqs, pad, cfg.packing)
+    layout = prepare(strategy.unwrap(model), train_seqs, pad, cfg.packing)
     log.info("sft: %d examples, up to %d steps, lr %g", len(train_seqs), steps, sc.learning_rate)
     start, plans = time.time(), {}
 
     def check() -> bool:
         """Evaluate held-out NLL; keep the model if best; True when patience ran out."""
         if eval_seqs and not (state["history"] and state["history"][-1]["step"] == state["step"]):
-            nll = heldout_nll(model, eval_seqs, pad, budget, cfg.eval.batch_size)
+            nll = heldout_nll(model, eval_seqs, pad, layout, cfg.eval.batch_size)
             state["history"].append({"step": state["step"], "heldout_nll": nll,
                                      "elapsed_s": round(time.time() - start, 2)})
             log.info("sft step %d/%d: held-out NLL per token %.4f", state["step"], steps, nll)
@@ -85,7 +85,7 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     while state["step"] < steps and not state.get("stopped"):  # stopped: patience ran out (kept in checkpoints)
         epoch, k = divmod(state["step"], per_epoch)
         micro, n_examples = plans.setdefault(epoch, plan(epoch))[k]
-        loss = _sft_step(strategy, model, [[train_seqs[i] for i in ids] for ids in micro], pad, budget,
+        loss = _sft_step(strategy, model, [[train_seqs[i] for i in ids] for ids in micro], pad, layout,
                          cfg.packing.backward_per_row)
         state["examples"] = state.get("examples", 0) + n_examples
         window["tokens"] += world * sum(len(train_seqs[i][0]) + len(train_seqs[i][1][0]) for ids in micro for i in ids)
@@ -126,7 +126,7 @@ def _guard_and_clip(strategy, model, loss: torch.Tensor, step: int, ckpt_dir: Pa
     stop_if_not_finite(norm, "gradient norm", step, "sft", ckpt_dir, remedy)
 
 
-def _sft_step(strategy, model, micro: list[list[Group]], pad: int, budget: int | None,
+def _sft_step(strategy, model, micro: list[list[Group]], pad: int, layout: Layout | None,
               per_row: bool = True) -> torch.Tensor:
     """Forward and backward of one optimizer step's micro-batches, one packed row at a time with
     `per_row` (packing.backward_per_row: one row's activations held, as in SPIN training), else a
@@ -136,9 +136,9 @@ def _sft_step(strategy, model, micro: list[list[Group]], pad: int, budget: int |
     0). Returns the step's loss (detached)."""
     total_tokens = sum(len(r) for batch in micro for _, responses in batch for r in responses)
     loss = torch.zeros(())
-    for part, weight, last in step_forwards(strategy, micro, lambda batch: batch, budget, per_row):
+    for part, weight, last in step_forwards(strategy, micro, lambda batch: batch, layout, per_row):
         with strategy.sync(model, last=last):
-            nll = -torch.stack([s for group in response_logps(model, part, pad, budget) for s, _ in group]).sum()
+            nll = -torch.stack([s for group in response_logps(model, part, pad, layout) for s, _ in group]).sum()
             strategy.backward(nll * (weight / total_tokens))
         if weight:
             loss += nll.detach().cpu() / total_tokens

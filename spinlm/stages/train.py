@@ -27,7 +27,7 @@ from spinlm.io import fault_point, read_jsonl, write_json
 from spinlm.loss import Objective, objective, real_nll_per_token
 from spinlm.metrics import heldout_metric
 from spinlm.modeling import load_tokenizer
-from spinlm.packing import prepare, response_logps
+from spinlm.packing import Layout, prepare, response_logps
 from spinlm.tokens import Limits, encode_pair, is_dead
 from spinlm.tracking import Log
 from spinlm.training import checkpoint
@@ -81,13 +81,13 @@ def responses(item: dict) -> list[list[int]]:
     return [item["real"], item["generated"]] + ([item["historical"]] if "historical" in item else [])
 
 
-def batch_losses(model, batch: list[dict], pad_id: int, budget: int | None, goal: Objective, params: dict,
+def batch_losses(model, batch: list[dict], pad_id: int, layout: Layout | None, goal: Objective, params: dict,
                  sft_weight: float = 0.0):
     """Per-row losses (batch,) of the objective `goal` with its `params` (spinlm.loss.OBJECTIVES), plus
     `sft_weight` x the real response's NLL per token, and detached per-row metrics, from one forward over
     the micro-batch (packed [prompt | real | generated (| historical)] rows, or padded sequences when
     packing is off)."""
-    scores = response_logps(model, [(b["prompt"], responses(b)) for b in batch], pad_id, budget)
+    scores = response_logps(model, [(b["prompt"], responses(b)) for b in batch], pad_id, layout)
     policy = {name: torch.stack([s[k][0] for s in scores]) for k, name in enumerate(goal.responses)}
     dev = policy["real"].device
     tokens = {name: torch.tensor([float(s[k][1]) for s in scores], device=dev) for k, name in enumerate(goal.responses)}
@@ -154,7 +154,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     model, optimizer, scheduler, state = strategy.setup(model, build, checkpoint.latest(ckpt_dir))
     state = state or {"step": 0, "history": [], "window": [], "skipped": 0, "checks": [], "warnings": 0}
     # after wrapping: under fsdp every process checks on the sharded model (no whole copy on one device)
-    budget = prepare(strategy.unwrap(model), [(i["prompt"], responses(i)) for i in items[:4]], pad,
+    layout = prepare(strategy.unwrap(model), [(i["prompt"], responses(i)) for i in items[:4]], pad,
                      cfg.packing) if items else None
     described = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
     log.info("train iteration %d: %d pairs, %d optimizer steps (schedule of %d), lr %g, objective %s (%s), "
@@ -167,7 +167,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
         epoch, k = divmod(state["step"], per_epoch)
         micro, n_pairs = epoch_plan.setdefault(epoch, plan(epoch))[k]
         metrics = train_step(strategy, model, optimizer, scheduler, [[items[i] for i in ids] for ids in micro],
-                             n_pairs, pad, budget, goal, params, cfg, state, iteration, ckpt_dir)
+                             n_pairs, pad, layout, goal, params, cfg, state, iteration, ckpt_dir)
         state["examples"] = state.get("examples", 0) + n_pairs
         state["window"].append(metrics)
         window["tokens"] += world * sum(len(items[i]["prompt"]) + len(items[i]["real"]) + len(items[i]["generated"])
@@ -207,16 +207,16 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
 
 
 def train_step(strategy, model, optimizer, scheduler, micro: list[list[dict]], n_pairs: int, pad: int,
-               budget: int | None, goal: Objective, params: dict, cfg: Config, state: dict, iteration: int,
+               layout: Layout | None, goal: Objective, params: dict, cfg: Config, state: dict, iteration: int,
                ckpt_dir: Path) -> dict:
     """One optimizer step over this process's micro-batches; the loss is the mean over the step's
     `n_pairs` pairs of all processes. Guards non-finite values; applies the grad-norm skip policy."""
     tc, world = cfg.train, strategy.world
     metrics, count = {}, 0
     groups_of = lambda batch: [(b["prompt"], responses(b)) for b in batch]
-    for part, weight, last in step_forwards(strategy, micro, groups_of, budget, cfg.packing.backward_per_row):
+    for part, weight, last in step_forwards(strategy, micro, groups_of, layout, cfg.packing.backward_per_row):
         with strategy.sync(model, last=last):  # gradients of all parts add up, synced after the last
-            losses, per_pair = batch_losses(model, part, pad, budget, goal, params, cfg.spin.sft_weight)
+            losses, per_pair = batch_losses(model, part, pad, layout, goal, params, cfg.spin.sft_weight)
             strategy.backward(losses.sum() * (weight * world / n_pairs))
         if weight:
             for key, value in per_pair.items():

@@ -8,7 +8,7 @@ import logging
 import torch
 
 from spinlm.modeling import load_model
-from spinlm.packing import pack
+from spinlm.packing import Layout, pack
 from spinlm.training.lora import add_adapter
 
 
@@ -85,16 +85,16 @@ def linear_schedule(optimizer, steps: int, warmup_ratio: float, factor: int = 1)
     return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * steps) * factor, steps * factor)
 
 
-def step_forwards(strategy, micro: list[list], groups_of, budget: int | None, per_row: bool):
+def step_forwards(strategy, micro: list[list], groups_of, layout: Layout | None, per_row: bool):
     """One optimizer step's forwards as (part, weight, last): each micro-batch whole, or with
     `per_row` (packing.backward_per_row) split into the packed rows it forms, so one row's
     activations are held at a time. fsdp and zero3 run as many forwards on every process
     (strategy.forwards): the extra ones repeat the last part with weight 0. `last` marks the forward
     after which gradients sync. `groups_of(batch)`: the batch's (prompt, responses) groups."""
     def rows(batch: list) -> list[list]:
-        if not (per_row and budget):
+        if not (per_row and layout):
             return [batch]
-        return [[batch[i] for i in row] for row in pack(groups_of(batch), budget)]
+        return [[batch[i] for i in row] for row in pack(groups_of(batch), layout.budget)]
 
     parts = [part for batch in micro for part in rows(batch)]
     n = strategy.forwards(len(parts))
