@@ -343,19 +343,18 @@ class FSDP(_Sharded):
         same modules on the meta device (no memory). Every process shards its model, gives the shards
         (uninitialised) memory, and takes rank 0's values one tensor at a time: torch's
         set_model_state_dict with broadcast_from_rank0, as accelerate's cpu_ram_efficient_loading does.
-        So one process holds the whole model, not every one (a 7B in fp32 is 28 GB per process)."""
+        So one process holds the whole model while loading, not every one (a 7B in fp32: 28 GB each)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         from spinlm.modeling import empty_model, read_model
 
-        self._group()  # the process group, before rank 0's long read (the others wait in the broadcast)
         build = read_model if self.is_main else empty_model
         model = trainable(build(model_path, model_cfg, dtype), checkpointing, peft_cfg)
         full = model.state_dict() if self.is_main else {}  # the read weights: they outlive sharding
         # buffers a state dict leaves out (non-persistent: rotary inv_freq), rank 0's values
         computed = {name: buffer.clone() if self.is_main else None for name, buffer in _computed_buffers(model)}
         self.shard(model)
-        # sharded parameters live on the CPU with offload (fully_shard moved the buffers to self.device)
+        # memory for every tensor: the shards on the CPU with offload, else on the device; buffers below
         model.to_empty(device=torch.device("cpu") if self.cpu_offload else self.device)
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
