@@ -209,6 +209,13 @@ class TrainConfig:
                               "does not fit one device; slower: every forward gathers each layer, and evaluation's "
                               "greedy generation runs every example on every process). Generation is not sharded: "
                               "use generation.backend server or vllm.")
+    zero3_offload_optimizer: bool = _f(False, "strategy zero3: keep the fp32 master partitions and optimizer state "
+                                       "in CPU memory and step the optimizer there (DeepSpeed's offload_optimizer, "
+                                       "device cpu; an accelerate launch's offload_optimizer_device must agree).")
+    zero3_offload_params: bool = _f(False, "strategy zero3: keep the weight partitions in CPU memory between uses "
+                                    "(DeepSpeed's offload_param, device cpu; an accelerate launch's "
+                                    "offload_param_device must agree). Slower; for a model that does not fit "
+                                    "otherwise.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint (weights, optimizer, scheduler, data position, RNG) "
                                "every N optimizer steps; 0 = never (a killed iteration then starts over).")

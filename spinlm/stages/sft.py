@@ -32,7 +32,7 @@ from spinlm.tokens import Limits, encode_real
 from spinlm.tracking import Log
 from spinlm.training import checkpoint
 from spinlm.training.guards import best_weights, keep_best, stop_if_not_finite, stop_if_preempted
-from spinlm.training.steps import epoch_steps, linear_schedule, load_trainable, make_optimizer, step_forwards
+from spinlm.training.steps import epoch_steps, linear_schedule, make_optimizer, step_forwards
 from spinlm.training.strategy import make_strategy
 
 log = logging.getLogger("spinlm")
@@ -52,7 +52,7 @@ def sft(model_path: str, train_examples: list[Example], eval_examples: list[Exam
     strategy = make_strategy(cfg.train)
     set_seed(cfg.run.seed, deterministic=cfg.run.deterministic)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    model = load_trainable(model_path, cfg.model, strategy.load_device, cfg.train.gradient_checkpointing, cfg.peft)
+    model = strategy.load(model_path, cfg.model, cfg.train.gradient_checkpointing, cfg.peft)
     lim = Limits.of(cfg)
     train_seqs, eval_seqs = encode_real(tokenizer, train_examples, lim), encode_real(tokenizer, eval_examples, lim)
     world, rank, pad = strategy.world, strategy.rank, tokenizer.pad_token_id

@@ -36,7 +36,6 @@ from spinlm.training.steps import (
     disable_dropout,
     epoch_steps,
     linear_schedule,
-    load_trainable,
     make_optimizer,
     step_forwards,
 )
@@ -130,7 +129,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     seed = cfg.run.seed + iteration
     set_seed(seed, deterministic=cfg.run.deterministic)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    model = load_trainable(model_path, cfg.model, strategy.load_device, tc.gradient_checkpointing, cfg.peft)
+    model = strategy.load(model_path, cfg.model, tc.gradient_checkpointing, cfg.peft)
     if tc.disable_dropout:
         disable_dropout(model)
     items = pair_items(tokenizer, read_jsonl(pairs_path), cfg)
