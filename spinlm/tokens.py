@@ -4,6 +4,11 @@ generate, score, train, sft and evaluate all call `encode_prompt` / `encode_resp
 `encode_pair`, so the model is trained on exactly the prompts it generated from (the reference
 code used a different prompt for generation than for training).
 
+A prompt's ids start with exactly one BOS where the tokenizer adds one by default or the template
+writes one, and none otherwise (`prompt_bos`: Zephyr's `<s>`, which its template does not write, as
+the SFT model was trained; never a second one behind a template's `{{ bos_token }}`). Everything else
+is tokenized without special tokens: the template writes them.
+
 A response's tokens are what the model's own chat template renders for the whole conversation
 minus the rendered prompt, up to and including the template's turn-end token: Gemma's
 `<end_of_turn>`, ChatML's `<|im_end|>` (Qwen), Llama-3's `<|eot_id|>`, or the EOS token where the
