@@ -184,6 +184,29 @@ def test_dpo_pairs_and_judge_answers_start_with_the_prompts_bos(splits, tmp_path
         _one_bos(tok, family, ids)
 
 
+def test_resuming_a_run_started_by_the_older_encoding_warns(tmp_path, caplog):
+    """A run started before prompts got their BOS (its run_info.json has no `encoding`) is resumed with a
+    warning: its finished stages keep the old token ids. A run of this encoding resumes quietly."""
+    import logging
+
+    from spinlm import config
+    from spinlm.io import read_json, write_json
+    from spinlm.rundir import open_run, release_lock
+    from spinlm.tokens import ENCODING
+
+    cfg = config.build(None, [f"--run.dir={tmp_path / 'run'}", "--run.progress=false"])
+    for info, warned in (({"spinlm": "old"}, True), (None, False)):
+        run = open_run(cfg, force=False)
+        release_lock(run / ".lock")
+        assert read_json(run / "run_info.json")["encoding"] == ENCODING
+        if info is not None:
+            write_json(run / "run_info.json", info)  # as an earlier spinlm wrote it
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="spinlm"):
+            release_lock(open_run(cfg, force=False) / ".lock")
+        assert ("encoded prompts differently (encoding 1, now 2" in caplog.text) == warned, caplog.text
+
+
 def _config(model, data, run_dir, system=False):
     limits = {"max_prompt_length": 96, "max_length": 160} if system else {"max_prompt_length": 64, "max_length": 128}
     return {
