@@ -35,6 +35,7 @@ from spinlm.data import Example
 from spinlm.hub import model_commit, model_key
 from spinlm.io import fingerprint, finish, is_done, marker, produce, read_json, read_jsonl, scratch, write_json
 from spinlm.stages.score import score_rows
+from spinlm.tokens import ENCODING
 
 log = logging.getLogger("spinlm")
 
@@ -51,7 +52,8 @@ def scored_pairs(model_path: str, examples: list[Example], out: Path, cfg: Confi
     rows = preference_rows(examples)
     key = fingerprint("dpo-pairs", model_key(model_path, cfg.model.revision), rows, cfg.data.max_prompt_length,
                       cfg.data.max_length,
-                      cfg.model.dtype, cfg.model.attn_implementation, cfg.packing.enabled, cfg.model.chat_template)
+                      cfg.model.dtype, cfg.model.attn_implementation, cfg.packing.enabled, cfg.model.chat_template,
+                      ENCODING)
     if is_done(out) and (read_json(marker(out)) or {}).get("fingerprint") == key:
         log.info("%s: reusing the reference log-probs scored earlier", out)
         return out

@@ -114,7 +114,7 @@ class DataConfig:
     max_prompt_length: int = _f(512, "Longest prompt, in tokens.")
     max_length: int = _f(1024, "Longest prompt + response, in tokens; longer responses are cut.")
     prompt_overflow: Literal["truncate", "drop"] = _f(
-        "truncate", "Prompts over max_prompt_length: truncate (keep the end) or drop.")
+        "truncate", "Prompts over max_prompt_length: truncate (keep the end, behind the prompt's BOS) or drop.")
 
 
 @dataclass
