@@ -2,6 +2,8 @@
 
     python -m benchmarks.vocab [--vocab 32000 151936 262144] [--rows 2048 8192] [--repeats 2] [--smoke]
 
+On 2 CPU cores the default grid takes one to two hours (BENCHMARKS.md).
+
 The bench's own model has a 300-token vocabulary, where the output layer is nothing; real checkpoints
 have 32,000 (Llama-2, Mistral) to 151,936 (Qwen2.5) and 262,144 (Gemma-3), and there the (positions x
 vocab) logits and their gradient are what a step holds. Per (vocabulary, row length): a Llama (hidden
@@ -19,9 +21,9 @@ three peers, each one forward + backward of the training loss on that micro-batc
   its training step (its own fused, tiled output layer; on a device without Triton it scores every
   position of the padded batch). No optimizer step in any peer.
 Each (vocabulary, row, peer) runs in its own process (its peak RSS is its own) under an address-space
-limit (--mem-limit-gb); a peer that cannot allocate is reported as "did not fit", never a crash. The time
-is the best of `--repeats` steps after `--warmup` steps. Results: benchmarks/results/vocab.json (written
-after every peer) and a table.
+limit (--mem-limit-gb); a peer that cannot allocate is reported as "did not fit", never a crash. The
+time is the best of `--repeats` steps (trl: `--trl-repeats`) after `--warmup` steps. Results:
+benchmarks/results/vocab.json (written after every peer) and a table.
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ def _limit_memory(gb: float) -> None:
 
 def run_child(name: str, vocab: int, row: int, args) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.vocab", "--peer", name, "--vocab", str(vocab), "--rows", str(row),
-           "--repeats", str(args.trl_repeats if name == "trl" and args.trl_repeats else args.repeats),
+           "--repeats", str(args.trl_repeats if name == "trl" else args.repeats),
            "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--chunk-mb", str(args.chunk_mb), "--tokenizer", str(args.tokenizer)] + (["--smoke"] if args.smoke else [])
     started = time.time()
@@ -207,9 +209,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", help="Row lengths = packing.max_tokens (default 2048 8192; "
                                                         "smoke 128).")
     ap.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
-    ap.add_argument("--repeats", type=int, default=2, help="Timed steps per peer (the best is reported).")
-    ap.add_argument("--warmup", type=int, default=1, help="Untimed steps before them.")
-    ap.add_argument("--trl-repeats", type=int, help="Timed steps of the trl peer (default --repeats).")
+    ap.add_argument("--repeats", type=int, default=2, help="Timed steps per spinlm peer (the best is reported).")
+    ap.add_argument("--warmup", type=int, default=0, help="Untimed steps before them (default 0: the first timed "
+                                                          "step is the warm-up, the best of the steps is reported).")
+    ap.add_argument("--trl-repeats", type=int, default=1, help="Timed steps of the trl peer (default 1: its peak "
+                                                               "memory is what is compared; its time is shown).")
     ap.add_argument("--chunk-mb", type=float, help="packing.logits_chunk_mb (default 512; smoke 0.01, so that the "
                                                    "chunked peer runs several chunks).")
     ap.add_argument("--mem-limit-gb", type=float, default=16.0,
@@ -242,7 +246,7 @@ def main() -> None:
                "transformers": transformers.__version__, "trl": trl.__version__,
                "command": "python -m benchmarks.vocab " + " ".join(sys.argv[1:]), "smoke": args.smoke,
                "model": SIZES["smoke" if args.smoke else "full"], "repeats": args.repeats,
-               "trl_repeats": args.trl_repeats or args.repeats,
+               "trl_repeats": args.trl_repeats,
                "warmup": args.warmup,
                "chunk_mb": args.chunk_mb, "mem_limit_gb": args.mem_limit_gb, "runs": {}}
         for row in rows:
