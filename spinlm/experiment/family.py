@@ -5,7 +5,7 @@ the demo task.
     spinlm experiment family [--out runs/experiment-family] [--seeds 0 1 2] [--iterations 3]
 
 Per task (OUT/regime/, OUT/demo-task/), one SFT start: the regime's (the best epoch of a 40-epoch
-SFT curve on 400 problems) and the demo's (5000 problems, early stopping on validation NLL).
+SFT curve on 400 problems) and the demo's (2000 problems, early stopping on validation NLL).
 From it, per seed, each candidate setting of each objective in FAMILY (the papers' defaults; the
 paper's loss alone: no NLL term except in spin+nll, no in-iteration checks) for the iterations
 asked, and for every run and iteration t continued SFT for as many optimizer steps as the run's

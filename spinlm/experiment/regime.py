@@ -4,7 +4,7 @@ data, and further SFT *lowered* its scores while SPIN raised them).
 
     spinlm experiment regime [--out runs/experiment-regime] [--seeds 0 1 2] [--iterations 3]
 
-1. The demo task with far fewer training problems (REGIME_TASK: 400 instead of 5000), the demo's
+1. The demo task with far fewer training problems (REGIME_TASK: 400 instead of 2000), the demo's
    Llama. SFT for CURVE_EPOCHS epochs without stopping, validation NLL after every epoch: the
    curve that shows more SFT hurting (it falls, then rises). The start is that run's best
    epoch on validation NLL (SFT keeps the best weights).
