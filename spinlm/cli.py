@@ -231,15 +231,20 @@ def _atomic(out: str, fn) -> None:
         print(f"wrote {out}")
 
 
-def _examples(cfg, source: str | None, role: str, **kw):
-    """Examples of `source` read as data role `role` (train, val, eval): its split, subset and revision."""
+def _examples(cfg, source: str | None, role: str, sources: dict | None = None, **kw):
+    """Examples of `source` read as data role `role` (train, val, eval): its split, subset and revision. A Hub
+    dataset's commit and files read go to `sources[role]`."""
     from spinlm.data import load_examples
 
     if not source:
         return []
-    d = cfg.data
-    return load_examples(source, split=getattr(d, f"{role}_split"), subset=getattr(d, f"{role}_subset"),
-                         revision=getattr(d, f"{role}_revision"), format=d.format, turn=d.turn, **kw)
+    d, counts = cfg.data, {}
+    examples = load_examples(source, split=getattr(d, f"{role}_split"), subset=getattr(d, f"{role}_subset"),
+                             revision=getattr(d, f"{role}_revision"), format=d.format, turn=d.turn, counts=counts,
+                             **kw)
+    if sources is not None and counts.get("hub"):
+        sources[role] = counts["hub"]
+    return examples
 
 
 def dispatch(args, overrides: list[str]) -> None:
@@ -384,19 +389,19 @@ def _dpo(args, cfg) -> None:
         pairs = f"{', '.join(names[:-1])} or {names[-1]}"
         raise UserError(f"spinlm dpo: spin.objective {cfg.spin.objective} needs the starting model's own responses, "
                         f"kept across self-play iterations; preference pairs have none. Use {pairs}.")
-    d = cfg.data
-    train = _examples(cfg, data, "train", max_rows=d.max_train_rows, preference=True)
-    heldout = _examples(cfg, held, "eval", max_rows=d.max_eval_rows, preference=True) if held else None
+    d, sources = cfg.data, {}
+    train = _examples(cfg, data, "train", sources, max_rows=d.max_train_rows, preference=True)
+    heldout = _examples(cfg, held, "eval", sources, max_rows=d.max_eval_rows, preference=True) if held else None
     val = []
     if cfg.train.eval_every > 0:  # in-training checks select on validation pairs, never on the reported held-out ones
         from spinlm.validate import require_validation, validation_split
 
         if d.val:
-            val = _examples(cfg, d.val, "val", max_rows=d.max_eval_rows, preference=True)
+            val = _examples(cfg, d.val, "val", sources, max_rows=d.max_eval_rows, preference=True)
         else:
             train, val = validation_split(cfg, train, data)
         require_validation(cfg, val)
-    record = dpo(cfg.model.name_or_path, train, Path(args.out), cfg, heldout, val)
+    record = dpo(cfg.model.name_or_path, train, Path(args.out), cfg, heldout, val, sources)
     from spinlm import dist
 
     if dist.is_main():

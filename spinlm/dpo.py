@@ -35,6 +35,7 @@ from spinlm.data import Example
 from spinlm.hub import model_commit, model_key
 from spinlm.io import fingerprint, finish, is_done, marker, produce, read_json, read_jsonl, scratch, write_json
 from spinlm.stages.score import score_rows
+from spinlm.tokens import ENCODING
 
 log = logging.getLogger("spinlm")
 
@@ -51,7 +52,8 @@ def scored_pairs(model_path: str, examples: list[Example], out: Path, cfg: Confi
     rows = preference_rows(examples)
     key = fingerprint("dpo-pairs", model_key(model_path, cfg.model.revision), rows, cfg.data.max_prompt_length,
                       cfg.data.max_length,
-                      cfg.model.dtype, cfg.model.attn_implementation, cfg.packing.enabled, cfg.model.chat_template)
+                      cfg.model.dtype, cfg.model.attn_implementation, cfg.packing.enabled, cfg.model.chat_template,
+                      ENCODING)
     if is_done(out) and (read_json(marker(out)) or {}).get("fingerprint") == key:
         log.info("%s: reusing the reference log-probs scored earlier", out)
         return out
@@ -63,9 +65,10 @@ def scored_pairs(model_path: str, examples: list[Example], out: Path, cfg: Confi
 
 
 def dpo(model_path: str, examples: list[Example], out: Path, cfg: Config,
-        heldout: list[Example] | None = None, val: list[Example] | None = None) -> dict:
+        heldout: list[Example] | None = None, val: list[Example] | None = None, sources: dict | None = None) -> dict:
     """The stage: score the pairs under `model_path`, train from it into `out` (in-training checks,
-    train.eval_every, on `val`), evaluate on `heldout`; return the record."""
+    train.eval_every, on `val`), evaluate on `heldout`; return the record. `sources`: per data role, the Hub
+    dataset commit and files read (as RUN/run_info.json's `data`), recorded."""
     from spinlm.stages.train import train
 
     pairs = scored_pairs(model_path, examples, scratch(out, "pairs.jsonl"), cfg, "score")
@@ -77,11 +80,12 @@ def dpo(model_path: str, examples: list[Example], out: Path, cfg: Config,
         result = train(model_path, pairs, tmp, cfg, 0, val or [])
         record = {"start_model": str(model_path), "start_model_revision": cfg.model.revision,
                   "start_model_commit": model_commit(str(model_path), cfg.model.revision),
-                  "pairs": str(pairs), "train_rows": len(examples),
+                  "data": sources or {}, "pairs": str(pairs), "train_rows": len(examples),
                   "val_rows": len(val or []),
                   "beta": cfg.per_iteration("beta", 0), "loss_type": cfg.spin.loss_type,
                   "train": {k: v for k, v in result.items() if k != "history"},
-                  "eval": _heldout_metrics(tmp, heldout, eval_pairs, cfg) if heldout else None,
+                  # evaluated in OUT's temporary directory, before the rename: the record names OUT
+                  "eval": {**_heldout_metrics(tmp, heldout, eval_pairs, cfg), "model": str(out)} if heldout else None,
                   "config": cfg.to_dict(), "versions": _versions()}
         if dist.is_main():
             write_json(tmp / "spinlm_dpo.json", record)

@@ -99,9 +99,10 @@ def evaluate_stage(stage: Stage, model: str, where: Path, data: Checked, cfg: Co
 def continued_sft(stage: Stage, run_dir: Path, start: str, data: Checked, cfg: Config) -> None:
     """RUN/continued-sft: `start` fine-tuned on the real responses for as many optimizer steps of
     train.batch_size examples as the SPIN iterations took together (equal steps and examples;
-    SPIN's steps also run the generated responses, so SPIN spends about twice the tokens)."""
-    steps = sum(iteration_steps(run_dir, cfg.spin.iterations))
-    sft_for_steps(stage, RunLayout(run_dir).continued_sft(), start, data, cfg, steps)
+    SPIN's steps also run the generated responses, so SPIN spends about twice the tokens), selected
+    on validation as SPIN is (sft_for_steps)."""
+    sft_for_steps(stage, RunLayout(run_dir).continued_sft(), start, data, cfg,
+                  iteration_steps(run_dir, cfg.spin.iterations))
 
 
 def iteration_steps(run_dir: Path, iterations: int) -> list[int]:
@@ -109,14 +110,37 @@ def iteration_steps(run_dir: Path, iterations: int) -> list[int]:
     return [(read_json(RunLayout(run_dir).train_log(t)) or {}).get("steps", 0) for t in range(iterations)]
 
 
-def sft_for_steps(stage: Stage, where: Path, start: str, data: Checked, cfg: Config, steps: int) -> None:
-    """where/model: `start` fine-tuned on the real responses for `steps` optimizer steps of as many
-    examples as a SPIN step has pairs (train.batch_size x train.gradient_accumulation_steps per process;
-    sft.learning_rate, no early stopping); where/metrics.json: its metrics."""
+def spin_check_steps(per_iteration: list[int], eval_every: int) -> list[int]:
+    """The optimizer steps, counted from the start of iteration 0, at which SPIN's iterations checked
+    on validation: every `eval_every` steps of each iteration and at its end (spinlm.stages.train);
+    none without train.eval_every."""
+    out, offset = [], 0
+    for n in per_iteration if eval_every else []:
+        out += [offset + k for k in range(1, n + 1) if k % eval_every == 0 or k == n]
+        offset += n
+    return out
+
+
+def sft_for_steps(stage: Stage, where: Path, start: str, data: Checked, cfg: Config, per_iteration: list[int]) -> None:
+    """where/model: `start` fine-tuned on the real responses for the steps of SPIN's iterations
+    together (`per_iteration`), each of as many examples as a SPIN step has pairs (train.batch_size x
+    train.gradient_accumulation_steps per process; sft.learning_rate, no early stopping);
+    where/metrics.json: its metrics.
+
+    Selected as SPIN is, so that SPIN's selection does not flatter it: with train.eval_every and
+    validation data, checked on the validation data at the steps SPIN checked (every train.eval_every
+    steps of each iteration and at its end), with the metric SPIN's checks and RUN/best use
+    (spinlm.metrics.heldout_metric), the best checked weights kept (a strict improvement, as SPIN's);
+    without, the last weights, as SPIN keeps. Like RUN/best, which may choose the start over every
+    iteration, the report and the run's sentence set it beside the start on validation
+    (spinlm.summary.select_baseline). train.patience is not applied: the baseline takes every step."""
     baseline = copy.deepcopy(cfg)
     baseline.sft.batch_size, baseline.sft.patience = cfg.train.batch_size, 0
     baseline.sft.gradient_accumulation_steps = accumulation = cfg.train.gradient_accumulation_steps
+    steps = sum(per_iteration)
     per_step = cfg.train.batch_size * accumulation * dist.world()
     baseline.sft.epochs = max(1, math.ceil(steps * per_step / max(len(data.train), 1)))
-    stage(where.name, where / "model", lambda out: sft(start, data.train, [], out, baseline, max_steps=steps))
+    checks = spin_check_steps(per_iteration, cfg.train.eval_every) if data.val else []
+    stage(where.name, where / "model",
+          lambda out: sft(start, data.train, data.val, out, baseline, max_steps=steps, check_at=checks))
     evaluate_stage(stage, str(where / "model"), where, data, cfg, pairs=None, beta=None)

@@ -3,10 +3,11 @@
 The sums are docs/scaling.md's, per process:
 - training: fp32 master weights (4 bytes per parameter), fp32 gradients of what trains (4), and the
   optimizer state (RMSprop 4, AdamW 8); fsdp and zero3 divide all three by the number of processes,
-  and with train.fsdp_cpu_offload they live in host memory. A LoRA adapter trains few parameters:
-  its gradients and state are not counted, its frozen fp32 base is. fsdp / zero3 also gather one
-  decoder layer at a time (weights and, in the backward, its gradients: 6 bytes per parameter of a
-  layer in bf16, 12 in fp32).
+  and with train.fsdp_cpu_offload they live in host memory (under zero3: the gradients and optimizer
+  state with train.zero3_offload_optimizer, the weights with train.zero3_offload_params). A LoRA
+  adapter trains few parameters: its gradients and state are not counted, its frozen fp32 base is.
+  fsdp / zero3 also gather one decoder layer at a time (weights and, in the backward, its gradients:
+  6 bytes per parameter of a layer in bf16, 12 in fp32).
 - activations of the largest packed row (`packing.backward_per_row`; else of a whole micro-batch):
   about 34 x tokens x hidden bytes per layer in bf16 (Korthikanti et al. 2022; attention scores not
   kept by sdpa / flash attention), doubled in fp32; with gradient checkpointing 2 x tokens x hidden
@@ -85,10 +86,14 @@ def estimate(cfg, arch: Arch, world: int, row_tokens: int, on_gpu: bool) -> dict
         "gradients": 0 if lora else 4 * p / shard,
         "optimizer": 0 if lora else OPTIMIZER_BYTES[tc.optimizer] * p / shard,
     }
-    host = 0.0
-    if offload:
-        host = sum(train.values())
-        train = {k: 0.0 for k in train}
+    # the parts held in host memory instead: all three with fsdp's offload; under zero3 the optimizer's
+    # offload takes the gradient partitions and optimizer state, the parameters' offload the weights
+    moved = set(train) if offload else set()
+    if tc.strategy == "zero3":
+        moved = {"gradients", "optimizer"} if tc.zero3_offload_optimizer else set()
+        moved |= {"weights"} if tc.zero3_offload_params else set()
+    host = sum(train[k] for k in moved)
+    train = {k: 0.0 if k in moved else v for k, v in train.items()}
     if sharded:
         train["gathered layer"] = (6 if half else 12) * p / arch.layers
     per_layer = 34 * row_tokens * arch.hidden * (1 if half else 2)
@@ -133,7 +138,9 @@ def check(plan: dict, device_bytes: int | None, device: str) -> None:
     parts = ", ".join(f"{k} {size(v)}" for k, v in plan["train" if stage == "training" else "infer"].items())
     sharded = plan["strategy"] in ("fsdp", "zero3")
     ways = [("more processes" if sharded else "train.strategy fsdp") + " (weights, gradients and optimizer state "
-            "divide by the processes)", "train.fsdp_cpu_offload: true" if plan["strategy"] == "fsdp" else "",
+            "divide by the processes)", {"fsdp": "train.fsdp_cpu_offload: true",
+                                     "zero3": "train.zero3_offload_optimizer / zero3_offload_params: true"
+                                     }.get(plan["strategy"], ""),
             "" if plan["checkpointing"] else "train.gradient_checkpointing: true",
             "" if plan["lora"] or sharded else "peft.enabled: true (LoRA)", "a smaller packing.max_tokens",
             "train.optimizer rmsprop (4 bytes per parameter less)" if plan["optimizer"] == "adamw" else ""]

@@ -91,6 +91,12 @@ def load_tokenizer(path: str, cfg: ModelConfig):
 
 def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None, dev: torch.device | None = None):
     """A causal LM from a directory or Hub id, on `dev` (default: the GPU if there is one)."""
+    return read_model(path, cfg, dtype).to(dev or device())
+
+
+def read_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None):
+    """A causal LM from a directory or Hub id, where transformers puts it (the CPU; under a live
+    DeepSpeed ZeRO-3 config, partitioned over the processes as it is built)."""
     from transformers import AutoModelForCausalLM
 
     check_local(path)
@@ -106,7 +112,29 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None, de
         )
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: could not load the model: {e}") from None
-    return model.to(dev or device())
+    return model
+
+
+def empty_model(path: str, cfg: ModelConfig, dtype: torch.dtype | None = None):
+    """The model of `path` with every tensor on the meta device: its modules, config and generation
+    config as read_model gives them, no memory for the weights, no weight file read (a sharded
+    strategy fills the shards from the process that read them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    check_local(path)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype or inference_dtype(cfg.dtype),
+                                                     attn_implementation=cfg.attn_implementation,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: could not load the model: {e}") from None
+    try:  # from_pretrained reads it too; without one, both keep the one made from config.json
+        model.generation_config = GenerationConfig.from_pretrained(path, revision=cfg.revision)
+    except OSError:
+        pass
+    return model
 
 
 def save(model, tokenizer, out_dir: Path) -> None:

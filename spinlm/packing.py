@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -326,39 +326,42 @@ def response_logps(model, groups: list[Group], pad_id: int, layout: Layout | Non
 
 @torch.no_grad()
 def enable_packing(model, groups: list[Group], pad_id: int, budget: int, tolerance: float | None = None,
-                   chunk_rows: int | None = None, plain: list | None = None) -> bool:
+                   chunk_rows: int | None = None) -> bool:
     """Check once, on a few real groups, that packed log-probs (with the output layer in chunks of
-    `chunk_rows` positions, if given) equal the plain ones for this model. Says so once in the log if not.
-    `plain`: the plain log-probs of those groups, if already computed (`prepare` probes twice)."""
+    `chunk_rows` positions, if given) equal the plain ones for this model. Says so once in the log if not."""
+    return _probe(model, groups, pad_id, budget, [chunk_rows], tolerance)[0]
+
+
+def _probe(model, groups: list[Group], pad_id: int, budget: int, variants: list[int | None],
+           tolerance: float | None = None) -> list[bool]:
+    """For each variant (chunk_rows of the output layer, None = whole): do packed log-probs on the first
+    groups equal the plain computation (one plain forward for all variants, eval mode)?"""
     attn = getattr(model.config, "_attn_implementation", None)
-    ok = _probe_ready(model, groups)
-    if ok:
-        worst = _worst_difference(model, groups[:4], pad_id, budget, chunk_rows, plain)
-        fp32 = next(model.parameters()).dtype == torch.float32
-        tol = tolerance if tolerance is not None else (1e-3 if fp32 else 5e-2)
-        ok = worst <= tol
-        if not ok:
+    if attn in PLAIN_ATTENTION or not groups or not can_pack(model):
+        if groups and attn in PLAIN_ATTENTION:
+            _warn_once(model, "packing: attention '%s' does not take custom masks; using the plain padded path", attn)
+        elif groups:
+            _warn_once(model, "packing: %s has no output layer to select kept positions on; using the plain padded "
+                       "path", model.config.model_type)
+        return [False] * len(variants)
+    fp32 = next(model.parameters()).dtype == torch.float32
+    tol = tolerance if tolerance is not None else (1e-3 if fp32 else 5e-2)
+    sample, was_training = groups[:4], model.training
+    model.eval()
+    plain = plain_logps(model, sample, pad_id)
+    oks = []
+    for chunk_rows in variants:
+        packed = packed_logps(model, sample, budget, pad_id, chunk_rows=chunk_rows)
+        worst = max(abs(a.item() - b.item()) / max(n, 1) for ga, gb in zip(packed, plain)
+                    for (a, n), (b, _) in zip(ga, gb))
+        oks.append(worst <= tol)
+        if worst > tol:
             _warn_once(model, "packing: %s gives %.3g nats/token difference from the plain computation "
-                        "(tolerance %g)%s; using the %s path for this model", model.config.model_type, worst, tol,
+                       "(tolerance %g)%s; using the %s path for this model", model.config.model_type, worst, tol,
                        " with the output layer in chunks" if chunk_rows else "",
                        "unchunked packed" if chunk_rows else "plain padded")
-    elif groups and attn in PLAIN_ATTENTION:
-        _warn_once(model, "packing: attention '%s' does not take custom masks; using the plain padded path", attn)
-    elif groups:
-        _warn_once(model, "packing: %s has no output layer to select kept positions on; using the plain padded path",
-                   model.config.model_type)
-    return ok
-
-
-def _worst_difference(model, sample: list[Group], pad_id: int, budget: int, chunk_rows: int | None,
-                      plain: list | None = None) -> float:
-    """Largest |packed - plain| per token over the sample's responses (eval mode)."""
-    was_training = model.training
-    model.eval()
-    packed = packed_logps(model, sample, budget, pad_id, chunk_rows=chunk_rows)
-    plain = plain if plain is not None else plain_logps(model, sample, pad_id)
     model.train(was_training)
-    return max(abs(a.item() - b.item()) / max(n, 1) for ga, gb in zip(packed, plain) for (a, n), (b, _) in zip(ga, gb))
+    return oks
 
 
 def shared_prompts(groups: list[Group], budget: int) -> list[list[int]]:
@@ -429,31 +432,11 @@ def prepare(model, groups: list[Group], pad_id: int, packing_cfg) -> Layout | No
     """How to compute log-probs with this model: None (plain path) unless packing is enabled and verified
     equal to the plain computation on the first groups; chunked output-layer computation kept only if it
     is verified too (on chunks of 3 positions, so that several chunks run)."""
-    sample = groups[:4]
     if not packing_cfg.enabled:
         return None
-    # the plain log-probs, computed once for both probes: they cost most of a probe
-    plain = _plain_in_eval(model, sample, pad_id) if _probe_ready(model, sample) else None
-    if not enable_packing(model, sample, pad_id, packing_cfg.max_tokens, plain=plain):
+    chunkable = packing_cfg.chunk_logits != "never" and chunk_logits_possible(model)
+    oks = _probe(model, groups[:4], pad_id, packing_cfg.max_tokens, [None, 3] if chunkable else [None])
+    if not oks[0]:
         return None
-    layout = Layout(packing_cfg.max_tokens, packing_cfg.chunk_logits, packing_cfg.logits_chunk_mb,
-                    packing_cfg.score_max_tokens)
-    if layout.chunk_logits != "never" and chunk_logits_possible(model):
-        if not enable_packing(model, sample, pad_id, layout.budget, chunk_rows=3, plain=plain):
-            layout = replace(layout, chunk_logits="never")
-    return layout
-
-
-def _probe_ready(model, sample: list[Group]) -> bool:
-    """Whether `enable_packing` compares anything (else it says why and returns False)."""
-    attn = getattr(model.config, "_attn_implementation", None)
-    return attn not in PLAIN_ATTENTION and bool(sample) and can_pack(model)
-
-
-@torch.no_grad()
-def _plain_in_eval(model, sample: list[Group], pad_id: int) -> list:
-    was_training = model.training
-    model.eval()
-    plain = plain_logps(model, sample, pad_id)
-    model.train(was_training)
-    return plain
+    chunk = packing_cfg.chunk_logits if chunkable and oks[-1] else "never"
+    return Layout(packing_cfg.max_tokens, chunk, packing_cfg.logits_chunk_mb, packing_cfg.score_max_tokens)

@@ -21,7 +21,8 @@ import yaml
 from spinlm import __version__, dist, preempt
 from spinlm.config import Config, to_yaml
 from spinlm.errors import UserError
-from spinlm.io import fault_point, finish, is_done, produce, write_json
+from spinlm.io import fault_point, finish, is_done, produce, read_json, write_json
+from spinlm.tokens import ENCODING
 
 log = logging.getLogger("spinlm")
 # Keys that cannot change results: a resumed run may differ in these.
@@ -204,6 +205,7 @@ def _open_run(cfg: Config, force: bool, provenance: dict | None = None) -> Path:
                             + "\n  ".join(drift) + "\nuse the old settings, another run.dir, or --force")
         if drift:
             log.warning("config changed on resume (--force): %s", "; ".join(drift))
+        _warn_if_encoding_changed(run_dir)
     tmp = saved.with_name("config.yaml.tmp")
     tmp.write_text(to_yaml(cfg), encoding="utf-8")
     os.replace(tmp, saved)
@@ -219,6 +221,19 @@ def _open_run(cfg: Config, force: bool, provenance: dict | None = None) -> Path:
     return run_dir
 
 
+def _warn_if_encoding_changed(run_dir: Path) -> None:
+    """A run started by a spinlm that turned text into token ids otherwise (`spinlm.tokens.ENCODING`): the
+    rows of its unfinished generate/score stages are not resumed (their fingerprints hash the token ids), but
+    its finished stages and training checkpoints are, so a mix is possible: say so."""
+    before = (read_json(run_dir / "run_info.json") or {}).get("encoding", 1)
+    if before != ENCODING:
+        log.warning("%s was started by a spinlm that encoded prompts differently (encoding %s, now %s: a prompt "
+                    "now starts with the BOS its tokenizer adds by default, e.g. Zephyr's <s>); the stages finished "
+                    "before and a training checkpoint keep the old token ids, the rows of unfinished generate/score "
+                    "stages are redone: finish the run with the spinlm that started it, or use another run.dir",
+                    run_dir, before, ENCODING)
+
+
 def run_info() -> dict:
     import accelerate
     import torch
@@ -226,7 +241,8 @@ def run_info() -> dict:
 
     return {"spinlm": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "accelerate": accelerate.__version__, "peft": _version("peft"),
-            "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "encoding": ENCODING}  # spinlm.tokens.ENCODING: how text became token ids
 
 
 def _version(package: str) -> str | None:

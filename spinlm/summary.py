@@ -58,19 +58,30 @@ NO_SELECTION = ("No model was chosen as RUN/best: the run has no validation data
                 "and choosing on the held-out data that the table reports would flatter the choice.")
 
 
-def select_best(entries: list[dict]) -> dict | None:
-    """The best evaluated model, the start (SFT) model included: by task accuracy if there is a
-    checker, else by NLL per token, on the validation data; None without validation data for every
-    model (selecting on the split the table reports would flatter the choice). Ties go to the
-    earlier model."""
-    baseline = next((e for e in entries if e["name"] == CONTINUED_SFT), None)
-    entries = [e for e in entries if e["name"] != CONTINUED_SFT]
+def _choose(entries: list[dict]) -> tuple[int, str] | None:
+    """(index, metric) of the model chosen on validation among `entries`: by task accuracy if every
+    one has it (a checker), else by NLL per token; ties go to the earlier model. None unless every
+    entry has validation metrics (choosing on the split the table reports would flatter the choice)."""
     if not entries or not all(e["val_metrics"] for e in entries):
         return None
     val = [e["val_metrics"] for e in entries]
     metric = "accuracy" if all(v.get("accuracy") is not None for v in val) else "nll_per_token"
     sign = 1 if metric == "accuracy" else -1
-    k = max(range(len(entries)), key=lambda i: (sign * val[i][metric], -i))
+    return max(range(len(entries)), key=lambda i: (sign * val[i][metric], -i)), metric
+
+
+def select_best(entries: list[dict]) -> dict | None:
+    """The best evaluated model, the start (SFT) model included: by task accuracy if there is a
+    checker, else by NLL per token, on the validation data; None without validation data for every
+    model (selecting on the split the table reports would flatter the choice). Ties go to the
+    earlier model. The continued-SFT baseline is never chosen; its own choice is select_baseline's."""
+    baseline = select_baseline(entries)
+    entries = [e for e in entries if e["name"] != CONTINUED_SFT]
+    chosen = _choose(entries)
+    if chosen is None:
+        return None
+    k, metric = chosen
+    val = [e["val_metrics"] for e in entries]
     best, start = entries[k], entries[0]
     delta = val[k][metric] - val[0][metric]
     if k == 0:
@@ -79,13 +90,29 @@ def select_best(entries: list[dict]) -> dict | None:
     else:
         statement = (f"SPIN improved on the start model: validation {metric} {val[0][metric]:.4f} -> "
                      f"{val[k][metric]:.4f} ({delta:+.4f}) at {best['name']}; RUN/best points to it.")
-    if baseline and (baseline["val_metrics"] or {}).get(metric) is not None:
-        base = baseline["val_metrics"][metric]
-        statement += (f" Continued SFT at equal steps: validation {metric} {base:.4f} "
-                      f"({base - val[0][metric]:+.4f} vs the start).")
+    if baseline:
+        statement += (f" Continued SFT at equal steps: validation {metric} {baseline['baseline_value']:.4f} "
+                      f"({baseline['baseline_value'] - val[0][metric]:+.4f} vs the start"
+                      + (")." if baseline["improved"] else ", so the same choice would keep the start)."))
     return {"name": best["name"], "model": best["model"], "metric": metric, "split": "val", "value": val[k][metric],
             "start": start["name"], "start_value": val[0][metric], "improved": k != 0, "delta": delta,
             "statement": statement}
+
+
+def select_baseline(entries: list[dict]) -> dict | None:
+    """The continued-SFT baseline's counterpart of RUN/best: the start or the baseline, whichever is
+    better on validation by the metric select_best uses (ties to the start), as RUN/best may choose the
+    start over every iteration. None without a baseline, or without validation metrics."""
+    baseline = next((e for e in entries if e["name"] == CONTINUED_SFT), None)
+    rest = [e for e in entries if e["name"] != CONTINUED_SFT]
+    chosen = _choose(rest)
+    if baseline is None or chosen is None or (baseline["val_metrics"] or {}).get(chosen[1]) is None:
+        return None
+    metric, start = chosen[1], rest[0]
+    value, start_value = baseline["val_metrics"][metric], start["val_metrics"][metric]
+    improved = value > start_value if metric == "accuracy" else value < start_value
+    return {"name": baseline["name"] if improved else start["name"], "metric": metric, "improved": improved,
+            "value": value if improved else start_value, "baseline_value": value, "start_value": start_value}
 
 
 def point_best(run_dir: Path, best: dict) -> None:

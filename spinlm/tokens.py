@@ -4,6 +4,11 @@ generate, score, train, sft and evaluate all call `encode_prompt` / `encode_resp
 `encode_pair`, so the model is trained on exactly the prompts it generated from (the reference
 code used a different prompt for generation than for training).
 
+A prompt's ids start with exactly one BOS where the tokenizer adds one by default or the template
+writes one, and none otherwise (`prompt_bos`: Zephyr's `<s>`, which its template does not write, as
+the SFT model was trained; never a second one behind a template's `{{ bos_token }}`). Everything else
+is tokenized without special tokens: the template writes them.
+
 A response's tokens are what the model's own chat template renders for the whole conversation
 minus the rendered prompt, up to and including the template's turn-end token: Gemma's
 `<end_of_turn>`, ChatML's `<|im_end|>` (Qwen), Llama-3's `<|eot_id|>`, or the EOS token where the
@@ -53,16 +58,52 @@ def render_prompt_text(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+# The version of how text becomes token ids (prompt and responses). Fingerprints of work files that hash
+# text rather than token ids include it, so a partial file from another encoding is not resumed.
+# 2: a prompt starts with the BOS the tokenizer adds by default (`prompt_bos`).
+ENCODING = 2
+
+
 def _ids(tokenizer, text: str) -> list[int]:
-    # the template writes every special token itself (BOS included): add none behind its back
+    # no special tokens behind the template's back: the BOS rule is applied once, to the prompt (`encode_prompt`)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS in front of text by default (Llama, Mistral, Gemma and Llama-3
+    tokenizers do; Qwen's, without a BOS token, does not)."""
+    cached = getattr(tokenizer, "_spinlm_adds_bos", None)
+    if cached is None:
+        bos = tokenizer.bos_token_id
+        ids = list(tokenizer("x")["input_ids"]) if bos is not None else []
+        cached = tokenizer._spinlm_adds_bos = bool(ids) and ids[0] == bos
+    return cached
+
+
+def prompt_bos(tokenizer, ids: list[int]) -> list[int]:
+    """The rendered prompt's ids with exactly one BOS in front where the tokenizer adds one by default or the
+    template wrote one, and none otherwise.
+
+    Why: a chat model was trained on its template's text tokenized with the tokenizer's defaults. Zephyr's
+    template writes no BOS and its (Llama-style) tokenizer adds `<s>`: alignment-handbook's SFT of
+    zephyr-7b-sft-full (TRL 0.7.4 SFTTrainer, packed text tokenized with the defaults), FastChat's MT-Bench
+    answers and vLLM's text prompts all put one `<s>` first. Templates that write the BOS themselves
+    (`{{ bos_token }}`: Mistral, Llama-3, Gemma) get no second one, the double BOS that TRL and transformers
+    avoid by tokenizing a rendered chat with add_special_tokens=False (transformers' apply_chat_template with
+    tokenize=True; TRL's DPO/SFT collators). Tokenizers without a BOS (Qwen's ChatML) get none."""
+    bos = tokenizer.bos_token_id
+    if bos is None or not adds_bos(tokenizer) or ids[:1] == [bos]:
+        return ids
+    return [bos] + ids
+
+
 def encode_prompt(tokenizer, messages: list[dict], max_prompt_length: int | None = None) -> list[int]:
-    """Token ids of a rendered prompt; over-long prompts keep their last tokens."""
-    ids = _ids(tokenizer, render_prompt_text(tokenizer, messages))
+    """Token ids of a rendered prompt, a BOS first where `prompt_bos` says; an over-long prompt keeps
+    its last tokens behind that BOS (the model never saw a prompt start without it)."""
+    ids = prompt_bos(tokenizer, _ids(tokenizer, render_prompt_text(tokenizer, messages)))
     if max_prompt_length is not None and len(ids) > max_prompt_length:
-        ids = ids[-max_prompt_length:]
+        head = ids[:1] if ids[:1] == [tokenizer.bos_token_id] and max_prompt_length > 1 else []
+        ids = head + ids[len(ids) - max_prompt_length + len(head):]
     return ids
 
 

@@ -24,11 +24,13 @@ Streams (tag prefixes) and when they are logged:
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import math
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -51,12 +53,30 @@ def _installed(module: str) -> bool:
         return False
 
 
+# accelerate's trackers got start() (a tracker made first, started later) in 1.8 and TrackioTracker in 1.9;
+# spinlm's core runs on accelerate 1.0, so the tracker extras ask for 1.9 and this says so before a run.
+TRACKERS_ACCELERATE = (1, 9)
+
+
+def accelerate_too_old(version: str) -> str | None:
+    """The problem with accelerate `version` for run.report_to, or None."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found >= TRACKERS_ACCELERATE:
+        return None
+    need = ".".join(map(str, TRACKERS_ACCELERATE))
+    return (f"run.report_to needs accelerate>={need} (its trackers), found {version}: "
+            f"pip install 'accelerate>={need}' (the spinlm[NAME] tracker extras ask for it)")
+
+
 def require(cfg: Config) -> None:
     """Every tracker of run.report_to can be imported (checked by `spinlm validate` and `spinlm run`)."""
-    missing = [n for n in trackers(cfg.run) if not _installed(PACKAGES[n])]
+    names = trackers(cfg.run)
+    missing = [n for n in names if not _installed(PACKAGES[n])]
     if missing:
         raise UserError("run.report_to: " + "; ".join(
             f"{n} needs the {PACKAGES[n]} package, which is not installed: pip install 'spinlm[{n}]'" for n in missing))
+    if names and (problem := accelerate_too_old(importlib.metadata.version("accelerate"))):
+        raise UserError(problem)
 
 
 def first_step(run_dir: Path, iteration: int) -> int:

@@ -3,7 +3,9 @@
 Each family reproduces what matters to spinlm about a real model's chat format: its special tokens,
 where the assistant turn opens and how it ends (turn-end token vs EOS), whether a BOS is written by
 the template, and whether a system role exists. The templates follow the structure of the real ones
-(written here from their published form, shortened to what these tests exercise):
+(written here from their published form, shortened to what these tests exercise). Where the real tokenizer
+puts a BOS in front of text by default (every family here but ChatML: Llama/Mistral sentencepiece, Llama-3,
+Gemma), this one does too (`adds_bos`), whether or not the template also writes it:
 
 - zephyr:  `<|user|>\\n...</s><|assistant|>\\n...</s>`, plain-text role tags and a sentencepiece-style
            (Metaspace) tokenizer, whose merges can cross the prompt/response boundary;
@@ -24,7 +26,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 ALTERNATE = ("{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
@@ -46,6 +48,14 @@ class Family:
     # how the template writes an assistant turn after the rendered prompt ({content}: the reply, stripped),
     # where a test must not take it from the template's rendering of the whole conversation (mistral_v3)
     reply: str | None = None
+    # whether the tokenizer puts the BOS in front of text by default, as the real one does (Llama/Mistral
+    # sentencepiece tokenizers, Llama-3's and Gemma's: a TemplateProcessing post-processor)
+    adds_bos: bool = False
+
+    @property
+    def template_bos(self) -> bool:
+        """Whether the template writes the BOS itself ({{ bos_token }})."""
+        return "bos_token" in self.template
 
     def special_tokens(self) -> list[str]:
         return list(dict.fromkeys([t for t in (self.pad, self.bos, self.eos, self.turn_end) if t] + list(self.extra)))
@@ -61,7 +71,7 @@ FAMILIES = {
         "{%- endif -%}"
         "{%- if loop.last and add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
         "{%- endfor -%}",
-        bos="<s>", eos="</s>", turn_end="</s>", sentencepiece=True),
+        bos="<s>", eos="</s>", turn_end="</s>", sentencepiece=True, adds_bos=True),
     "chatml": Family(
         "chatml",
         "{%- if messages[0]['role'] != 'system' -%}"
@@ -81,7 +91,7 @@ FAMILIES = {
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}",
         bos="<|begin_of_text|>", eos="<|end_of_text|>", turn_end="<|eot_id|>",
-        extra=("<|start_header_id|>", "<|end_header_id|>")),
+        extra=("<|start_header_id|>", "<|end_header_id|>"), adds_bos=True),
     "gemma": Family(
         "gemma",
         "{{ bos_token }}"
@@ -92,7 +102,8 @@ FAMILIES = {
         "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}",
-        bos="<bos>", eos="<eos>", turn_end="<end_of_turn>", pad="<pad>", extra=("<start_of_turn>",), system=False),
+        bos="<bos>", eos="<eos>", turn_end="<end_of_turn>", pad="<pad>", extra=("<start_of_turn>",), system=False,
+        adds_bos=True),
     "mistral": Family(
         "mistral",
         "{{ bos_token }}"
@@ -102,7 +113,7 @@ FAMILIES = {
         "{%- else -%}{{ raise_exception('Only user and assistant roles are supported!') }}"
         "{%- endif -%}"
         "{%- endfor -%}",
-        bos="<s>", eos="</s>", turn_end="</s>", extra=("[INST]", "[/INST]"), system=False),
+        bos="<s>", eos="</s>", turn_end="</s>", extra=("[INST]", "[/INST]"), system=False, adds_bos=True),
     # the structure of mistralai/Mistral-7B-Instruct-v0.3's tokenizer_config.json chat_template (its tool
     # calling left out): the system message goes into the last user message, and only `if loop.last`
     "mistral_v3": Family(
@@ -121,7 +132,8 @@ FAMILIES = {
         "initial optional system message!') -}}"
         "{%- endif -%}"
         "{%- endfor -%}",
-        bos="<s>", eos="</s>", turn_end="</s>", extra=("[INST]", "[/INST]"), reply=" {content}</s>"),
+        bos="<s>", eos="</s>", turn_end="</s>", extra=("[INST]", "[/INST]"), reply=" {content}</s>",
+        adds_bos=True),
 }
 
 
@@ -147,6 +159,10 @@ def build_family_tokenizer(family: Family, texts: list[str], out_dir: Path, voca
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
                                   show_progress=False)
     tok.train_from_iterator(corpus + [string.printable], trainer=trainer)
+    if family.adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos} $B",
+            special_tokens=[(family.bos, tok.token_to_id(family.bos))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=family.bos, eos_token=family.eos,
                                    pad_token=family.pad, additional_special_tokens=specials,
                                    chat_template=family.template, clean_up_tokenization_spaces=False)

@@ -53,6 +53,22 @@ def offline_hub(tmp_path_factory):
     return offline_hub.build(tmp_path_factory.mktemp("hf_home"))
 
 
+@pytest.fixture(scope="session")
+def other_model(tiny_model, tmp_path_factory):
+    """The tiny model with perturbed weights: it answers differently."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("other")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
 COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]
 
 

@@ -1,7 +1,8 @@
 """Shell blocks of README.md and docs/ for the tests that run them: each block is preceded by a marker line,
     <!-- commands run by tests/FILE.py::TEST ... -->
     <!-- commands not run in tests: WHY -->
-and the test named reads its commands with doc_commands(), so the page and the test cannot drift apart."""
+and the test named reads its commands with doc_commands(), so the page and the test cannot drift apart.
+A recipe's (configs/*.yaml) header comment documents its launch commands too: recipe_commands() reads them."""
 
 from __future__ import annotations
 
@@ -33,5 +34,26 @@ def doc_commands(page: str, test: str) -> list[list[str]]:
     of `page` (relative to the repo) whose marker names `test`."""
     found = [body for marker, body in shell_blocks(ROOT / page) if (m := RUN_BY.search(marker)) and m[2] == test]
     assert len(found) == 1, f"{page}: expected one shell block run by {test}, found {len(found)}"
-    text = "\n".join(found[0]).replace("\\\n", " ")
+    return _argv("\n".join(found[0]))
+
+
+def _argv(text: str) -> list[list[str]]:
+    text = text.replace("\\\n", " ")
     return [shlex.split(line, comments=True) for line in text.splitlines() if shlex.split(line, comments=True)]
+
+
+def recipe_commands(recipe: str) -> list[list[str]]:
+    """The commands (argv lists) in the header comment of a recipe (relative to the repo): its comment lines
+    before the first key whose text, after `#`, starts with `spinlm`, `torchrun` or `accelerate`, with the
+    lines a `\\` continues."""
+    header = []
+    for line in (ROOT / recipe).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line[1:].strip())
+    lines, keep = [], False
+    for line in header:
+        keep = line.split(" ", 1)[0] in ("spinlm", "torchrun", "accelerate") or (keep and lines[-1].endswith("\\"))
+        if keep:
+            lines.append(line)
+    return _argv("\n".join(lines))

@@ -62,7 +62,7 @@ def test_launch_files_are_accelerate_configs():
 
     files = sorted(CONFIGS.glob("*.yaml"))
     assert {f.name for f in files} >= {"ddp.yaml", "fsdp2.yaml", "ddp-multinode.yaml", "fsdp2-multinode.yaml",
-                                       "zero3.yaml"}
+                                       "zero3.yaml", "zero3-offload.yaml"}
     for f in files:
         cfg = load_config_from_file(str(f))
         assert isinstance(cfg, ClusterConfig), f
@@ -73,8 +73,8 @@ def test_launch_files_are_accelerate_configs():
         if kind == "FSDP":
             assert raw["fsdp_config"]["fsdp_version"] == 2, f
             assert "--train.strategy=fsdp" in f.read_text(), f
-        elif f.name.startswith("zero3"):
-            assert kind == "MULTI_GPU" and "--train.strategy=zero3" in usage, f
+        elif kind == "DEEPSPEED":
+            assert raw["deepspeed_config"]["zero_stage"] == 3 and "--train.strategy=zero3" in f.read_text(), f
         else:
             assert kind == "MULTI_GPU" and "--train.strategy" not in usage, f
         assert cfg.num_processes == 8 * cfg.num_machines and cfg.mixed_precision == "no", f
@@ -85,7 +85,8 @@ def test_launch_files_are_accelerate_configs():
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp", False, "fsdp_version 1"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp", False, "fsdp_offload_params true"),
     ({"ACCELERATE_USE_FSDP": "true"}, "fsdp", True, "fsdp_offload_params false"),
-    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "zero3", False, "spinlm drives DeepSpeed itself"),
+    ({"ACCELERATE_USE_FSDP": "true", "ACCELERATE_MIXED_PRECISION": "fp16"}, "fsdp", False,
+     "mixed_precision fp16, but train.mixed_precision is auto: spinlm trains in fp32 or bf16"),
 ])
 def test_launch_that_disagrees_with_the_config_is_refused(env, strategy, offload, message):
     from spinlm.config import build
@@ -98,6 +99,40 @@ def test_launch_that_disagrees_with_the_config_is_refused(env, strategy, offload
     check_launch(build(overrides=["--train.strategy=fsdp"]).train, agreeing)
 
 
+# what `accelerate launch` sets for the alignment-handbook's deepspeed_zero3.yaml (offload to cpu, bf16)
+HANDBOOK = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu",
+            "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true", "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true",
+            "ACCELERATE_MIXED_PRECISION": "bf16"}
+OFFLOADED = ["--train.zero3_offload_optimizer=true", "--train.zero3_offload_params=true"]
+
+
+@pytest.mark.parametrize("change, flags, message", [
+    ({}, ["--train.strategy=ddp"], "DEEPSPEED, but train.strategy is ddp: spinlm runs DeepSpeed only when"),
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, OFFLOADED, "zero_stage 2: spinlm's train.strategy zero3 runs ZeRO "
+                                                          "stage 3 only"),
+    ({"ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "nvme"}, OFFLOADED, "offload_param_device nvme: spinlm offloads "
+                                                                      "to the CPU only"),
+    ({}, ["--train.zero3_offload_optimizer=true"], "offload_param_device cpu, but train.zero3_offload_params is false"),
+    ({"ACCELERATE_GRADIENT_CLIPPING": "0.5"}, OFFLOADED, "gradient_clipping 0.5, but train.max_grad_norm is 1.0"),
+    ({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, OFFLOADED, "gradient_accumulation_steps 4: spinlm accumulates"),
+    ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, OFFLOADED, "deepspeed_config_file ds.json: spinlm writes"),
+    ({}, [*OFFLOADED, "--train.mixed_precision=no"], "mixed_precision bf16, but train.mixed_precision is no"),
+])
+def test_deepspeed_launch_must_agree_with_the_config(change, flags, message):
+    """The handbook's launch runs spinlm's zero3 when the config agrees; each setting that disagrees, or
+    that spinlm cannot honour, is refused naming the launch's key."""
+    from spinlm.config import build
+
+    check_launch(build(overrides=["--train.strategy=zero3", *OFFLOADED]).train, HANDBOOK)
+    check_launch(build(overrides=["--train.strategy=zero3", *OFFLOADED, "--train.max_grad_norm=0.5"]).train,
+                 {**HANDBOOK, "ACCELERATE_GRADIENT_CLIPPING": "0.5", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1",
+                  "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false"})
+    cfg = build(overrides=["--train.strategy=zero3", *flags])
+    with pytest.raises(UserError, match=message):
+        check_launch(cfg.train, {**HANDBOOK, **change})
+
+
 @pytest.mark.slow
 def test_accelerate_launch_ddp_and_fsdp2_match_one_process(tiny_model, pairs, tmp_path):
     args = ["train", "--model", str(tiny_model), "--pairs", str(pairs), "--train.learning_rate=1e-3",
@@ -105,10 +140,7 @@ def test_accelerate_launch_ddp_and_fsdp2_match_one_process(tiny_model, pairs, tm
     single = _launch(None, [*args, "--out", str(tmp_path / "one"), "--train.batch_size=8"])
     assert single.returncode == 0, single.stderr[-3000:]
     assert _max_diff(tiny_model, tmp_path / "one") > 1e-3, "training moved the weights"
-    launches = [("ddp.yaml", "ddp"), ("fsdp2.yaml", "fsdp")]
-    if importlib.util.find_spec("deepspeed") is not None:  # make test installs it
-        launches.append(("zero3.yaml", "zero3"))
-    for config, strategy in launches:
+    for config, strategy in [("ddp.yaml", "ddp"), ("fsdp2.yaml", "fsdp")]:
         launch = [*args, "--out", str(tmp_path / strategy), "--train.batch_size=4", f"--train.strategy={strategy}"]
         if strategy == "fsdp":  # killed after step 3: its step-2 checkpoint is sharded, one file per process
             killed = _launch(config, launch, fault="train-step:3")
@@ -125,3 +157,30 @@ def test_accelerate_launch_ddp_and_fsdp2_match_one_process(tiny_model, pairs, tm
     wrong = _launch("fsdp2.yaml", [*args, "--out", str(tmp_path / "wrong"), "--train.batch_size=4"])
     assert wrong.returncode != 0 and "but train.strategy is ddp" in wrong.stderr
     assert not (tmp_path / "wrong" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_accelerate_deepspeed_launch_runs_zero3_and_matches_one_process(tiny_model, pairs, tmp_path):
+    """`accelerate launch` with distributed_type DEEPSPEED (configs/accelerate/zero3.yaml, and
+    zero3-offload.yaml with the run's offload keys set to agree) runs spinlm's zero3 on 2 processes
+    and equals one process taking the same global batch; with a config that does not say
+    train.strategy zero3 every process stops with exit 2 and the reason."""
+    args = ["train", "--model", str(tiny_model), "--pairs", str(pairs), "--train.learning_rate=1e-3",
+            "--train.epochs=1", "--train.max_steps=3", "--train.checkpoint_every=0", *COMMON]
+    single = _launch(None, [*args, "--out", str(tmp_path / "one"), "--train.batch_size=8"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert _max_diff(tiny_model, tmp_path / "one") > 1e-3, "training moved the weights"
+    for config, flags in [("zero3.yaml", []), ("zero3-offload.yaml", OFFLOADED)]:
+        out = tmp_path / config
+        done = _launch(config, [*args, "--out", str(out), "--train.batch_size=4", "--train.strategy=zero3", *flags])
+        assert done.returncode == 0, done.stderr[-3000:]
+        diff = _max_diff(tmp_path / "one", out)
+        print(f"measured accelerate launch {config} x2 vs 1 process: max |diff| {diff:.3g}")
+        assert diff < 1e-5, (config, diff)
+    wrong = _launch("zero3.yaml", [*args, "--out", str(tmp_path / "wrong"), "--train.batch_size=4"])
+    # each process exits 2 with the reason (torchrun, under accelerate, then exits 1 and reports both)
+    assert wrong.returncode != 0 and wrong.stderr.count("exitcode  : 2") == 2, wrong.stderr[-3000:]
+    assert wrong.stderr.count("spinlm: error: accelerate launch with distributed_type DEEPSPEED, but train.strategy "
+                              "is ddp") == 2
+    assert not (tmp_path / "wrong").exists()

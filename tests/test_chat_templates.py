@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 import spinlm.generation.local
+import spinlm.generation.server
 import spinlm.modeling
 import spinlm.stages.evaluate
 import spinlm.stages.score
@@ -27,7 +29,7 @@ from spinlm.demo.build import build_model
 from spinlm.demo.task import make_splits
 from spinlm.errors import UserError
 from spinlm.io import read_jsonl
-from spinlm.tokens import Encoding, Limits, encode_pair, encode_response, stop_ids, turn_end_ids
+from spinlm.tokens import Encoding, Limits, encode_pair, encode_prompt, encode_response, stop_ids, turn_end_ids
 
 from chat_formats import FAMILIES, build_family_tokenizer
 
@@ -54,20 +56,59 @@ def _messages(prompt: str, system: bool) -> list[dict]:
     return ([{"role": "system", "content": SYSTEM}] if system else []) + [{"role": "user", "content": prompt}]
 
 
+def _bos(tok, family, ids):
+    """The BOS rule for a family, written out: one BOS first where the template writes it (Llama-3, Gemma,
+    Mistral) or where only the tokenizer adds it (Zephyr: the <s> its SFT saw), none for ChatML."""
+    if family.template_bos:
+        assert ids[0] == tok.bos_token_id  # the template's own BOS, taken as it is
+        return ids
+    return [tok.bos_token_id] + ids if family.adds_bos else ids
+
+
 def _template_ids(tok, family, prompt, response=None):
     """What the template renders: the prompt (assistant turn opened), or prompt + response cut after the turn end
-    (for a family with a fixed `reply` form: the rendered prompt, then the reply in that form)."""
+    (for a family with a fixed `reply` form: the rendered prompt, then the reply in that form), BOS as `_bos`."""
     head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if response is None:
-        return tok(head, add_special_tokens=False)["input_ids"]
+        return _bos(tok, family, tok(head, add_special_tokens=False)["input_ids"])
     if family.reply:
         text = head + family.reply.replace("{content}", response.strip())
     else:
         text = tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = _bos(tok, family, tok(text, add_special_tokens=False)["input_ids"])
     prompt_len = len(_template_ids(tok, family, prompt))
     end = ids.index(tok.convert_tokens_to_ids(family.turn_end), prompt_len)
     return ids[: end + 1]
+
+
+def _one_bos(tok, family, ids):
+    """ids start with exactly one BOS where the family's tokenizer adds one or its template writes one."""
+    bos = tok.bos_token_id
+    if family.adds_bos or family.template_bos:
+        assert ids[0] == bos and ids[1] != bos, tok.convert_ids_to_tokens(ids[:3])
+    else:
+        assert bos is None or ids[0] != bos
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_a_prompt_starts_with_one_bos_as_the_tokenizer_and_template_say(name, splits, tmp_path):
+    """Zephyr's template writes no BOS and its tokenizer adds <s> (as zephyr-7b-sft-full was trained): the prompt
+    gets one; Llama-3's, Gemma's and Mistral's templates write theirs and the tokenizer would add another: one;
+    ChatML has none. Also where the prompt is cut to max_prompt_length, and on the server's text path."""
+    family = FAMILIES[name]
+    tok, _ = _family_model(name, splits, tmp_path)
+    assert (tok("x")["input_ids"][0] == tok.bos_token_id) == family.adds_bos  # like the real tokenizer
+    prompt = _messages(splits["train"][0]["prompt"], False)
+    ids = encode_prompt(tok, prompt)
+    _one_bos(tok, family, ids)
+    assert ids == _template_ids(tok, family, prompt)
+    cut = encode_prompt(tok, prompt, 6)  # the BOS stays in front of the prompt's last tokens
+    assert len(cut) == 6 and cut[-5:] == ids[-5:]
+    _one_bos(tok, family, cut)
+    # a server that takes only text prompts tokenizes them with the tokenizer's defaults (vLLM's /v1/completions,
+    # transformers serve): what it gets must give these ids back
+    text = spinlm.generation.server._prompt(tok, ids, as_text=True)
+    assert tok(text)["input_ids"] == ids
 
 
 @pytest.mark.parametrize("name,system", CASES)
@@ -87,6 +128,7 @@ def test_turn_end_and_stop_tokens(name, system, splits, tmp_path):
         row = {"prompt": prompt, "real": r["response"], "generated": "The answer is 1", "finish": "length"}
         p, real, cut = encode_pair(tok, row, Limits(128, 256), counts)
         assert p == _template_ids(tok, family, prompt)
+        _one_bos(tok, family, p)
         assert real[-1] == turn_end and turn_end not in cut  # a generation that hit the limit has no turn end
         if family.sentencepiece:  # merges cross the boundary: the response text is tokenized on its own (as TRL
             # does), which may add the tokenizer's dummy-prefix space at its start
@@ -96,6 +138,73 @@ def test_turn_end_and_stop_tokens(name, system, splits, tmp_path):
         else:
             assert p + real == _template_ids(tok, family, prompt, r["response"])
     assert (counts.fallback > 0) == family.sentencepiece and counts.template + counts.fallback == 20
+
+
+def test_dpo_pairs_and_judge_answers_start_with_the_prompts_bos(splits, tmp_path, monkeypatch):
+    """The stages `spinlm run` does not cover: a DPO pair is scored, and a judge's (multi-turn) answer generated,
+    from Zephyr prompts with the one <s> the tokenizer adds (every forward of the model recorded)."""
+    import spinlm.dpo
+    import spinlm.eval.judge
+    from spinlm import config
+    from spinlm.data import Example
+
+    family = FAMILIES["zephyr"]
+    tok, model = _family_model("zephyr", splits, tmp_path)
+    seen, load_model = [], spinlm.modeling.load_model
+
+    def instrumented(*args, **kwargs):
+        m = load_model(*args, **kwargs)
+
+        def hook(module, a, kw):
+            ids, mask = kw["input_ids"], kw.get("attention_mask")
+            if mask is None and ids.shape[1] > 1:  # generate drops the all-ones mask of a batch of one
+                mask = torch.ones_like(ids)
+            if mask is not None and ids.shape == mask.shape:  # whole sequences, not a cached decoding step
+                seen.extend([t for t, keep in zip(r, k) if keep] for r, k in zip(ids.tolist(), mask.tolist()))
+        m.register_forward_pre_hook(hook, with_kwargs=True)
+        return m
+    monkeypatch.setattr(spinlm.modeling, "load_model", instrumented)  # score's and the judge's loads
+    cfg = config.build(None, [f"--model.name_or_path={model}", "--run.progress=false", "--packing.enabled=false",
+                              "--generation.max_new_tokens=3", "--data.max_prompt_length=64", "--data.max_length=128"])
+    rows = splits["train"][:3]
+    examples = [Example(_messages(r["prompt"], False), r["response"], str(i), f"pairs.jsonl:{i + 1}",
+                        rejected="The answer is 1") for i, r in enumerate(rows)]
+    spinlm.dpo.scored_pairs(str(model), examples, tmp_path / "pairs.jsonl", cfg, "score")
+    prompts = [_template_ids(tok, family, ex.prompt) for ex in examples]
+    # each pair's real and rejected response, after its prompt's ids
+    assert sorted(next((i for i, p in enumerate(prompts) if s[:len(p)] == p), -1) for s in seen) == [0, 0, 1, 1, 2, 2]
+    seen.clear()
+    questions = [spinlm.eval.judge.Question("q1", "math", [rows[0]["prompt"], rows[1]["prompt"]], None)]
+    plan = spinlm.eval.judge.quick_plan(cfg, questions, str(model), sample=False)
+    answers = spinlm.eval.judge.answer(str(model), questions, cfg, tmp_path / "judge", "m", plan)
+    second = [{"role": "user", "content": rows[0]["prompt"]}, {"role": "assistant", "content": answers[0][0]},
+              {"role": "user", "content": rows[1]["prompt"]}]
+    assert seen == [_template_ids(tok, family, _messages(rows[0]["prompt"], False)), _template_ids(tok, family, second)]
+    for ids in seen:
+        _one_bos(tok, family, ids)
+
+
+def test_resuming_a_run_started_by_the_older_encoding_warns(tmp_path, caplog):
+    """A run started before prompts got their BOS (its run_info.json has no `encoding`) is resumed with a
+    warning: its finished stages keep the old token ids. A run of this encoding resumes quietly."""
+    import logging
+
+    from spinlm import config
+    from spinlm.io import read_json, write_json
+    from spinlm.rundir import open_run, release_lock
+    from spinlm.tokens import ENCODING
+
+    cfg = config.build(None, [f"--run.dir={tmp_path / 'run'}", "--run.progress=false"])
+    for info, warned in (({"spinlm": "old"}, True), (None, False)):
+        run = open_run(cfg, force=False)
+        release_lock(run / ".lock")
+        assert read_json(run / "run_info.json")["encoding"] == ENCODING
+        if info is not None:
+            write_json(run / "run_info.json", info)  # as an earlier spinlm wrote it
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="spinlm"):
+            release_lock(open_run(cfg, force=False) / ".lock")
+        assert ("encoded prompts differently (encoding 1, now 2" in caplog.text) == warned, caplog.text
 
 
 def _config(model, data, run_dir, system=False):
@@ -176,6 +285,9 @@ def test_every_stage_sees_the_templates_tokens(name, system, splits, tmp_path, m
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(_config(model, data, tmp_path / "run", system)))
     assert main(["run", str(cfg_path)]) == 0
+    for stage, rows in seen.items():  # every forward of every stage: the prompt's one BOS first (ChatML: none)
+        for r in rows:
+            _one_bos(tok, family, list(r))
 
     def msgs(r):
         return _messages(r["prompt"], system)

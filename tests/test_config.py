@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import typing
 from pathlib import Path
 
@@ -449,10 +450,15 @@ def test_every_choice_field_is_checked(section, key):
         validate(cfg)
     assert problems_of(e) == [f"{section}.{key} must be one of {', '.join(C.CHOICES[section, key])}; "
                               "got 'not_a_choice'"]
-    # and every listed choice is accepted
+    # and every listed choice is accepted (zero3 where DeepSpeed is installed; else refused for that alone)
     for choice in C.CHOICES[section, key]:
         cfg = build(base=required)
         merge(cfg, {section: {key: choice}}, "test")
+        if (section, key, choice) == ("train", "strategy", "zero3") and importlib.util.find_spec("deepspeed") is None:
+            with pytest.raises(UserError) as e:
+                validate(cfg)
+            assert [p.split(":")[0] for p in problems_of(e)] == ["train.strategy zero3 needs DeepSpeed"]
+            continue
         validate(cfg)
 
 

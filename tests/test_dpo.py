@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -161,7 +162,9 @@ def test_ultrafeedback_binarized_rows(tmp_path):
     (tmp_path / "uf.jsonl").write_text(json.dumps(row) + "\n")
     [ex] = load_examples(str(tmp_path / "uf.jsonl"), format="trl", preference=True)
     assert (ex.prompt, ex.real, ex.rejected, ex.id) == ([user], "7", "9", "p1")
+    # the recipes' zero3 needs DeepSpeed; without it, the documented alternative
+    no_deepspeed = [] if importlib.util.find_spec("deepspeed") else ["--train.strategy=fsdp"]
     for name in ("zephyr-7b-dpo", "zephyr-7b-spin-then-dpo"):
-        cfg = config.build(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml", [])
+        cfg = config.build(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml", no_deepspeed)
         config.validate(cfg)
         assert cfg.data.format == "trl" and cfg.data.train_split == "train_prefs"

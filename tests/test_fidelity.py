@@ -23,7 +23,7 @@ from spinlm.logprobs import sequence_logps
 from spinlm.metrics import reward_metrics
 from spinlm.stages.train import pair_items, train
 from spinlm.summary import NO_SELECTION, select_best
-from spinlm.tokens import Limits, encode_pair, encode_prompt
+from spinlm.tokens import Limits, encode_pair, encode_prompt, encode_real
 
 COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +172,49 @@ def test_selection_without_validation_data_is_refused(tiny_model, task_data, tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_continued_sft_is_selected_on_validation_as_spin_is(tiny_model, task_data, tmp_path):
+    """The continued-SFT baseline gets SPIN's selection: checks on the validation data at the steps
+    SPIN's iterations checked (train.eval_every 2 over iterations of 3 and 2 steps: 2, 3 and 2 + 3),
+    by the metric SPIN's checks use (here NLL per token: no checker), and the best checked weights
+    are the model it saves, for the per-iteration baselines of the experiments too. (Before: no
+    check, the last weights, while SPIN kept its best.)"""
+    from spinlm.experiment.spin_vs_sft import baselines
+    from spinlm.io import write_json
+    from spinlm.rundir import RunLayout
+
+    run = tmp_path / "run"
+    cfg = _run_config(tiny_model, task_data, run, val=str(task_data["val"]))
+    cfg["eval"].pop("checker")
+    cfg["spin"]["iterations"] = 2
+    cfg["train"].update(eval_every=2, batch_size=4, gradient_accumulation_steps=1)
+    # a learning rate that grows to a destructive one: the validation NLL rises after the first check
+    cfg["sft"].update(learning_rate=1.0, warmup_ratio=0.99)
+    for t, steps in enumerate([3, 2]):  # what SPIN's iterations took
+        write_json(RunLayout(run).train_log(t), {"steps": steps})
+    baselines(run, tiny_model, cfg)
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    val = load_examples(str(task_data["val"]), max_rows=8)
+    lim = Limits.of(config_mod.build(None, COMMON))
+    for name, steps, checked in (("continued-sft-0", 3, [2, 3]), ("continued-sft", 5, [2, 3, 5])):
+        info = read_json(run / name / "model" / "spinlm_sft.json")
+        assert info["steps"] == steps and [c["step"] for c in info["checks"]] == checked
+        assert {c["metric"] for c in info["checks"]} == {"nll_per_token"}
+        values = [c["value"] for c in info["checks"]]
+        assert info["best_check"] == info["checks"][values.index(min(values))]
+        assert info["best_check"]["step"] == 2 and values[-1] > values[0] + 1  # the kept weights are not the last
+        model = AutoModelForCausalLM.from_pretrained(run / name / "model").eval()
+        with torch.no_grad():  # the saved model's validation NLL per token, by plain forwards
+            logps, counts = zip(*(sequence_logps(model, [(encode_prompt(tok, ex.prompt), real)], tok.pad_token_id)
+                                  for ex, real in zip(val, [r[1][0] for r in encode_real(tok, val, lim)])))
+        nll = -sum(x.item() for x in logps) / sum(n.item() for n in counts)
+        assert nll == pytest.approx(info["best_check"]["value"], abs=1e-4)
+        assert read_json(run / name / "metrics.json")["val"]["nll_per_token"] == pytest.approx(nll, abs=1e-4)
+    from spinlm.loop import spin_check_steps
+
+    assert spin_check_steps([3, 2], 2) == [2, 3, 5] and spin_check_steps([3, 2], 0) == []  # no checks: last weights
+
+
 # ---------------------------------------------------------------- 5. one definition of a dead pair
 
 
@@ -189,6 +232,48 @@ def test_dead_pairs_are_the_same_in_training_and_in_the_held_out_metrics(tiny_mo
     dead = [i["dead"] for i in pair_items(tok, rows, cfg)]
     assert dead == [True, False, False, False]
     assert metrics["dead_pair_share"] == pytest.approx(sum(dead) / len(dead))
+
+
+def test_reward_metrics_have_one_definition_in_training_and_held_out(tiny_model, pairs, tmp_path):
+    """Reward accuracy, margin and the sides' rewards are over the live pairs, in the training log and
+    in the held-out metrics alike, and the dead pairs are a share of their own. Step 1's forward runs
+    the start weights, so its logged rewards are the start model's held-out rewards on the same pairs,
+    here checked against summed log-probs of plain forwards. (Before: training counted dead pairs
+    as failures and averaged their zero margins in; held out, accuracy left them out, the margin not.)"""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = config_mod.build(None, [*COMMON, "--train.max_steps=1", "--run.log_every=1", "--train.batch_size=8"])
+    rows = read_jsonl(pairs)[:8]
+    for k, r in enumerate(rows):
+        if k in (1, 4, 6):  # dead: the sample is the real response, token for token
+            r["generated"], r["finish"], r["ref_generated_logp"] = r["real"], "eos", r["ref_real_logp"]
+            r.pop("generated_ids", None)
+        else:  # live, with a clear margin of either sign: the stored reference moved by +-5 nats
+            r["ref_real_logp"] += -5.0 if k % 2 == 0 else 5.0
+    _rows(tmp_path / "pairs.jsonl", rows)
+    items = pair_items(tok, rows, cfg)
+    live = [not i["dead"] for i in items]
+    assert live == [k not in (1, 4, 6) for k in range(8)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        real = sequence_logps(model, [(i["prompt"], i["real"]) for i in items], tok.pad_token_id)[0]
+        gen = sequence_logps(model, [(i["prompt"], i["generated"]) for i in items], tok.pad_token_id)[0]
+    beta = cfg.spin.beta
+    side_real = [beta * (real[k].item() - r["ref_real_logp"]) for k, r in enumerate(rows)]
+    side_gen = [beta * (gen[k].item() - r["ref_generated_logp"]) for k, r in enumerate(rows)]
+    margins = [a - b for a, b in zip(side_real, side_gen)]
+    over_live = lambda xs: sum(x for x, ok in zip(xs, live) if ok) / sum(live)  # noqa: E731
+    expected = {"accuracy": over_live([float(m > 0) for m in margins]), "margin": over_live(margins),
+                "real": over_live(side_real), "generated": over_live(side_gen)}
+    assert 0 < expected["accuracy"] < 1 and abs(expected["margin"]) > 0.05
+
+    logged = train(str(tiny_model), tmp_path / "pairs.jsonl", tmp_path / "out", cfg, 0)["history"][0]
+    held = reward_metrics(model, tok, rows, cfg, beta)
+    for key, value in expected.items():
+        assert logged[f"rewards/{key}"] == pytest.approx(value, abs=1e-4), key
+    for key, name in (("accuracy", "reward_accuracy"), ("margin", "reward_margin"), ("real", "rewards_real"),
+                      ("generated", "rewards_generated")):
+        assert held[name] == pytest.approx(expected[key], abs=1e-4), name
+    assert logged["dead_pairs"] == pytest.approx(3 / 8) and held["dead_pair_share"] == pytest.approx(3 / 8)
 
 
 # ---------------------------------------------------------------- 6. rows whose parts disagree

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from spinlm.cli import main
 from spinlm.eval import judge_prompts
@@ -33,22 +32,6 @@ QUESTIONS = [
     {"question_id": 82, "category": "writing", "turns": ["Write a line. g=6", "Shorter. g=x"]},
     {"question_id": 83, "category": "writing", "turns": ["Name a colour. g=8"], "reference": ["Blue."]},
 ]
-
-
-@pytest.fixture(scope="module")
-def other_model(tiny_model, tmp_path_factory):
-    """The tiny model with perturbed weights: it answers differently."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("other")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
-    return out
 
 
 def _reply(text: str):

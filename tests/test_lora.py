@@ -126,9 +126,10 @@ def test_adapter_starts_as_the_base_model(tiny_model):
 
 
 def _step(model, tokenizer, optimizer) -> None:
-    from spinlm.packing import response_logps
+    from spinlm.packing import Layout, response_logps
 
-    loss = -sum(s for g in response_logps(model, _groups(tokenizer), tokenizer.pad_token_id, 1024) for s, _ in g)
+    scores = response_logps(model, _groups(tokenizer), tokenizer.pad_token_id, Layout(1024))
+    loss = -sum(s for g in scores for s, _ in g)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()

@@ -47,6 +47,14 @@ def test_training_sums_by_hand():
     offload = memory.estimate(_cfg("--train.strategy=fsdp", "--train.fsdp_cpu_offload=true"), SEVEN_B, world=8,
                               row_tokens=ROW, on_gpu=True)
     assert offload["host_per_process"] == 12 * p / 8 and offload["train"]["weights"] == 0
+    # zero3: the optimizer's offload takes the gradients and optimizer state, the parameters' the weights
+    optimizer_only = memory.estimate(_cfg("--train.strategy=zero3", "--train.zero3_offload_optimizer=true"), SEVEN_B,
+                                     world=8, row_tokens=ROW, on_gpu=True)
+    assert optimizer_only["host_per_process"] == 8 * p / 8 and optimizer_only["train"]["weights"] == 4 * p / 8
+    assert optimizer_only["train"]["gradients"] == optimizer_only["train"]["optimizer"] == 0
+    both = memory.estimate(_cfg("--train.strategy=zero3", "--train.zero3_offload_optimizer=true",
+                                "--train.zero3_offload_params=true"), SEVEN_B, world=8, row_tokens=ROW, on_gpu=True)
+    assert both["host_per_process"] == 12 * p / 8 and both["train"]["weights"] == 0
 
     scoring = memory.estimate(_cfg("--train.strategy=fsdp", "--train.fsdp_inference=true", "--generation.backend=vllm",
                                    "--model.dtype=bfloat16"), SEVEN_B, world=8, row_tokens=ROW, on_gpu=True)

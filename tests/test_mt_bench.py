@@ -52,22 +52,6 @@ PROMPTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def other_model(tiny_model, tmp_path_factory):
-    """The tiny model with perturbed weights: it answers differently."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("other")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
-    return out
-
-
 def _files(tmp_path, prompts=PROMPTS, questions=QUESTIONS):
     def jsonl(name, rows):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -26,6 +26,7 @@ from spinlm.loss import (
     tspin_terms,
 )
 from spinlm.modeling import load_model, load_tokenizer
+from spinlm.packing import Layout
 from spinlm.stages.score import score_files
 from spinlm.stages.train import batch_losses, pair_items
 
@@ -204,7 +205,7 @@ def test_objectives_packed_equal_plain(tiny_model, pairs, name):
     goal = objective(name)
     params = {"spin": {"beta": 0.1, "loss_type": "sigmoid"}, "space": {"mu": 2.0, "beta": 0.1},
               "sppo_hard": {"beta": 0.1}}[name]
-    packed, _ = batch_losses(model, items, tok.pad_token_id, 256, goal, params)
+    packed, _ = batch_losses(model, items, tok.pad_token_id, Layout(256), goal, params)
     plain, _ = batch_losses(model, items, tok.pad_token_id, None, goal, params)
     with torch.no_grad():  # independent: per-sequence log-probs, unpacked
         real = sequence_logps(model, [(i["prompt"], i["real"]) for i in items], tok.pad_token_id)[0]
@@ -266,7 +267,7 @@ def test_tspin_triplets_packed_equal_plain(tiny_model, pairs):
     assert all("ref_real" not in i and i["historical"] == o["generated_ids"][:len(i["historical"])]
                for i, o in zip(items, rows[1:] + rows[:1]))
     params = {"alpha": 0.5, "history_weight": 0.3}
-    packed, metrics = batch_losses(model, items, tok.pad_token_id, 384, objective("tspin"), params)
+    packed, metrics = batch_losses(model, items, tok.pad_token_id, Layout(384), objective("tspin"), params)
     plain, _ = batch_losses(model, items, tok.pad_token_id, None, objective("tspin"), params)
     with torch.no_grad():  # independent: each response on its own, unpacked
         lp = [sequence_logps(model, [(i["prompt"], i[k]) for i in items], tok.pad_token_id)[0].double()
@@ -299,7 +300,7 @@ def test_tspin_history_term_weighs_only_triplets_whose_y_prime_is_not_y0(tiny_mo
     goal = objective("tspin")
     params = goal.params(cfg.spin, cfg.spin.beta, 1)
     items = pair_items(tok, rows, cfg)
-    losses, metrics = batch_losses(model, items, tok.pad_token_id, 384, goal, params)
+    losses, metrics = batch_losses(model, items, tok.pad_token_id, Layout(384), goal, params)
     # each row's history weight, read back from its term: -w log sigma(m) = w softplus(-m), m = alpha (y' - y0)
     margin = metrics["rewards/historical_margin"].double()
     weight = metrics["terms/historical"].double() / F.softplus(-margin)

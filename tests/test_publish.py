@@ -379,7 +379,7 @@ def test_dry_run_writes_the_cards_and_prints_the_plan_without_a_token_or_a_conne
         assert p.returncode == 0, p.stderr
         assert hub["requests"] == []
     lines = [line for line in p.stdout.splitlines() if line.startswith("would push")]
-    assert [line.split(",")[1].split()[-1].rstrip(":") for line in lines] == ["sft", "iteration-0", MAIN]
+    assert [re.search(r", branch (\S+?):", line)[1] for line in lines] == ["sft", "iteration-0", MAIN]
     assert lines[-1].startswith(f"would push {best} to me/spin-dry")
     for name in ("sft", "iteration-0"):
         files = model_files(run_copy / name / "model")

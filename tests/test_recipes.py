@@ -5,7 +5,7 @@ The expected values below are the authors' (uclaml/SPIN at a12ba808: configs/con
 scripts/finetune*.sh, issues #12 and #36; alignment-handbook 61a11a5
 recipes/zephyr-7b-beta/dpo/config_full.yaml for the DPO baseline), written out here so that an edit
 of a recipe that drifts from them fails. No test reads the Hub: `spinlm validate` runs on each
-reproduce command with the model and the datasets replaced by local stand-ins of the same shapes.
+reproduce command on the offline Hub (tests/offline_hub.py: tiny stand-ins under the recipes' real ids).
 """
 
 from __future__ import annotations
@@ -13,20 +13,25 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from doc_blocks import doc_commands
+from doc_blocks import doc_commands, recipe_commands
 
 from spinlm import config
-from spinlm.cli import main
 from spinlm.demo.build import build_model
 from spinlm.tokens import encode_response, render_prompt_text
 
+import offline_hub as oh
 from chat_formats import FAMILIES, build_family_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = REPO / "tests" / "data" / "formats"
+# Where DeepSpeed is not installed, the recipes' documented alternative (their header and docs/reproducing.md).
+NO_DEEPSPEED = [] if importlib.util.find_spec("deepspeed") else ["--train.strategy=fsdp"]
 
 SPIN_ZEPHYR = {
     "model.name_or_path": "alignment-handbook/zephyr-7b-sft-full",
@@ -79,19 +84,39 @@ def test_spin_then_dpo_differs_from_the_dpo_recipe_only_in_start_and_epochs():
     assert then["model"]["name_or_path"] == "runs/zephyr-7b-spin/iteration-3/model" and then["train"]["epochs"] == 2
 
 
-def _reproduce_commands() -> list[tuple[str, str, list[str]]]:
-    """(subcommand, config path, config overrides) of each spinlm run/dpo command in docs/reproducing.md's
-    block of commands."""
-    commands = []
-    for words in doc_commands("docs/reproducing.md", "test_reproduce_commands_validate"):
-        if "spinlm" not in words or words[0] == "spinlm":  # torchrun ... -m spinlm run/dpo
-            continue
-        args = words[words.index("spinlm") + 1:]
+def test_reproduce_commands_validate_on_the_offline_hub(offline_hub, tmp_path):
+    """`spinlm validate` on every torchrun command of docs/reproducing.md (read from the page, at full settings,
+    planned for its --nproc_per_node processes) and on the qwen recipe's own command, on the offline Hub: the
+    recipes' Hub ids and commits resolve, every row reads, exit 0. tests/test_reproduce.py runs the same commands
+    scaled down; this checks them unscaled. The spin-then-dpo recipe starts from the SPIN run's iteration-3
+    model: a copy of the pinned SFT model stands there."""
+    commands = [c for c in doc_commands("docs/reproducing.md", "test_reproduce_commands_run_on_the_offline_hub")
+                if c[0] == "torchrun"]
+    commands += recipe_commands("configs/qwen2.5-0.5b-ultrachat.yaml")
+    validations = []
+    for argv in commands:
+        args = argv[argv.index("spinlm") + 1:]
         sub, rest = args[0], args[1:]
-        path = rest[rest.index("--config") + 1] if sub == "dpo" else rest[0]
+        recipe = rest[rest.index("--config") + 1] if sub == "dpo" else rest[0]
         overrides = [a for a in rest if re.match(r"--\w+\.\w+=", a)]
-        commands.append((sub, path, overrides))
-    return commands
+        world = ["--world-size", argv[argv.index("--nproc_per_node") + 1]] if argv[0] == "torchrun" else []
+        validations.append(["validate", recipe, *overrides, *world, *NO_DEEPSPEED])
+    assert [v[1] for v in validations] == [f"configs/{n}.yaml" for n in ("zephyr-7b-ultrachat", "zephyr-7b-dpo",
+                                                                         "zephyr-7b-spin-then-dpo",
+                                                                         "qwen2.5-0.5b-ultrachat")]
+    (tmp_path / "configs").symlink_to(REPO / "configs", target_is_directory=True)
+    pinned = offline_hub.cache / "models--alignment-handbook--zephyr-7b-sft-full" / "snapshots" / oh.ZEPHYR_REVISION
+    shutil.copytree(pinned, tmp_path / "runs" / "zephyr-7b-spin" / "iteration-3" / "model")
+    # one process for the four (each validation is quick; a process's start is not)
+    script = ("import json, sys\nfrom spinlm.cli import main\n"
+              "print(json.dumps([main(v) for v in json.loads(sys.argv[1])]))")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(validations)], cwd=tmp_path,
+                          env=offline_hub.env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [0, 0, 0, 0], proc.stderr[-3000:]
+    assert proc.stdout.count("ok: no problems found") == 4
+    assert proc.stdout.count(f"model at commit {oh.ZEPHYR_REVISION}") == 2  # the pinned SFT model, twice
+    assert "memory per device (estimate; train.strategy zero3, 8 processes" in proc.stdout or NO_DEEPSPEED
 
 
 @pytest.fixture(scope="module")
@@ -103,28 +128,6 @@ def zephyr_like(tmp_path_factory) -> Path:
     tok = build_family_tokenizer(FAMILIES["zephyr"], texts, out)
     build_model(tok, out, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=2048)
     return out
-
-
-def test_reproduce_commands_validate(zephyr_like, tmp_path, capsys):
-    """Every torchrun ... spinlm run/dpo command of docs/reproducing.md: its config (recipe + the command's
-    overrides) is valid, and `spinlm validate` on it exits 0 with the Hub model and datasets replaced by
-    local stand-ins of the same shapes (this machine has no Hub access)."""
-    commands = _reproduce_commands()
-    assert [(s, p) for s, p, _ in commands] == [("run", "configs/zephyr-7b-ultrachat.yaml"),
-                                                ("dpo", "configs/zephyr-7b-dpo.yaml"),
-                                                ("dpo", "configs/zephyr-7b-spin-then-dpo.yaml")]
-    # the documented alternative where DeepSpeed is not installed
-    no_deepspeed = [] if importlib.util.find_spec("deepspeed") else ["--train.strategy=fsdp"]
-    for sub, path, overrides in commands:
-        cfg = config.build(REPO / path, overrides)
-        config.validate(cfg)
-        assert not cfg.peft.enabled  # full fine-tuning, as the paper (LoRA is refused with sharding anyway)
-        data = ([f"--data.train={FORMATS / 'spin_iter.parquet'}", f"--data.val={FORMATS / 'spin_iter.jsonl'}",
-                 f"--data.eval={FORMATS / 'ultrachat.parquet'}"] if sub == "run" else
-                [f"--data.train={FORMATS / 'trl_preference.jsonl'}", f"--data.eval={FORMATS / 'trl_preference.jsonl'}"])
-        stand_ins = [f"--model.name_or_path={zephyr_like}", f"--run.dir={tmp_path / sub}", *data, *no_deepspeed]
-        assert main(["validate", str(REPO / path), *overrides, *stand_ins]) == 0, (path, capsys.readouterr().err)
-        assert "ok: no problems found" in capsys.readouterr().out
 
 
 def test_zephyr_template_renders_the_reference_codes_training_prompt(zephyr_like):

@@ -38,19 +38,24 @@ def run_dir(tiny_model, task_data, tmp_path_factory) -> Path:
 
 
 def _expected_verdict(summary: list[dict]) -> list[str]:
-    """The verdict lines, recomputed from summary.json's numbers."""
+    """The verdict lines, recomputed from summary.json's numbers: the model chosen on validation (the
+    start included, ties to the earlier) and the last iteration against the start, on held-out data."""
     start, iters = summary[0]["metrics"], summary[1:]
-    lines = []
+    val = [e["val_metrics"]["accuracy"] for e in summary]
+    k = val.index(max(val))
+    chosen = summary[k]["name"]
+    lines = [f"- **Chosen on validation** (RUN/best: validation accuracy, the start included; the held-out "
+             f"numbers below are reported, never used to choose): {chosen} ({val[k]:.4f} vs the start's {val[0]:.4f})."]
     for key, label, higher, fmt in (("accuracy", "Task accuracy", True, ".3f"),
                                     ("nll_per_token", "NLL per token", False, ".4f")):
-        values = [(e["name"], e["metrics"][key]) for e in iters]
-        best = max(values, key=lambda x: x[1]) if higher else min(values, key=lambda x: x[1])
         parts = []
-        for kind, (name, v) in (("last", values[-1]), ("best", best)):
+        for what, e in ((f"chosen on validation ({chosen}{', the start itself' if k == 0 else ''})", summary[k]),
+                        (f"last iteration ({iters[-1]['name']})", iters[-1])):
+            v = e["metrics"][key]
             better = v > start[key] if higher else v < start[key]
-            parts.append(f"{kind} iteration ({name}) {format(v, fmt)} ({format(v - start[key], '+' + fmt)}: "
+            parts.append(f"{what} {format(v, fmt)} ({format(v - start[key], '+' + fmt)}: "
                          f"{'improved' if better else 'no improvement'})")
-        lines.append(f"- **{label}** ({'higher' if higher else 'lower'} is better): SFT start "
+        lines.append(f"- **{label}** (held-out, {'higher' if higher else 'lower'} is better): SFT start "
                      f"{format(start[key], fmt)}; {parts[0]}; {parts[1]}.")
     return lines
 
@@ -152,20 +157,59 @@ def test_help_of_report_and_lm_eval(capsys):
         assert all(w in text for w in words), cmd
 
 
+def _entry(name: str, test: float, val: float | None, nll: float = 0.2) -> dict:
+    return {"name": name, "model": name, "metrics": {"accuracy": test, "nll_per_token": nll},
+            "val_metrics": {"accuracy": val} if val is not None else {}}
+
+
+def test_verdict_compares_the_model_chosen_on_validation_never_a_max_over_test():
+    """Validation prefers iteration-0, the held-out (test) split iteration-1: the verdict reports
+    iteration-0's gain, the choice RUN/best makes, and calls no model "best" by its test numbers.
+    (Before: it reported iteration-1's gain as the "best iteration", a choice made on test.)"""
+    from spinlm.report.report import verdict
+    from spinlm.summary import select_best
+
+    entries = [_entry("sft", 0.5, 0.90), _entry("iteration-0", 0.6, 0.95), _entry("iteration-1", 0.8, 0.91),
+               _entry("iteration-2", 0.7, 0.92)]
+    assert select_best(entries)["name"] == "iteration-0"
+    text = "\n".join(verdict(entries))
+    assert "chosen on validation (iteration-0) 0.600 (+0.100: improved)" in text
+    assert "Chosen on validation** (RUN/best: validation accuracy" in text and "iteration-0 (0.9500 vs" in text
+    assert "iteration-1" not in text and "0.800" not in text  # the test maximum enters nowhere
+    assert "last iteration (iteration-2) 0.700 (+0.200: improved)" in text
+    assert not re.search(r"\bbest\b(?!\))", text.replace("RUN/best", ""))  # "best" only as RUN/best
+    # validation prefers the start: no improvement, whatever the test split says
+    entries[0]["val_metrics"]["accuracy"] = 0.99
+    text = "\n".join(verdict(entries))
+    assert "chosen on validation (sft, the start itself) 0.500 (+0.000: no improvement)" in text
+    # without validation data nothing is chosen, and the test split does not stand in for it
+    text = "\n".join(verdict([_entry("sft", 0.5, None), _entry("iteration-0", 0.6, None),
+                               _entry("iteration-1", 0.8, None), _entry("iteration-2", 0.7, None)]))
+    assert "No model was chosen" in text and "iteration-1" not in text
+
+
 def test_continued_sft_is_the_baseline_not_an_iteration(tmp_path):
     """A run with eval.continued_sft (the demo's): the verdict compares iterations only and names the
-    baseline on its own line; its model card says what it is."""
+    baseline on lines of its own, chosen on validation as RUN/best is (the start included: a baseline
+    below the start on validation gives way to it, as an iteration does); its model card says what it is."""
     from spinlm.report.cards import card_text
     from spinlm.report.report import verdict
 
-    entries = [{"name": "sft", "metrics": {"accuracy": 0.5, "nll_per_token": 0.3}},
-               {"name": "iteration-0", "metrics": {"accuracy": 0.6, "nll_per_token": 0.2}},
-               {"name": "continued-sft", "metrics": {"accuracy": 0.9, "nll_per_token": 0.1}}]
+    entries = [_entry("sft", 0.5, 0.90, 0.3), _entry("iteration-0", 0.6, 0.95), _entry("continued-sft", 0.9, 0.93, 0.1)]
     lines = verdict(entries)
-    assert "last iteration (iteration-0) 0.600 (+0.100: improved)" in lines[0]
-    assert "continued-sft" not in lines[0] + lines[1]
-    assert lines[2] == ("- **Continued SFT at equal steps** (the baseline, not an iteration): task accuracy 0.900, "
-                        "nll per token 0.1000.")
+    assert "last iteration (iteration-0) 0.600 (+0.100: improved)" in lines[1]
+    assert "continued-sft" not in "".join(lines[:3])
+    assert lines[3].startswith("- **Continued SFT at equal steps** (the baseline, not an iteration; selected on "
+                               "validation as SPIN's iterations are")
+    assert lines[3].endswith("task accuracy 0.900, nll per token 0.1000. Validation accuracy 0.9300 vs the start's "
+                             "0.9000, so the choice RUN/best makes keeps it.")
+    assert lines[4] == ("- **SPIN's choice vs the baseline's** (both chosen on validation, the start included: "
+                        "iteration-0 vs continued-sft): task accuracy 0.600 vs 0.900 (SPIN behind); nll per token "
+                        "0.2000 vs 0.1000 (SPIN behind).")
+    entries[2]["val_metrics"]["accuracy"] = 0.85  # below the start on validation: the start stands for it
+    lines = verdict(entries)
+    assert lines[3].endswith("so the choice RUN/best makes keeps the start.")
+    assert "iteration-0 vs sft): task accuracy 0.600 vs 0.500 (SPIN ahead)" in lines[4]
     run = {"dir": tmp_path, "config": {"model": {"name_or_path": "base"}, "data": {"train": "t.jsonl"}},
            "models": [{"name": "sft", "model": tmp_path / "sft" / "model"}]}
     card = card_text(run, {"name": "continued-sft", "train": {"steps": 783}, "metrics": {"accuracy": 0.9}})

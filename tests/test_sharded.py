@@ -212,6 +212,8 @@ def test_fsdp_in_one_process_equals_ddp(tiny_model, pairs, tmp_path):
                                                                   "train.strategy zero3"),
     (["--train.strategy=zero3", "--train.skip_grad_norm_above=5"], "train.skip_grad_norm_above with train.strategy "
                                                                    "zero3 is not supported"),
+    (["--train.strategy=fsdp", "--train.zero3_offload_params=true"],
+     "train.zero3_offload_params applies to train.strategy zero3 only; got train.strategy fsdp"),
 ])
 def test_unsupported_strategy_settings_are_refused(tiny_model, pairs, tmp_path, capsys, flags, message):
     code = main(["train", "--model", str(tiny_model), "--pairs", str(pairs), "--out", str(tmp_path / "m"), *flags,

@@ -198,3 +198,14 @@ def test_unknown_or_missing_tracker_is_a_user_error(tiny_model, task_data, tmp_p
                 "pip install 'spinlm[mlflow]'") in result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_trackers_need_accelerate_1_9():
+    """accelerate's trackers have start() from 1.8 and TrackioTracker from 1.9 (spinlm's core runs on 1.0)."""
+    from spinlm.tracking import accelerate_too_old
+
+    assert accelerate_too_old("1.9.0") is None and accelerate_too_old("1.16.0") is None
+    assert accelerate_too_old("2.0.0.dev0") is None
+    for old in ("1.0.0", "1.8.1", "0.34.2"):
+        problem = accelerate_too_old(old)
+        assert problem.startswith(f"run.report_to needs accelerate>=1.9 (its trackers), found {old}:"), problem

@@ -211,6 +211,9 @@ def _strategy_problems(cfg: Config) -> list[str]:
         problems.append(f"train.fsdp_cpu_offload applies to train.strategy fsdp only; got train.strategy {tc.strategy}")
     if tc.fsdp_inference and tc.strategy != "fsdp":
         problems.append(f"train.fsdp_inference applies to train.strategy fsdp only; got train.strategy {tc.strategy}")
+    for key in ("zero3_offload_optimizer", "zero3_offload_params"):
+        if getattr(tc, key) and tc.strategy != "zero3":
+            problems.append(f"train.{key} applies to train.strategy zero3 only; got train.strategy {tc.strategy}")
     if tc.strategy == "ddp":
         return problems
     if cfg.peft.enabled:

@@ -114,7 +114,7 @@ class DataConfig:
     max_prompt_length: int = _f(512, "Longest prompt, in tokens.")
     max_length: int = _f(1024, "Longest prompt + response, in tokens; longer responses are cut.")
     prompt_overflow: Literal["truncate", "drop"] = _f(
-        "truncate", "Prompts over max_prompt_length: truncate (keep the end) or drop.")
+        "truncate", "Prompts over max_prompt_length: truncate (keep the end, behind the prompt's BOS) or drop.")
 
 
 @dataclass
@@ -209,6 +209,13 @@ class TrainConfig:
                               "does not fit one device; slower: every forward gathers each layer, and evaluation's "
                               "greedy generation runs every example on every process). Generation is not sharded: "
                               "use generation.backend server or vllm.")
+    zero3_offload_optimizer: bool = _f(False, "strategy zero3: keep the fp32 master partitions and optimizer state "
+                                       "in CPU memory and step the optimizer there (DeepSpeed's offload_optimizer, "
+                                       "device cpu; an accelerate launch's offload_optimizer_device must agree).")
+    zero3_offload_params: bool = _f(False, "strategy zero3: keep the weight partitions in CPU memory between uses "
+                                    "(DeepSpeed's offload_param, device cpu; an accelerate launch's "
+                                    "offload_param_device must agree). Slower; for a model that does not fit "
+                                    "otherwise.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint (weights, optimizer, scheduler, data position, RNG) "
                                "every N optimizer steps; 0 = never (a killed iteration then starts over).")
@@ -290,8 +297,10 @@ class EvalConfig:
                          "results every 16 x eval.batch_size pairs.")
     continued_sft: bool = _f(False, "Also train the baseline the paper compares with: the start model fine-tuned "
                              "further on the real responses (sft.learning_rate, no early stopping) for as many "
-                             "optimizer steps of train.batch_size examples as all SPIN iterations took; it is "
-                             "evaluated and listed as continued-sft (never chosen as RUN/best).")
+                             "optimizer steps of train.batch_size examples as all SPIN iterations took, selected "
+                             "as SPIN is: with train.eval_every, checked on the validation data at the steps SPIN "
+                             "checked, by the same metric, its best checked weights kept; it is evaluated and "
+                             "listed as continued-sft (never chosen as RUN/best).")
 
 
 # FastChat's fastchat/llm_judge/common.py, `temperature_config` and `NEED_REF_CATS` (read 2026-12-07).

@@ -6,8 +6,8 @@ Grid: spin.beta in {0.1, 1, 5} x train.learning_rate in {1e-5, 5e-5} x spin.sft_
 {0, 1} x spin.drop_dead_pairs in {false, true} x run.seed in the seeds: every configuration
 runs `iterations` SPIN iterations from the same plateaued SFT model (built once, as the demo
 builds it). Continued SFT at equal steps is the baseline (one run per seed). A configuration
-is chosen by its mean validation accuracy only (the best iteration of each run, validation
-data); the table reports every configuration on the test split. Results: OUT/results.md and
+is chosen by its mean validation accuracy only (each run's iteration chosen on validation);
+the table reports every configuration on the test split, at that same iteration. Results: OUT/results.md and
 OUT/results.json. Each run is an ordinary run directory, so an interrupted sweep resumes.
 """
 
@@ -86,11 +86,11 @@ def collect(out: Path, jobs: list, failed: list[str]) -> dict:
         summary = read_json(out / "runs" / name / "summary.json")
         entries = {e["name"]: e for e in summary}
         spin = [e for e in summary if e["name"].startswith("iteration-")]
-        best = max(spin, key=lambda e: (e["val_metrics"]["accuracy"], -spin.index(e)))
+        chosen = max(spin, key=lambda e: (e["val_metrics"]["accuracy"], -spin.index(e)))  # on validation only
         runs[name] = {"knobs": knobs, "seed": seed, "sft_val": entries["sft"]["val_metrics"]["accuracy"],
                       "sft_test": entries["sft"]["metrics"]["accuracy"],
-                      "best_iteration": best["name"], "best_val": best["val_metrics"]["accuracy"],
-                      "best_test": best["metrics"]["accuracy"], "last_val": spin[-1]["val_metrics"]["accuracy"],
+                      "chosen_iteration": chosen["name"], "chosen_val": chosen["val_metrics"]["accuracy"],
+                      "chosen_test": chosen["metrics"]["accuracy"], "last_val": spin[-1]["val_metrics"]["accuracy"],
                       "last_test": spin[-1]["metrics"]["accuracy"],
                       "continued_sft": ({"val": entries["continued-sft"]["val_metrics"]["accuracy"],
                                          "test": entries["continued-sft"]["metrics"]["accuracy"]}
@@ -110,22 +110,22 @@ def table(results: dict, iterations: int, seeds: list[int]) -> str:
     configs: dict[str, list[dict]] = {}
     for name, r in runs.items():
         configs.setdefault(_name(r["knobs"]), []).append(r)
-    ranked = sorted(configs.items(), key=lambda kv: -statistics.mean(r["best_val"] for r in kv[1]))
+    ranked = sorted(configs.items(), key=lambda kv: -statistics.mean(r["chosen_val"] for r in kv[1]))
     sft = [r["sft_test"] for r in runs.values()][:1]
     cont = [r["continued_sft"] for r in runs.values() if r["continued_sft"]]
     lines = [f"{len(runs)} runs ({len(configs)} configurations x seeds {seeds}), {iterations} SPIN iterations each; "
-             f"mean ± half-range over seeds. Ranked by validation accuracy of the best iteration (the selection "
-             f"criterion); test columns are reported, not used to choose.", "",
+             f"mean ± half-range over seeds. Ranked by validation accuracy at each run's iteration chosen on "
+             f"validation (the selection criterion); test columns are reported, not used to choose.", "",
              f"Start (SFT, plateaued): test accuracy {sft[0] if sft else '-'}; continued SFT at equal steps: test "
              f"{_mean_spread([c['test'] for c in cont])}, validation {_mean_spread([c['val'] for c in cont])}.", "",
-             "| rank | beta | lr | sft_weight | dead pairs | val acc (best it.) | test acc (best it.) | "
-             "test acc (last it.) | best iteration |", "|---|---|---|---|---|---|---|---|---|"]
+             "| rank | beta | lr | sft_weight | dead pairs | val acc (chosen it.) | test acc (chosen it.) | "
+             "test acc (last it.) | iteration chosen on val |", "|---|---|---|---|---|---|---|---|---|"]
     for rank, (name, rs) in enumerate(ranked, 1):
         k = rs[0]["knobs"]
         lines.append(f"| {rank} | {k['beta']:g} | {k['learning_rate']:g} | {k['sft_weight']:g} | "
-                     f"{'drop' if k['drop_dead_pairs'] else 'keep'} | {_mean_spread([r['best_val'] for r in rs])} | "
-                     f"{_mean_spread([r['best_test'] for r in rs])} | {_mean_spread([r['last_test'] for r in rs])} | "
-                     f"{', '.join(r['best_iteration'] for r in rs)} |")
+                     f"{'drop' if k['drop_dead_pairs'] else 'keep'} | {_mean_spread([r['chosen_val'] for r in rs])} | "
+                     f"{_mean_spread([r['chosen_test'] for r in rs])} | {_mean_spread([r['last_test'] for r in rs])} | "
+                     f"{', '.join(r['chosen_iteration'] for r in rs)} |")
     if results["failed"]:
         lines += ["", f"Failed runs (see their logs): {', '.join(results['failed'])}"]
     return "\n".join(lines) + "\n"

@@ -49,6 +49,7 @@ from spinlm.eval import mt_bench
 from spinlm.generation.client import api_key, base_url, chat, endpoint, require_openai
 from spinlm.io import RowLog, fingerprint, write_json, write_jsonl
 from spinlm.progress import bar as progress_bar
+from spinlm.tokens import ENCODING
 
 log = logging.getLogger("spinlm")
 
@@ -142,7 +143,7 @@ def quick_plan(cfg: Config, questions: list[Question], model_path: str, sample: 
     g = cfg.generation
     key = fingerprint("judge-answers", model_path, [(q.id, q.turns) for q in questions], max_new, sample,
                       g.temperature, g.top_p, g.top_k, cfg.run.seed, cfg.data.max_prompt_length,
-                      cfg.model.dtype, cfg.model.chat_template)
+                      cfg.model.dtype, cfg.model.chat_template, ENCODING)
     return AnswerPlan([g.temperature if sample else None] * len(questions), g.top_p, g.top_k, max_new,
                       cfg.data.max_prompt_length, key)
 
@@ -153,7 +154,7 @@ def mt_bench_plan(cfg: Config, questions: list[Question], model_path: str) -> An
     j = cfg.judge
     temps = [mt_bench.temperature(q.category, j.temperatures, j.default_temperature) for q in questions]
     key = fingerprint("mt-bench-answers", model_path, [(q.id, q.turns) for q in questions], temps, j.top_k,
-                      j.max_new_tokens, cfg.run.seed, cfg.model.dtype, cfg.model.chat_template)
+                      j.max_new_tokens, cfg.run.seed, cfg.model.dtype, cfg.model.chat_template, ENCODING)
     return AnswerPlan(temps, 1.0, j.top_k, j.max_new_tokens, None, key, strip=True)
 
 

@@ -6,7 +6,9 @@ stalls, SPIN keeps improving), on the demo task, several seeds.
 One SFT start (the demo's: early stopping on validation NLL). Per seed, the demo's SPIN run
 from it, and the baseline: the same start fine-tuned further on the same real responses for as
 many optimizer steps (of train.batch_size examples) as SPIN iterations 0..t took together, for
-every t. Each point is evaluated on the test and validation splits.
+every t, checked on validation where SPIN's iterations 0..t checked, its best checked weights kept
+(the selection SPIN's in-iteration checks make). Each point is evaluated on the test and
+validation splits.
 """
 
 from __future__ import annotations
@@ -56,13 +58,15 @@ def experiment(setup: Setup) -> dict:
 
 
 def baselines(run_dir: Path, start: Path, cfg_dict: dict) -> None:
-    """RUN/continued-sft-{t}: continued SFT for the steps of iterations 0..t; the last one is
+    """RUN/continued-sft-{t}: continued SFT for the steps of iterations 0..t, checked on validation
+    where SPIN's iterations 0..t checked (spinlm.loop.sft_for_steps); the last one is
     RUN/continued-sft, which a run with eval.continued_sft trained already."""
     cfg = resolved(cfg_dict)
-    cumulative = list(itertools.accumulate(iteration_steps(run_dir, cfg.spin.iterations)))
+    per_iteration = iteration_steps(run_dir, cfg.spin.iterations)
     data = check(cfg)
-    for t, steps in enumerate(cumulative):
-        sft_for_steps(Stage(run_dir), run_dir / baseline_name(t, len(cumulative)), str(start), data, cfg, steps)
+    for t in range(len(per_iteration)):
+        sft_for_steps(Stage(run_dir), run_dir / baseline_name(t, len(per_iteration)), str(start), data, cfg,
+                      per_iteration[:t + 1])
 
 
 def baseline_name(t: int, iterations: int) -> str:
@@ -121,8 +125,9 @@ def table(results: dict) -> str:
              f"({', '.join(str(s['seed']) for s in seeds)}), "
              f"{iterations} SPIN iterations; mean ± sd over seeds. *Steps*: optimizer steps of SPIN iterations 0..t "
              "together, which the continued-SFT model also took (32 examples a step; a SPIN step also runs the 32 "
-             "generated responses). *Seconds*: SPIN's generate + score + train time of iterations 0..t; continued "
-             "SFT's training time.", "",
+             "generated responses). Both are selected on validation alike: with train.eval_every, each SPIN iteration "
+             "keeps its best checked weights, and continued SFT is checked at the same steps and keeps its best. "
+             "*Seconds*: SPIN's generate + score + train time of iterations 0..t; continued SFT's training time.", "",
              f"Start (SFT): test accuracy {fmt(_column(results, None, '', 'test_accuracy'))}, "
              f"NLL/token {fmt(_column(results, None, '', 'test_nll'), 4)}.", "",
              "| after iteration | steps | SPIN test acc | continued SFT test acc | SPIN - SFT (paired) | "

@@ -11,12 +11,13 @@ spinlm.generation.client (the openai client: retries, API key, no proxy for loop
 Requests go to `POST /v1/completions` (not chat completions), so the prompt is rendered by
 spinlm's chat template (`spinlm.tokens.encode_prompt`), the same rendering score and train
 see, and never by the server's. The prompt is sent as token ids where the server accepts
-them (vLLM and SGLang do): text would be tokenized again by the server, which may add a
-second BOS or split differently. `transformers serve` (5.x) answers a token-id prompt with
+them (vLLM and SGLang do; they add no BOS to ids): text would be tokenized again by the server,
+which may split differently. `transformers serve` (5.x) answers a token-id prompt with
 HTTP 400 (TGI's schema may take only text as well; not checked), so the first row is sent
 as ids, and if that is rejected (HTTP 400/422) it is re-sent as the decoded text (special
-tokens kept) and every row after it as text; a warning says when the server's own
-tokenization of that text will differ.
+tokens kept, the BOS left for the server to add where the tokenizer adds one by default) and
+every row after it as text; a warning says when the server's own tokenization of that text
+will differ.
 
 The first request also asks for vLLM's extras: the sampled ids back (`return_token_ids`), stops
 on spinlm's stop tokens (`stop_token_ids`: the chat template's turn end and the EOS ids, see
@@ -66,7 +67,7 @@ from spinlm.hub import is_hub_id, snapshot_dir
 from spinlm.io import RowLog
 from spinlm.modeling import release_device_memory
 from spinlm.progress import bar as progress_bar
-from spinlm.tokens import stop_ids
+from spinlm.tokens import adds_bos, stop_ids
 
 log = logging.getLogger("spinlm")
 
@@ -196,7 +197,14 @@ def _first_row(endpoint: Endpoint, tokenizer, ids: list[int], seed: int, g: Gene
 
 
 def _prompt(tokenizer, ids: list[int], as_text: bool) -> list[int] | str:
-    return tokenizer.decode(ids, skip_special_tokens=False) if as_text else ids
+    """The prompt as sent: its ids, or as text without the leading BOS where the tokenizer adds one by
+    default, since a server tokenizes a text prompt with the defaults (vLLM's /v1/completions:
+    add_special_tokens true; `transformers serve`: tokenizer(prompt)) and would put a second BOS in front."""
+    if not as_text:
+        return ids
+    if ids[:1] == [tokenizer.bos_token_id] and adds_bos(tokenizer):
+        ids = ids[1:]
+    return tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def _complete(endpoint: Endpoint, prompt: list[int] | str, seed: int, g: GenerationConfig,

@@ -62,7 +62,8 @@ def _about(run: dict, m: dict) -> list[str]:
         steps = (m["train"] or {}).get("steps")
         return [f"The baseline of a {PAPER} run made with spinlm {__version__}: the run's start model "
                 f"`{_start(run, 0)}` fine-tuned further on the real responses (continued SFT) for {steps} optimizer "
-                "steps, as many as all SPIN iterations took together.", "", "## Data", "", *lines]
+                "steps, as many as all SPIN iterations took together, selected on validation as the iterations "
+                "are (checked at their check steps, the best checked weights kept).", "", "## Data", "", *lines]
     t = int(m["name"].rsplit("-", 1)[1])
     window = range(max(0, t - int(cfg.get("spin", {}).get("mix_window", 1)) + 1), t + 1)
     return [f"Iteration {t} of {PAPER}, made with spinlm {__version__}: the model p_{t + 1}, trained from and "

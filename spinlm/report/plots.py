@@ -54,8 +54,8 @@ def plot_metrics(run: dict, out: Path) -> str:
     sampled_hits = [g["hit_max_new_tokens"] / g["rows"] if g.get("rows") else None for g in gen]
     panels = [("Task accuracy (greedy)", [(None, got("accuracy"))]),
               ("NLL per token (real responses)", [(None, got("nll_per_token"))]),
-              ("Reward accuracy (held-out pairs)", [(None, got("reward_accuracy"))]),
-              ("Reward margin (held-out pairs)", [(None, got("reward_margin"))]),
+              ("Reward accuracy (live held-out pairs)", [(None, got("reward_accuracy"))]),
+              ("Reward margin (live held-out pairs)", [(None, got("reward_margin"))]),
               ("Mean response tokens", [("greedy, held-out", got("greedy_mean_tokens")),
                                         ("sampled, training prompts", sampled_tokens)]),
               ("Share hitting max_new_tokens", [("greedy, held-out", got("greedy_hit_max_new_tokens")),
@@ -90,7 +90,8 @@ def plot_training(run: dict, out: Path) -> str | None:
     styles = ["-", "--", ":", "-."]
     panels = [("Loss", [("loss", "-")]), ("Rewards: real (solid), generated (dashed)",
                                            [("rewards/real", "-"), ("rewards/generated", "--")]),
-              ("Reward margin", [("rewards/margin", "-")]), ("Reward accuracy", [("rewards/accuracy", "-")]),
+              ("Reward margin (live pairs)", [("rewards/margin", "-")]),
+              ("Reward accuracy (live pairs)", [("rewards/accuracy", "-")]),
               ("Log-prob per token: real (solid), generated (dashed), historical (dotted)",
                [("logp/real_per_token", "-"), ("logp/generated_per_token", "--"), ("logp/historical_per_token", ":")]),
               ("Loss terms: " + (", ".join(f"{t.removeprefix('terms/')} ({_STYLE_NAMES[st]})"

@@ -6,8 +6,9 @@
 model's metrics.json and the generation stages' `.done` markers), draws its plots
 (spinlm.report.plots: metrics.png, training.png, sft.png; they need matplotlib,
 `pip install 'spinlm[report]'`), writes a README.md model card into every model directory of the
-run (spinlm.report.cards) and then RUN/report/README.md: the verdict (did SPIN improve on the SFT
-start?), the per-model table, the plots and the per-iteration training and sampling tables.
+run (spinlm.report.cards) and then RUN/report/README.md: the verdict (did the model chosen on
+validation, RUN/best's choice, improve on the SFT start?), the per-model table, the plots and the
+per-iteration training and sampling tables.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 from spinlm.report.cards import write_cards
 from spinlm.report.plots import plot_metrics, plot_sft, plot_training, require_matplotlib
 from spinlm.report.runs import finite, load_run
-from spinlm.rundir import CONTINUED_SFT
-from spinlm.summary import format_table
+from spinlm.rundir import CONTINUED_SFT, SFT
+from spinlm.summary import format_table, select_baseline, select_best
 
 # (summary key, label, higher is better, number format) of the metrics the verdict compares.
 VERDICT = (("accuracy", "Task accuracy", True, ".3f"), ("nll_per_token", "NLL per token", False, ".4f"))
@@ -29,36 +30,71 @@ VERDICT = (("accuracy", "Task accuracy", True, ".3f"), ("nll_per_token", "NLL pe
 # ---------------------------------------------------------------- the verdict
 
 def verdict(entries: list[dict]) -> list[str]:
-    """One line per compared metric: the last and the best iteration against the SFT start; the
-    continued-SFT baseline, when the run has one, on a line of its own (it is no iteration)."""
-    baseline = next((e for e in entries if e["name"] == CONTINUED_SFT and e["metrics"]), None)
+    """The verdict's lines. No model is picked by its test numbers: the model compared with the SFT
+    start is the one chosen on validation (RUN/best's choice, spinlm.summary.select_best, the start
+    included), beside the last iteration; the continued-SFT baseline, chosen the same way
+    (select_baseline), is on lines of its own (it is no iteration)."""
     start = entries[0]["metrics"]
     iters = [e for e in entries[1:] if e["metrics"] and e["name"] != CONTINUED_SFT]
     if not start or not iters:
         return ["- No comparison: the SFT start and at least one iteration need held-out metrics "
                 "(`eval.enabled` and `data.eval`)."]
-    lines = []
+    chosen, by_name = select_best(entries), {e["name"]: e for e in entries}
+    lines = [_choice(chosen)]
     for key, label, higher, fmt in VERDICT:
         measured = [e for e in iters if finite(e["metrics"].get(key))]
         if not finite(start.get(key)) or not measured:
             lines.append(f"- **{label}**: not measured" + (" (no `eval.checker`)." if key == "accuracy" else "."))
             continue
-        best = (max if higher else min)(measured, key=lambda e: e["metrics"][key])
-        parts = [_versus(kind, e["name"], e["metrics"][key], start[key], higher, fmt)
-                 for kind, e in (("last", measured[-1]), ("best", best))]
-        lines.append(f"- **{label}** ({'higher' if higher else 'lower'} is better): SFT start "
-                     f"{start[key]:{fmt}}; {parts[0]}; {parts[1]}.")
-    if baseline:
-        got = [f"{label.lower()} {baseline['metrics'][key]:{fmt}}" for key, label, _, fmt in VERDICT
-               if finite(baseline["metrics"].get(key))]
-        lines.append(f"- **Continued SFT at equal steps** (the baseline, not an iteration): {', '.join(got)}.")
-    return lines
+        compared = [(f"chosen on validation ({chosen['name']}{', the start itself' if chosen['name'] == SFT else ''})",
+                     by_name[chosen["name"]])] if chosen else []
+        compared += [(f"last iteration ({measured[-1]['name']})", measured[-1])]
+        parts = [_versus(label, e["metrics"].get(key), start[key], higher, fmt) for label, e in compared]
+        lines.append(f"- **{label}** (held-out, {'higher' if higher else 'lower'} is better): SFT start "
+                     f"{start[key]:{fmt}}; {'; '.join(parts)}.")
+    baseline = next((e for e in entries if e["name"] == CONTINUED_SFT and e["metrics"]), None)
+    return lines + (_baseline(baseline, chosen, select_baseline(entries), by_name) if baseline else [])
 
 
-def _versus(kind: str, name: str, value: float, start: float, higher: bool, fmt: str) -> str:
+def _choice(chosen: dict | None) -> str:
+    if not chosen:
+        return ("- **No model was chosen**: the run has no validation data (`data.val`, `data.val_size`), and "
+                "choosing on the held-out data would flatter the choice; only the last iteration is compared.")
+    return (f"- **Chosen on validation** (RUN/best: validation {chosen['metric']}, the start included; the held-out "
+            f"numbers below are reported, never used to choose): {chosen['name']} ({chosen['value']:.4f} vs the "
+            f"start's {chosen['start_value']:.4f}).")
+
+
+def _versus(label: str, value, start: float, higher: bool, fmt: str) -> str:
+    if not finite(value):
+        return f"{label} not measured"
     better = value > start if higher else value < start
-    return (f"{kind} iteration ({name}) {value:{fmt}} ({value - start:+{fmt}}: "
-            f"{'improved' if better else 'no improvement'})")
+    return f"{label} {value:{fmt}} ({value - start:+{fmt}}: {'improved' if better else 'no improvement'})"
+
+
+def _baseline(baseline: dict, chosen: dict | None, own: dict | None, by_name: dict) -> list[str]:
+    """The continued-SFT lines: its held-out numbers, its choice on validation (as RUN/best's, the start
+    included), and SPIN's choice against it."""
+    got = [f"{label.lower()} {baseline['metrics'][key]:{fmt}}" for key, label, _, fmt in VERDICT
+           if finite(baseline["metrics"].get(key))]
+    line = (f"- **Continued SFT at equal steps** (the baseline, not an iteration; selected on validation as SPIN's "
+            f"iterations are: checked at their check steps, the best weights kept, or its last weights where they "
+            f"kept theirs): {', '.join(got)}.")
+    if not own:
+        return [line]
+    line += (f" Validation {own['metric']} {own['baseline_value']:.4f} vs the start's {own['start_value']:.4f}, so "
+             f"the choice RUN/best makes keeps {'it' if own['improved'] else 'the start'}.")
+    if not chosen:
+        return [line]
+    spin, other = by_name[chosen["name"]], by_name[own["name"]]
+    cells = []
+    for key, label, higher, fmt in VERDICT:
+        a, b = spin["metrics"].get(key), other["metrics"].get(key)
+        if finite(a) and finite(b):
+            ahead = "level" if a == b else "SPIN ahead" if (a > b) == higher else "SPIN behind"
+            cells.append(f"{label.lower()} {a:{fmt}} vs {b:{fmt}} ({ahead})")
+    return [line, f"- **SPIN's choice vs the baseline's** (both chosen on validation, the start included: "
+                  f"{chosen['name']} vs {own['name']}): " + "; ".join(cells) + "."]
 
 
 # ---------------------------------------------------------------- README.md
@@ -73,8 +109,9 @@ def render(run: dict, plots: dict[str, str | None], out: Path, cards: list[Path]
              "## Did SPIN improve on the SFT start?", "", *verdict(run["summary"]), "",
              "## Per-model metrics", "", format_table(run["summary"]), "",
              "accuracy: greedy task accuracy on held-out prompts; NLL/token: of the real held-out responses; "
-             "reward acc / margin: on held-out pairs (real vs a sample of the iteration's reference model); "
-             "dead pairs: share of held-out pairs whose sample equals the real response. Times in seconds.", "",
+             "reward acc / margin: on the live held-out pairs (real vs a sample of the iteration's reference "
+             "model, the sample not equal to the real response); dead pairs: share of held-out pairs whose sample "
+             "equals the real response. Times in seconds.", "",
              "## Plots", ""]
     titles = {"metrics": "Held-out metrics per model", "training": "Training log of each iteration",
               "sft": "SFT held-out NLL"}

@@ -6,8 +6,9 @@
 - accuracy: greedy generation checked by a task checker ('module:function'), if given;
 - reward_accuracy / reward_margin: on held-out pairs whose generated side came from the
   reference model p_t and whose reference log-probs are stored (the score stage's output),
-  the share of pairs where this model's implicit reward prefers the real response, and
-  the mean margin beta * (r_real - r_gen);
+  over the live pairs (generated != real; spinlm.metrics.over_live_pairs): the share where this
+  model's implicit reward prefers the real response, and the mean margin beta * (r_real - r_gen);
+  dead_pair_share: the share of the others;
 - greedy length statistics and the share that hit max_new_tokens.
 """
 

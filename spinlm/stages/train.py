@@ -25,7 +25,7 @@ from spinlm.data import Example
 from spinlm.errors import UserError
 from spinlm.io import fault_point, read_jsonl, write_json
 from spinlm.loss import Objective, objective, real_nll_per_token
-from spinlm.metrics import heldout_metric
+from spinlm.metrics import heldout_metric, over_live_pairs
 from spinlm.modeling import load_tokenizer
 from spinlm.packing import Layout, prepare, response_logps
 from spinlm.tokens import Limits, encode_pair, is_dead
@@ -36,7 +36,6 @@ from spinlm.training.steps import (
     disable_dropout,
     epoch_steps,
     linear_schedule,
-    load_trainable,
     make_optimizer,
     step_forwards,
 )
@@ -44,7 +43,8 @@ from spinlm.training.strategy import make_strategy
 
 log = logging.getLogger("spinlm")
 REMEDY = "Lower train.learning_rate or spin.beta, or set train.max_grad_norm / train.skip_grad_norm_above"
-# the log line's metrics (every one is in the training log); then the objective's own terms/*
+# the log line's metrics (every one is in the training log); then the objective's own terms/*. rewards/* are
+# over the live pairs (generated != real), dead_pairs the share of the others: spinlm.metrics.over_live_pairs
 METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margin", "rewards/accuracy",
            "logp/real_per_token", "logp/generated_per_token", "logp/historical_per_token",
            "logratio/real_per_token", "logratio/generated_per_token", "dead_pairs", "grad_norm")
@@ -129,7 +129,7 @@ def train(model_path: str, pairs_path: Path, out: Path, cfg: Config, iteration: 
     seed = cfg.run.seed + iteration
     set_seed(seed, deterministic=cfg.run.deterministic)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    model = load_trainable(model_path, cfg.model, strategy.load_device, tc.gradient_checkpointing, cfg.peft)
+    model = strategy.load(model_path, cfg.model, tc.gradient_checkpointing, cfg.peft)
     if tc.disable_dropout:
         disable_dropout(model)
     items = pair_items(tokenizer, read_jsonl(pairs_path), cfg)
@@ -278,18 +278,32 @@ def _warn_if_unlearning(row: dict, margin: float, iteration: int, state: dict, s
 
 
 def _mean_over_processes(strategy, metrics: dict[str, list[torch.Tensor]], count: int) -> dict[str, float]:
-    """Per-pair metrics of this step averaged over every pair of every process."""
+    """Per-pair metrics of this step averaged over every pair of every process; the rewards/* over the
+    live pairs only (spinlm.metrics.over_live_pairs: a dead pair's margin is 0 whatever the model),
+    absent when the step has none. `_live`: the step's live pairs, which weigh them in the log row."""
     keys = sorted(metrics)
-    sums = torch.stack([torch.cat(metrics[k]).sum() for k in keys] + [torch.tensor(float(count))])
+    live = torch.cat(metrics["dead_pairs"]) == 0
+    parts = [torch.cat(metrics[k]) for k in keys]
+    sums = torch.stack([torch.where(live, v, 0.0).sum() if over_live_pairs(k) else v.sum() for k, v in zip(keys, parts)]
+                       + [torch.tensor(float(count)), live.sum().float()])
     if strategy.world > 1:
         sums = strategy.sum(sums)
-    return {k: (sums[j] / sums[-1]).item() for j, k in enumerate(keys)}
+    pairs, n_live = sums[-2], sums[-1]
+    out = {k: (sums[j] / (n_live if over_live_pairs(k) else pairs)).item() for j, k in enumerate(keys)
+           if n_live > 0 or not over_live_pairs(k)}
+    return {**out, "_live": n_live.item()}
 
 
 def _log_step(window: list[dict], step: int, steps: int, lr: float, start: float, show: bool) -> dict:
-    keys = [k for k in window[0] if all(k in w for w in window)]
-    row = {"step": step, "lr": lr, **{k: sum(w[k] for w in window) / len(window) for k in keys},
-           "elapsed_s": round(time.time() - start, 2)}
+    """The log row of the steps since the last: the mean of their values; the rewards/* weighted by
+    each step's live pairs (so the row's reward accuracy is the share over the window's live pairs)."""
+    keys = [k for k in window[0] if all(k in w for w in window) and not over_live_pairs(k) and k != "_live"]
+    row = {"step": step, "lr": lr, **{k: sum(w[k] for w in window) / len(window) for k in keys}}
+    for k in dict.fromkeys(k for w in window for k in w if over_live_pairs(k)):
+        had = [w for w in window if k in w]
+        weight = sum(w.get("_live", 1.0) for w in had)  # `_live` is missing in a window saved by older code
+        row[k] = sum(w[k] * w.get("_live", 1.0) for w in had) / weight
+    row["elapsed_s"] = round(time.time() - start, 2)
     if show:
         shown = [k for k in METRICS if k in row] + sorted(k for k in row if k.startswith("terms/"))
         log.info("step %d/%d  " + "  ".join(f"{k} {row[k]:.4g}" for k in shown), step, steps)

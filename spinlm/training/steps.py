@@ -16,7 +16,11 @@ def load_trainable(model_path: str, model_cfg, dev: torch.device, checkpointing:
     """fp32 weights on `dev`: updates of lr ~1e-7 vanish in bf16 weights, so autocast (or FSDP's
     bf16 compute) carries the speed. With `peft_cfg.enabled`, a LoRA adapter is added and only its
     weights train."""
-    model = load_model(model_path, model_cfg, dtype=torch.float32, dev=dev)
+    return trainable(load_model(model_path, model_cfg, dtype=torch.float32, dev=dev), checkpointing, peft_cfg)
+
+
+def trainable(model, checkpointing: bool, peft_cfg=None):
+    """`model` (fp32) set up for training: gradient checkpointing, a LoRA adapter, train mode."""
     if checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

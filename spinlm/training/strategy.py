@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 8 -m spinlm run CONFIG.yaml --train.strategy=fsdp
 
 Every training stage (SFT, continued SFT, SPIN train, `spinlm dpo`) asks its strategy the same
-questions: wrap the model and build its optimizer, keep gradients local on all but the last
+questions: load the model, wrap it and build its optimizer, keep gradients local on all but the last
 micro-batch, backward, clip, sum over processes, save the model, save and load a checkpoint.
 
 - `ddp` (default): every process holds the whole fp32 model, its gradients and optimizer
@@ -21,9 +21,16 @@ micro-batch, backward, clip, sum over processes, save the model, save and load a
   off: every micro-batch's backward reduce-scatters and adds into the partitions, and one
   `engine.step()` per optimizer step is the boundary); clipping to train.max_grad_norm happens
   once, inside DeepSpeed's step (spinlm's clip call runs that step and reports its norm).
-  DeepSpeed is driven directly, not through accelerate (its DeepSpeed path runs the optimizer
-  step inside `backward`, before spinlm's guards, and its process state would clash with the one
-  spinlm already started).
+  With train.zero3_offload_optimizer / zero3_offload_params the optimizer state (and master
+  partitions) / the weight partitions live in CPU memory. DeepSpeed is driven directly, not
+  through accelerate's plugin (its DeepSpeed path runs the optimizer step inside `backward`, before
+  spinlm's guards), also under `accelerate launch` with distributed_type DEEPSPEED: that launch
+  only starts the processes, and its settings must agree with the run's config (check_launch).
+
+Loading under fsdp and zero3: rank 0 alone reads the weights (the whole model once per launch,
+not once per process); the other processes build the model without memory and receive their
+shards from rank 0 (fsdp: torch's set_model_state_dict, broadcast from rank 0; zero3: transformers'
+ZeRO-3 path, zero.Init). The values are exactly load_model's.
 
 Saved models are plain transformers directories either way (under fsdp and zero3 the full fp32
 state dict is gathered to rank 0's CPU memory, and rank 0 writes); fsdp checkpoints are sharded
@@ -46,6 +53,7 @@ from spinlm.errors import UserError
 from spinlm.modeling import save as save_pretrained
 from spinlm.training import checkpoint
 from spinlm.training.lora import merged
+from spinlm.training.steps import load_trainable, trainable
 
 log = logging.getLogger("spinlm")
 
@@ -56,7 +64,8 @@ def make_strategy(train_cfg):
     if train_cfg.strategy == "fsdp":
         return FSDP(train_cfg.mixed_precision, train_cfg.fsdp_cpu_offload)
     if train_cfg.strategy == "zero3":
-        return ZeRO3(train_cfg.mixed_precision, train_cfg.max_grad_norm, train_cfg.batch_size)
+        return ZeRO3(train_cfg.mixed_precision, train_cfg.max_grad_norm, train_cfg.batch_size,
+                     train_cfg.zero3_offload_optimizer, train_cfg.zero3_offload_params)
     return DDP(train_cfg.mixed_precision)
 
 
@@ -68,7 +77,7 @@ def inference_model(model_path: str, cfg):
 
     if cfg.train.strategy == "fsdp" and cfg.train.fsdp_inference:
         fsdp = FSDP(cfg.train.mixed_precision, cfg.train.fsdp_cpu_offload)
-        model = fsdp.shard(load_model(model_path, cfg.model, dev=torch.device("cpu"))).eval()
+        model = fsdp.load(model_path, cfg.model, dtype=None).eval()  # model.dtype, as load_model
         if fsdp.is_main:
             log.info("%s: sharded over %d processes for scoring / evaluation (train.fsdp_inference)", model_path,
                      fsdp.world)
@@ -77,18 +86,40 @@ def inference_model(model_path: str, cfg):
 
 
 def check_launch(train_cfg, env=None) -> None:
-    """A launch through accelerate's DeepSpeed plugin is refused (spinlm's zero3 drives DeepSpeed).
-    `accelerate launch` with distributed_type FSDP sets ACCELERATE_USE_FSDP (and FSDP_* for its
-    fsdp_config) in every process. spinlm shards with train.strategy, not with accelerate's plugin, so
-    a launch that asks for FSDP must agree with the run's config: a mismatch is the user's to fix
-    (configs/accelerate/ has launch files that agree), never a silent DDP run or a doubly wrapped model."""
+    """An `accelerate launch` that shards (distributed_type FSDP or DEEPSPEED) must agree with the run's config.
+
+    accelerate passes the launch file's settings to every process as environment variables
+    (ACCELERATE_USE_FSDP and FSDP_*; ACCELERATE_USE_DEEPSPEED and ACCELERATE_DEEPSPEED_*,
+    ACCELERATE_GRADIENT_CLIPPING, ...; ACCELERATE_MIXED_PRECISION). spinlm shards with its own
+    train.strategy, and the run's config is the record of how the run trains (the run directory keeps
+    it, a resume compares against it), so a launch never changes a setting silently: each setting the
+    launch gives must equal the config's (or be one spinlm takes either way), else every process stops
+    with exit 2 naming both values and what spinlm supports. A plain torchrun launch sets none of these."""
     env = os.environ if env is None else env
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        raise UserError("accelerate launch with distributed_type DEEPSPEED: spinlm drives DeepSpeed itself "
-                        "(train.strategy: zero3; accelerate's plugin would step the optimizer inside backward, before "
-                        "spinlm's guards): launch with configs/accelerate/zero3.yaml (or torchrun) instead")
-    if env.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true"):
+    if _on(env, "ACCELERATE_USE_DEEPSPEED"):
+        _check_deepspeed_launch(train_cfg, env)
+    elif _on(env, "ACCELERATE_USE_FSDP"):
+        _check_fsdp_launch(train_cfg, env)
+    else:
         return
+    launch = "accelerate launch with distributed_type " + ("DEEPSPEED" if _on(env, "ACCELERATE_USE_DEEPSPEED")
+                                                          else "FSDP")
+    asked = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    # 'no' is accelerate's default (every file in configs/accelerate says it): train.mixed_precision decides
+    if asked == "no" or (asked == "bf16" and train_cfg.mixed_precision in ("auto", "bf16")):
+        return
+    fix = ("set train.mixed_precision: bf16 (or auto), or mixed_precision: 'no' in the accelerate config"
+           if asked == "bf16" else "spinlm trains in fp32 or bf16: set mixed_precision: bf16 or 'no'")
+    raise UserError(f"{launch} and mixed_precision {asked}, but train.mixed_precision is "
+                    f"{train_cfg.mixed_precision}: {fix}")
+
+
+def _on(env, name: str) -> bool:
+    return env.get(name, "").lower() in ("1", "true")
+
+
+def _check_fsdp_launch(train_cfg, env) -> None:
+    """distributed_type FSDP: train.strategy fsdp, FSDP2, fsdp_offload_params as train.fsdp_cpu_offload."""
     launch = "accelerate launch with distributed_type FSDP"
     if train_cfg.strategy != "fsdp":
         raise UserError(f"{launch}, but train.strategy is {train_cfg.strategy}: spinlm shards only when the run's "
@@ -96,11 +127,59 @@ def check_launch(train_cfg, env=None) -> None:
     if env.get("FSDP_VERSION", "2") != "2":
         raise UserError(f"{launch} and fsdp_version {env['FSDP_VERSION']}: spinlm shards with FSDP2 "
                         "(fully_shard); set fsdp_version: 2 in the accelerate config")
-    offload = env.get("FSDP_OFFLOAD_PARAMS", "false").lower() in ("1", "true")
+    offload = _on(env, "FSDP_OFFLOAD_PARAMS")
     if offload != bool(train_cfg.fsdp_cpu_offload):
         raise UserError(f"{launch} and fsdp_offload_params {str(offload).lower()}, but train.fsdp_cpu_offload is "
                         f"{str(bool(train_cfg.fsdp_cpu_offload)).lower()}: set both the same (spinlm reads "
                         "train.fsdp_cpu_offload)")
+
+
+def _check_deepspeed_launch(train_cfg, env) -> None:
+    """distributed_type DEEPSPEED (the alignment-handbook's deepspeed_zero3.yaml shape): spinlm's zero3
+    runs it, with the deepspeed_config keys spinlm can honour; the others exit 2. zero3_init_flag and
+    zero3_save_16bit_model are taken either way: spinlm always builds the model partitioned (rank 0
+    alone reads the weights) and always saves a plain transformers directory of the gathered fp32
+    weights."""
+    launch = "accelerate launch with distributed_type DEEPSPEED"
+    if train_cfg.strategy != "zero3":
+        raise UserError(f"{launch}, but train.strategy is {train_cfg.strategy}: spinlm runs DeepSpeed only when the "
+                        "run's config says train.strategy: zero3 (set it, or launch with configs/accelerate/ddp.yaml)")
+    if "ACCELERATE_DEEPSPEED_CONFIG_FILE" in env:
+        raise UserError(f"{launch} and deepspeed_config_file {env['ACCELERATE_DEEPSPEED_CONFIG_FILE']}: spinlm writes "
+                        "DeepSpeed's config itself from the run's config; give zero_stage, offload_optimizer_device, "
+                        "offload_param_device and gradient_clipping under deepspeed_config instead")
+    if "ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES" in env:
+        raise UserError(f"{launch} and deepspeed_moe_layer_cls_names: not supported by spinlm's zero3; remove it")
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    if stage != "3":
+        raise UserError(f"{launch} and zero_stage {stage}: spinlm's train.strategy zero3 runs ZeRO stage 3 only; set "
+                        "zero_stage: 3 (or train.strategy fsdp / ddp with configs/accelerate/fsdp2.yaml / ddp.yaml)")
+    for key, field in (("offload_optimizer_device", "zero3_offload_optimizer"),
+                       ("offload_param_device", "zero3_offload_params")):
+        device = env.get(f"ACCELERATE_DEEPSPEED_{key.upper()}", "none").lower()
+        if device not in ("none", "cpu"):
+            raise UserError(f"{launch} and {key} {device}: spinlm offloads to the CPU only (none or cpu)")
+        if (device == "cpu") != bool(getattr(train_cfg, field)):
+            raise UserError(f"{launch} and {key} {device}, but train.{field} is "
+                            f"{str(bool(getattr(train_cfg, field))).lower()}: set both the same (spinlm reads "
+                            f"train.{field}; true = cpu)")
+    clip = env.get("ACCELERATE_GRADIENT_CLIPPING")
+    if clip is not None and _number(clip) != float(train_cfg.max_grad_norm):
+        raise UserError(f"{launch} and gradient_clipping {clip}, but train.max_grad_norm is "
+                        f"{train_cfg.max_grad_norm}: set both the same (spinlm clips to train.max_grad_norm, inside "
+                        "DeepSpeed's step)")
+    steps = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    if steps != "1":
+        raise UserError(f"{launch} and gradient_accumulation_steps {steps}: spinlm accumulates micro-batches itself "
+                        "(DeepSpeed's stays 1); set it to 1 and use train.gradient_accumulation_steps "
+                        "(sft.gradient_accumulation_steps for SFT)")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def resolve_mixed_precision(name: str) -> str:
@@ -125,8 +204,11 @@ class DDP:
                                        cpu=not torch.cuda.is_available())
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
-        self.load_device = self.device
         self.schedule_factor = self.world  # a prepared scheduler steps once per process per optimizer step
+
+    def load(self, model_path: str, model_cfg, checkpointing: bool, peft_cfg=None):
+        """The fp32 model to train, whole, on this process's device."""
+        return load_trainable(model_path, model_cfg, self.device, checkpointing, peft_cfg)
 
     def setup(self, model, build, resume: Path | None):
         """(model, optimizer, scheduler, the checkpoint's trainer state or None): `build(model)`
@@ -190,15 +272,13 @@ class _Sharded:
     sharded = True  # every forward gathers weights from all processes: they run the same forwards together
 
     def _join(self, mixed_precision: str) -> None:
-        """Join torchrun's process group (gloo on CPU, NCCL on GPU). The model loads on the CPU:
-        sharding moves each process's part of the weights to its device."""
+        """Join torchrun's process group (gloo on CPU, NCCL on GPU)."""
         from spinlm import dist
 
         self.process = dist.state()
         self.world, self.rank, self.is_main = self.process.num_processes, self.process.process_index, \
             self.process.is_main_process
         self.device = self.process.device
-        self.load_device = torch.device("cpu")
         self.schedule_factor = 1
         self.bf16 = resolve_mixed_precision(mixed_precision) == "bf16" and torch.cuda.is_available()
 
@@ -255,6 +335,40 @@ class FSDP(_Sharded):
 
         return init_device_mesh(self.device.type, (self.world,))
 
+    def load(self, model_path: str, model_cfg, checkpointing: bool = False, peft_cfg=None,
+             dtype: torch.dtype | None = torch.float32):
+        """The model sharded over the processes, its weights read by rank 0 alone (`dtype` None: model.dtype).
+
+        Rank 0 reads the checkpoint into CPU memory as load_model does; the other processes build the
+        same modules on the meta device (no memory). Every process shards its model, gives the shards
+        (uninitialised) memory, and takes rank 0's values one tensor at a time: torch's
+        set_model_state_dict with broadcast_from_rank0, as accelerate's cpu_ram_efficient_loading does.
+        So one process holds the whole model while loading, not every one (a 7B in fp32: 28 GB each)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from spinlm.modeling import empty_model, read_model
+
+        build = read_model if self.is_main else empty_model
+        model = trainable(build(model_path, model_cfg, dtype), checkpointing, peft_cfg)
+        full = model.state_dict() if self.is_main else {}  # the read weights: they outlive sharding
+        # buffers a state dict leaves out (non-persistent: rotary inv_freq), rank 0's values
+        computed = {name: buffer.clone() if self.is_main else None for name, buffer in _computed_buffers(model)}
+        self.shard(model)
+        # memory for every tensor: the shards on the CPU with offload, else on the device; buffers below
+        model.to_empty(device=torch.device("cpu") if self.cpu_offload else self.device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+        for module_name, module in model.named_modules():
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                buffer = buffer.to(self.device)  # to_empty put them with the (offloaded) parameters
+                key = f"{module_name}.{name}" if module_name else name
+                if key in computed:  # rank 0's, not recomputed: every process holds what load_model gives
+                    if self.is_main:
+                        buffer.copy_(computed[key])
+                    torch_dist.broadcast(buffer, src=0)
+                module._buffers[name] = buffer
+        return model
+
     def shard(self, model):
         """fully_shard on each decoder layer, then the root (embeddings, final norm, output head)."""
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -270,7 +384,7 @@ class FSDP(_Sharded):
         return model
 
     def setup(self, model, build, resume: Path | None):
-        model = self.shard(model)
+        """`model` from load(): already sharded."""
         optimizer, scheduler = build(model)  # after sharding: it steps the shards
         state = _resume(checkpoint.load_sharded, resume, model, optimizer, scheduler)
         return model, optimizer, scheduler, state
@@ -310,7 +424,8 @@ class ZeRO3(_Sharded):
 
     name = "zero3"
 
-    def __init__(self, mixed_precision: str, max_grad_norm: float, batch_size: int):
+    def __init__(self, mixed_precision: str, max_grad_norm: float, batch_size: int, offload_optimizer: bool = False,
+                 offload_params: bool = False):
 
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed looks for a CUDA build
@@ -329,19 +444,41 @@ class ZeRO3(_Sharded):
             "gradient_accumulation_steps": 1,  # spinlm accumulates (its own loss scaling) ...
             "managed_gradient_accumulation": False,  # ... and each engine.step() is the boundary
             "gradient_clipping": max_grad_norm if max_grad_norm > 0 else 0.0,
-            "zero_optimization": {"stage": 3},
+            "zero_optimization": {"stage": 3, **_offload("offload_optimizer", offload_optimizer),
+                                  **_offload("offload_param", offload_params)},
             "bf16": {"enabled": self.bf16},
-            "zero_allow_untested_optimizer": True,  # torch's RMSprop / AdamW as the client optimizer
+            "zero_allow_untested_optimizer": True,  # torch's RMSprop / AdamW as the client optimizer ...
+            "zero_force_ds_cpu_optimizer": False,  # ... steps the offloaded partitions too (not DeepSpeedCPUAdam)
             "steps_per_print": 2**62,
             "wall_clock_breakdown": False,
         }
         self.engine = self.stepper = None
         self.aliases: set[str] = set()
 
-    def setup(self, model, build, resume: Path | None):
+    def load(self, model_path: str, model_cfg, checkpointing: bool, peft_cfg=None):
+        """The fp32 model partitioned over the processes as it is built, its weights read by rank 0 alone.
+
+        While a transformers HfDeepSpeedConfig of this strategy's config lives, from_pretrained builds
+        the model under DeepSpeed's zero.Init (each process allocates only its partitions) and rank 0
+        alone reads the checkpoint: each module's partitions are gathered, rank 0 copies its values in,
+        and they are partitioned again from rank 0's (the other processes read only the files' headers).
+        Dropped once loaded: other models of the run (reference scoring, generation) load whole."""
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from spinlm.modeling import read_model
+
         if not torch_dist.is_initialized():  # no torchrun: a group of one, and the variable DeepSpeed asks for
             _group_of_one()
             os.environ.setdefault("LOCAL_RANK", "0")
+        partitioned = HfDeepSpeedConfig(self.config)  # noqa: F841 (transformers holds a weak reference to it)
+        try:
+            model = read_model(model_path, model_cfg, torch.float32)
+        finally:
+            del partitioned
+        return trainable(model, checkpointing, peft_cfg)
+
+    def setup(self, model, build, resume: Path | None):
+        """`model` from load(): already partitioned."""
         self.aliases = _aliases(model)
         optimizer, scheduler = build(model)  # spinlm's scheduler drives the client optimizer's lr
         self.engine, *_ = self.deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
@@ -409,6 +546,11 @@ class _EngineStep:
         self.stepped = False
 
 
+def _offload(key: str, on: bool) -> dict:
+    """DeepSpeed's offload entry of ZeRO's config: to the CPU (pinned memory on a GPU machine)."""
+    return {key: {"device": "cpu", "pin_memory": torch.cuda.is_available()}} if on else {}
+
+
 def import_deepspeed():
     """deepspeed, or a UserError saying how to install it."""
     try:
@@ -444,6 +586,14 @@ def _resume(load, path: Path | None, model, optimizer, scheduler) -> dict | None
     state = load(path, model, optimizer, scheduler)
     scheduler.base_lrs = configured
     return state
+
+
+def _computed_buffers(model):
+    """(name, buffer) of the buffers a state dict leaves out (non-persistent: rotary inv_freq)."""
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name in module._non_persistent_buffers_set:
+                yield (f"{module_name}.{name}" if module_name else name), buffer
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:
