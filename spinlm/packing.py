@@ -17,6 +17,9 @@ separate per-sequence forwards (tests: Llama, Qwen2, Mistral, Gemma, sdpa and ea
 Models where that does not hold (sliding-window layers, kernels that ignore custom masks)
 are caught by `packing_matches_plain` and run on the plain padded path instead.
 
+Scoring (no gradients, `score_groups`) packs a whole chunk of groups into such rows, groups of one
+prompt merged into one (`shared_prompts`), and runs as many rows a forward as `Layout.score_tokens` allows.
+
 Identical responses of one group (a dead pair: the sample equals the real response; T-SPIN's y0
 equal to either) are laid out and computed once, and each copy gets that one log-prob tensor: the
 same function of the weights, so the values and gradients are those of separate copies, without

@@ -1,9 +1,10 @@
 """train.fsdp_inference: the score and evaluate stages with the model sharded (FSDP2) over
 `torchrun --nproc_per_node 2` (gloo, CPU), against the whole model in one process.
 
-Scoring splits every chunk's rows between the processes; a process with fewer forwards pads with
-forwards whose results it drops, so the layer gathers stay in step (the rows below split 21 / 20,
-6 forwards against 5 at eval.batch_size 4). Evaluation runs every example on every process.
+Scoring splits every chunk's prompts between the processes; a process with fewer forwards pads with
+forwards whose results it drops, so the layer gathers stay in step (the rows below split 21 / 20; with
+rows of one pair and forwards of one row, 21 forwards against 20). Evaluation runs every example on every
+process.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def test_sharded_scoring_equals_the_whole_model(tiny_model, pairs, tmp_path):
     gens = tmp_path / "gens.jsonl"
     rows = read_jsonl(pairs.parent / "gens.jsonl")[:41]
     gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["score", "--model", str(tiny_model), "--generations", str(gens), *COMMON]
+    args = ["score", "--model", str(tiny_model), "--generations", str(gens), *COMMON, "--packing.max_tokens=16",
+            "--packing.score_max_tokens=1"]
     whole = _spinlm([*args, "--out", str(tmp_path / "whole.jsonl")], two=False)
     assert whole.returncode == 0, whole.stderr[-3000:]
     sharded = _spinlm([*args, "--out", str(tmp_path / "sharded.jsonl"), *SHARDED], two=True)
