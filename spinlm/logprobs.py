@@ -63,9 +63,9 @@ class _ChunkedTargetLogps(torch.autograd.Function):
         picked = torch.empty(index.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
             z = _logits(hidden[start:start + rows], weight, bias)  # (rows, vocab) float32
-            lse[start:start + rows] = torch.logsumexp(z, dim=-1)
             inside = (index >= start) & (index < start + rows)
             picked[inside] = z[index[inside] - start, targets[inside]]
+            lse[start:start + rows] = _logsumexp_(z)  # z is spent
         ctx.save_for_backward(hidden, weight, bias, index, targets, lse)
         ctx.rows = rows
         return picked - lse[index]
@@ -80,9 +80,10 @@ class _ChunkedTargetLogps(torch.autograd.Function):
         grad_bias = None if bias is None else torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], ctx.rows):
             h = hidden[start:start + ctx.rows]
-            dz = torch.exp(_logits(h, weight, bias) - lse[start:start + ctx.rows, None])
+            # in place: one (rows, vocab) buffer per chunk, not three (each a fresh, page-faulted allocation)
+            dz = _logits(h, weight, bias).sub_(lse[start:start + ctx.rows, None]).exp_()
             dz.mul_(-total[start:start + ctx.rows, None])
-            grad_hidden[start:start + ctx.rows] = dz.to(hidden.dtype) @ weight
+            torch.matmul(dz.to(hidden.dtype), weight, out=grad_hidden[start:start + ctx.rows])
             if h.dtype == torch.float32:
                 grad_weight.addmm_(dz.t(), h)
             else:  # bf16/fp16 matmul (fp32 accumulation inside), the chunks summed in float32
@@ -96,6 +97,14 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             grad_bias.index_add_(0, targets, grad)
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None
+
+
+def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(z, -1) of a 2-D float tensor, the same operations (max, masked to 0 where infinite, exp of
+    the difference, sum, log, plus max) with the exp done in z's own storage: z is overwritten."""
+    maxes = z.amax(-1, keepdim=True)
+    maxes.masked_fill_(maxes.abs() == float("inf"), 0)
+    return z.sub_(maxes).exp_().sum(-1).log_().add_(maxes.squeeze(-1))
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

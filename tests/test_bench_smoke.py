@@ -54,11 +54,17 @@ def test_vocab_bench_smoke_runs_every_peer(tmp_path):
                            "--out", str(out)], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert sorted(res["runs"]) == ["300", "4096"]
+    assert sorted(res["runs"]) == ["300x128", "4096x128"]
     for runs in res["runs"].values():
-        assert sorted(runs) == ["packed", "packed_batch", "plain"]
-        assert all(r["step_s"] > 0 and r["rows"] >= 1 for r in runs.values())
-        # the three peers see the same pairs and the same model
-        assert len({(r["unique_tokens"], r["parameters"]) for r in runs.values()}) == 1
-    assert len({r["unique_tokens"] for runs in res["runs"].values() for r in runs.values()}) == 1  # same lengths
-    assert "| 4,096 |" in proc.stdout
+        assert sorted(runs) == ["chunked", "trl", "whole"]
+        assert all(r["fit"] and r["step_s"] > 0 and r["peak_rss_mb"] > 0 for r in runs.values())
+        # the three peers see the same pairs (one row of at most 128 tokens) and the same model
+        assert len({(r["pairs"], r["row_tokens"], r["kept_positions"], r["parameters"]) for r in runs.values()}) == 1
+        assert runs["chunked"]["row_tokens"] <= 128 and runs["chunked"]["chunk_rows"] >= 1
+        assert runs["whole"]["chunk_rows"] is None
+        # TRL's padded batch: chosen and rejected each after its own copy of the prompt
+        assert runs["trl"]["trl_completion_tokens"] == runs["trl"]["kept_positions"]
+        assert runs["trl"]["trl_positions"] > runs["trl"]["row_tokens"]
+    assert set(res["ratios"]["4096x128"]) == {"chunked_over_whole_time", "chunked_over_trl_peak_rss",
+                                               "chunked_over_whole_peak_rss"}
+    assert "| 4,096 | 128 |" in proc.stdout

@@ -250,7 +250,7 @@ def test_sft_with_lora_saves_the_best_merged_model(tiny_model, task_data, tmp_pa
     best = read_json(out / "spinlm_sft.json")["best_heldout_nll"]
     cfg = build(overrides=flags)
     tokenizer = load_tokenizer(str(out), cfg.model)
-    held = encode_real(tokenizer, _examples(cfg, str(task_data["val"]), "test"), Limits.of(cfg))
+    held = encode_real(tokenizer, _examples(cfg, str(task_data["val"]), "eval"), Limits.of(cfg))
     model = load_model(str(out), cfg.model, dtype=torch.float32)
     assert heldout_nll(model, held, tokenizer.pad_token_id, None, 8) == pytest.approx(best, abs=1e-4)
 
