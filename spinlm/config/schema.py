@@ -294,7 +294,7 @@ class EvalConfig:
     max_new_tokens: int | None = _f(None, "Greedy generation length for the task metric (default: generation's).")
     batch_size: int = _f(32, "Batch size for held-out generation, and for scoring on the plain path (packed "
                          "scoring fills forwards of packing.score_max_tokens tokens); the score stage keeps its "
-                         "results every 16 x eval.batch_size pairs.")
+                         "results every 16 x eval.batch_size prompts (a prompt's rows of a mix window together).")
     continued_sft: bool = _f(False, "Also train the baseline the paper compares with: the start model fine-tuned "
                              "further on the real responses (sft.learning_rate, no early stopping) for as many "
                              "optimizer steps of train.batch_size examples as all SPIN iterations took, selected "
