@@ -17,6 +17,9 @@ separate per-sequence forwards (tests: Llama, Qwen2, Mistral, Gemma, sdpa and ea
 Models where that does not hold (sliding-window layers, kernels that ignore custom masks)
 are caught by `packing_matches_plain` and run on the plain padded path instead.
 
+Scoring (no gradients, `score_groups`) packs a whole chunk of groups into such rows, groups of one
+prompt merged into one (`shared_prompts`), and runs as many rows a forward as `Layout.score_tokens` allows.
+
 Identical responses of one group (a dead pair: the sample equals the real response; T-SPIN's y0
 equal to either) are laid out and computed once, and each copy gets that one log-prob tensor: the
 same function of the weights, so the values and gradients are those of separate copies, without
@@ -105,11 +108,13 @@ class PackedBatch:
 class Layout:
     """How log-probs are computed for a model (from `prepare`): packed rows of at most `budget` tokens, and the
     output layer in chunks of `logits_chunk_mb` float32 logits (`chunk_logits`: auto = only when a forward's
-    kept logits would exceed one chunk, always, never)."""
+    kept logits would exceed one chunk, always, never). Scoring (no gradients) puts as many rows in one forward
+    as fit in `score_tokens` tokens, padding included."""
 
     budget: int
     chunk_logits: str = "auto"
     logits_chunk_mb: float = 512.0
+    score_tokens: int = 2048
 
 
 def _lay_row(groups: list[Group]):
@@ -133,11 +138,12 @@ def _lay_row(groups: list[Group]):
     return ids, pos, seg, part, sources
 
 
-def build(groups: list[Group], budget: int, pad_id: int) -> PackedBatch:
-    """Pack `groups` into rows; targets come back in the order of `groups`."""
+def build(groups: list[Group], budget: int, pad_id: int, rows: list[list[int]] | None = None) -> PackedBatch:
+    """Pack `groups` into rows (or lay them out as `rows` says: group indices per row); targets come back in the
+    order of `groups`."""
     copies = [distinct(responses) for _, responses in groups]  # each distinct response is laid out once
     groups = [(prompt, unique) for (prompt, _), (unique, _) in zip(groups, copies)]
-    rows = pack(groups, budget)
+    rows = pack(groups, budget) if rows is None else rows
     laid = [_lay_row([groups[i] for i in members]) for members in rows]
     width = max(len(ids) for ids, *_ in laid)
     shape = (len(rows), width)
@@ -216,13 +222,15 @@ def _select_head_input(model, keep: torch.Tensor):
 
 
 def packed_logps(model, groups: list[Group], budget: int, pad_id: int, native: bool | None = None,
-                 chunk_rows: int | None = None) -> list[list[tuple[torch.Tensor, int]]]:
+                 chunk_rows: int | None = None, rows: list[list[int]] | None = None
+                 ) -> list[list[tuple[torch.Tensor, int]]]:
     """Per group, per response: (summed log-prob as a 0-dim tensor, token count); one forward.
     `native`: select kept logits in the model's forward (default: where it can). `chunk_rows`: compute the
     output layer and log-softmax that many kept positions at a time, recomputed in backward, so no
-    (kept positions x vocabulary) tensor exists (None: all at once)."""
+    (kept positions x vocabulary) tensor exists (None: all at once). `rows`: the rows already packed (group
+    indices per row), as `score_plan` packs them."""
     dev = next(model.parameters()).device
-    batch = build(groups, budget, pad_id)
+    batch = build(groups, budget, pad_id, rows)
     bias = attention_bias(batch, next(model.parameters()).dtype).to(dev)
     keep = batch.keep.to(dev)
     inputs = dict(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev), attention_mask=bias,
@@ -297,21 +305,25 @@ def chunk_logits_possible(model) -> bool:
 
 
 def plain_logps(model, groups: list[Group], pad_id: int) -> list[list[tuple[torch.Tensor, int]]]:
-    """The same result from one right-padded forward per (prompt, response) sequence."""
-    seqs = [(prompt, response) for prompt, responses in groups for response in responses]
+    """The same result from one right-padded forward per (prompt, distinct response) sequence."""
+    copies = [distinct(responses) for _, responses in groups]
+    seqs = [(prompt, response) for (prompt, _), (unique, _) in zip(groups, copies) for response in unique]
     sums, counts = sequence_logps(model, seqs, pad_id)
     out, k = [], 0
-    for _, responses in groups:
-        out.append([(sums[k + j], int(counts[k + j])) for j in range(len(responses))])
-        k += len(responses)
+    for unique, copy_of in copies:
+        out.append([(sums[k + j], int(counts[k + j])) for j in copy_of])
+        k += len(unique)
     return out
 
 
-def response_logps(model, groups: list[Group], pad_id: int, layout: Layout | None):
-    """Packed rows as `layout` says (a layout from `prepare`), or plain padded sequences if None."""
+def response_logps(model, groups: list[Group], pad_id: int, layout: Layout | None,
+                   rows: list[list[int]] | None = None):
+    """Packed rows as `layout` says (a layout from `prepare`; `rows`: already packed), or plain padded sequences
+    if None."""
     if layout:
         kept = sum(len(r) for _, responses in groups for r in distinct(responses)[0])
-        return packed_logps(model, groups, layout.budget, pad_id, chunk_rows=chunk_rows_for(model, kept, layout))
+        return packed_logps(model, groups, layout.budget, pad_id, chunk_rows=chunk_rows_for(model, kept, layout),
+                            rows=rows)
     return plain_logps(model, groups, pad_id)
 
 
@@ -355,19 +367,67 @@ def _probe(model, groups: list[Group], pad_id: int, budget: int, variants: list[
     return oks
 
 
+def shared_prompts(groups: list[Group], budget: int) -> list[list[int]]:
+    """Indices of the groups to compute as one, in order of first appearance: groups of identical prompt ids
+    (a mix window's files hold each prompt, with its real response, once per iteration; `build` lays the real
+    response out once). A merged group grows to at most max(budget, twice its first group's length) tokens:
+    a prompt repeated many times would otherwise make one row whose attention grows as its square."""
+    units: list[list[int]] = []
+    open_unit: dict[tuple[int, ...], int] = {}
+    for i, (prompt, responses) in enumerate(groups):
+        u = open_unit.get(tuple(prompt))
+        if u is not None:
+            grown = group_length((prompt, [r for j in units[u] for r in groups[j][1]] + responses))
+            if grown <= max(budget, 2 * group_length(groups[units[u][0]])):
+                units[u].append(i)
+                continue
+        open_unit[tuple(prompt)] = len(units)
+        units.append([i])
+    return units
+
+
+def score_plan(groups: list[Group], layout: Layout | None, batch_size: int):
+    """How `score_groups` computes `groups`: (merged groups, the group indices each one answers for, forwards),
+    a forward being (merged group indices, its rows as positions in that list; None on the plain path).
+    Packed: the merged groups are packed into balanced rows of layout.budget tokens, as training's are (not
+    longer: a row's attention costs its length squared, the mask being dense), longest first, and one forward
+    takes as many rows as fit in layout.score_tokens tokens, padding included (no activations are kept without
+    gradients). Plain: batch_size groups a forward, longest first."""
+    units = shared_prompts(groups, layout.budget if layout else 0)
+    merged = [(groups[u[0]][0], [r for i in u for r in groups[i][1]]) for u in units]
+    lengths = [group_length(g) for g in merged]
+    if not layout:
+        order = sorted(range(len(merged)), key=lengths.__getitem__, reverse=True)
+        return merged, units, [(order[s:s + batch_size], None) for s in range(0, len(order), batch_size)]
+    rows = sorted(pack(merged, layout.budget), key=lambda row: sum(lengths[k] for k in row), reverse=True)
+    plan: list[tuple[list[int], list[list[int]]]] = []
+    width = 0  # of the forward's first row, its longest
+    for row in rows:
+        if plan and (len(plan[-1][1]) + 1) * width <= layout.score_tokens:
+            members, laid = plan[-1]
+        else:
+            members, laid, width = [], [], sum(lengths[k] for k in row)
+            plan.append((members, laid))
+        laid.append(list(range(len(members), len(members) + len(row))))
+        members.extend(row)
+    return merged, units, plan
+
+
 @torch.no_grad()
 def score_groups(model, groups: list[Group], pad_id: int, layout: Layout | None, batch_size: int,
                  progress=None) -> list[list[tuple[float, int]]]:
-    """Summed log-probs and counts of every response, in input order, batch_size groups a forward
-    (groups of similar length together)."""
-    order = sorted(range(len(groups)), key=lambda i: group_length(groups[i]), reverse=True)
+    """Summed log-probs and counts of every response, in input order, in the forwards of `score_plan` (groups of
+    one prompt computed as one, each distinct response of it once)."""
+    merged, units, plan = score_plan(groups, layout, batch_size)
     out: list = [None] * len(groups)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        for i, res in zip(idx, response_logps(model, [groups[i] for i in idx], pad_id, layout)):
-            out[i] = [(s.item(), n) for s, n in res]
-        if progress is not None:
-            progress.update(len(idx))
+    for members, rows in plan:
+        results = response_logps(model, [merged[k] for k in members], pad_id, layout, rows)
+        for k, res in zip(members, results):
+            values = iter([(s.item(), n) for s, n in res])
+            for i in units[k]:
+                out[i] = [next(values) for _ in groups[i][1]]
+            if progress is not None:
+                progress.update(len(units[k]))
     return out
 
 
@@ -382,4 +442,4 @@ def prepare(model, groups: list[Group], pad_id: int, packing_cfg) -> Layout | No
     if not oks[0]:
         return None
     chunk = packing_cfg.chunk_logits if chunkable and oks[-1] else "never"
-    return Layout(packing_cfg.max_tokens, chunk, packing_cfg.logits_chunk_mb)
+    return Layout(packing_cfg.max_tokens, chunk, packing_cfg.logits_chunk_mb, packing_cfg.score_max_tokens)

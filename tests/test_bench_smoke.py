@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 KEYS = ("train_speedup_vs_trl_live", "train_speedup_vs_trl_precompute", "score_train_speedup_vs_trl_precompute",
-        "train_peak_mem_ratio_vs_trl_live", "generate_speedup_vs_naive", "train_useful_flop_utilization")
+        "train_peak_mem_ratio_vs_trl_live", "generate_speedup_vs_naive", "train_useful_flop_utilization",
+        "score_train_time_ratio", "score_train_cpu_ratio")
 
 
 @pytest.mark.slow
@@ -26,6 +27,23 @@ def test_bench_smoke_writes_all_ratios(tmp_path):
         assert isinstance(res[key], float) and res[key] > 0, key
     assert res["tokens"]["pairs"] == 16 and res["runs"]["spinlm"][0]["steps"] == res["runs"]["trl_live"][0]["steps"]
     assert "| train: spinlm vs TRL, live reference |" in proc.stdout
+    assert "| score / train time, same pairs |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_smoke_users_pairs_spinlm_only(tmp_path):
+    """--pair-set users (multi-turn histories and short prompts) with --peers spinlm: the score/train ratio only."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "users.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--threads", "1", "--work",
+                           str(tmp_path / "work"), "--out", str(out), "--pair-set", "users", "--peers", "spinlm"],
+                          cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert sorted(res["runs"]) == ["spinlm"] and res["pair_set"] == "users"
+    assert res["score_train_time_ratio"] > 0 and "train_speedup_vs_trl_live" not in res
+    rows = [json.loads(line) for line in (tmp_path / "work" / "smoke-users" / "generations.jsonl").open()]
+    assert any(len(r["prompt"]) == 7 for r in rows) and any(len(r["prompt"]) == 1 for r in rows)  # histories, short
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
 """train.fsdp_inference: the score and evaluate stages with the model sharded (FSDP2) over
 `torchrun --nproc_per_node 2` (gloo, CPU), against the whole model in one process.
 
-Scoring splits every chunk's rows between the processes; a process with fewer forwards pads with
-forwards whose results it drops, so the layer gathers stay in step (the rows below split 21 / 20,
-6 forwards against 5 at eval.batch_size 4). Evaluation runs every example on every process.
+Scoring splits every chunk's prompts between the processes; a process with fewer forwards pads with
+forwards whose results it drops, so the layer gathers stay in step. Below, two files of a mix window (41
+prompts, each in both) in packed rows of 56 tokens and forwards of up to 112: a prompt's two rows are one
+group, a forward holds up to three rows, and the processes run 10 forwards against 9. Evaluation runs every
+example on every process.
 """
 
 from __future__ import annotations
@@ -31,20 +33,25 @@ def _spinlm(args: list[str], two: bool) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_sharded_scoring_equals_the_whole_model(tiny_model, pairs, tmp_path):
-    gens = tmp_path / "gens.jsonl"
     rows = read_jsonl(pairs.parent / "gens.jsonl")[:41]
-    gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["score", "--model", str(tiny_model), "--generations", str(gens), *COMMON]
+    later = [{**r, "iteration": 1, "generated_ids": r["generated_ids"] if k % 5 == 0 else r["generated_ids"][::-1]}
+             for k, r in enumerate(rows)]  # iteration t's samples beside t-1's, a few sampled again
+    gens = [tmp_path / "it0.jsonl", tmp_path / "it1.jsonl"]
+    for path, part in zip(gens, (rows, later)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+    args = ["score", "--model", str(tiny_model), "--generations", *map(str, gens), *COMMON,
+            "--packing.max_tokens=56", "--packing.score_max_tokens=112"]
     whole = _spinlm([*args, "--out", str(tmp_path / "whole.jsonl")], two=False)
     assert whole.returncode == 0, whole.stderr[-3000:]
     sharded = _spinlm([*args, "--out", str(tmp_path / "sharded.jsonl"), *SHARDED], two=True)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert "sharded over 2 processes for scoring" in sharded.stderr
     a, b = read_jsonl(tmp_path / "whole.jsonl"), read_jsonl(tmp_path / "sharded.jsonl")
-    assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == 41
+    assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == 82
     worst = max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("ref_real_logp", "ref_generated_logp"))
     print(f"measured sharded vs whole scoring: max |log-prob difference| {worst:.3g}")
     assert worst < 1e-4
+    assert [r["ref_real_logp"] for r in b[:41]] == [r["ref_real_logp"] for r in b[41:]]  # one group a prompt
     assert all(x["real_tokens"] == y["real_tokens"] and x["generated_tokens_scored"] == y["generated_tokens_scored"]
                for x, y in zip(a, b))
     assert not list(tmp_path.glob("sharded.jsonl.partial*"))

@@ -101,6 +101,7 @@ def _positive_problems(cfg: Config) -> list[str]:
                 "sft.learning_rate": cfg.sft.learning_rate,
                 "generation.temperature": cfg.generation.temperature, "eval.batch_size": cfg.eval.batch_size,
                 "run.log_every": cfg.run.log_every, "packing.max_tokens": cfg.packing.max_tokens,
+                "packing.score_max_tokens": cfg.packing.score_max_tokens,
                 "judge.max_new_tokens": cfg.judge.max_new_tokens,
                 "packing.logits_chunk_mb": cfg.packing.logits_chunk_mb}
     return [f"{k} must be > 0; got {v}" for k, v in positive.items() if v <= 0]

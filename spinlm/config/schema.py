@@ -241,6 +241,11 @@ class PackingConfig:
     max_tokens: int = _f(512, "Token budget of one packed row (a longer pair gets a row of its own; rows of a "
                          "micro-batch are padded to the longest). Pairs in a row attend through the mask, so "
                          "longer rows spend more on attention.")
+    score_max_tokens: int = _f(2048, "Most tokens (padding included) in one forward of the score stage and of "
+                               "held-out scoring: rows of packing.max_tokens, as many per forward as fit (without "
+                               "gradients nothing is kept for a backward). Larger forwards can keep a big GPU busier; "
+                               "on CPU, forwards beyond about 2048 tokens outgrow the caches and run slower "
+                               "(BENCHMARKS.md).")
     backward_per_row: bool = _f(True, "In training (SPIN, DPO and SFT stages), run forward and backward one packed "
                                 "row at a time (gradients "
                                 "add up to the same step), so activations of one row, not of the whole "
@@ -287,7 +292,9 @@ class EvalConfig:
     enabled: bool = _f(True, "Evaluate the SFT model and each iteration on the held-out data.")
     checker: str | None = _f(None, "Task checker 'module:function' taking (example, generated_text) -> bool.")
     max_new_tokens: int | None = _f(None, "Greedy generation length for the task metric (default: generation's).")
-    batch_size: int = _f(32, "Batch size for held-out generation and scoring.")
+    batch_size: int = _f(32, "Batch size for held-out generation, and for scoring on the plain path (packed "
+                         "scoring fills forwards of packing.score_max_tokens tokens); the score stage keeps its "
+                         "results every 16 x eval.batch_size prompts (a prompt's rows of a mix window together).")
     continued_sft: bool = _f(False, "Also train the baseline the paper compares with: the start model fine-tuned "
                              "further on the real responses (sft.learning_rate, no early stopping) for as many "
                              "optimizer steps of train.batch_size examples as all SPIN iterations took, selected "

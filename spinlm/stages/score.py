@@ -20,7 +20,7 @@ from spinlm.config import Config
 from spinlm.hub import model_key
 from spinlm.io import RowLog, fault_point, fingerprint, read_jsonl, scratch, write_jsonl
 from spinlm.modeling import load_tokenizer
-from spinlm.packing import Layout, prepare, response_logps, score_groups
+from spinlm.packing import Layout, prepare, response_logps, score_groups, score_plan, shared_prompts
 from spinlm.progress import bar as progress_bar
 from spinlm.tokens import Limits, pair_groups
 from spinlm.training.strategy import inference_model
@@ -79,7 +79,7 @@ def _same_response(row: dict) -> bool:
 def synced_scores(model, fsdp, groups: list, filler, pad_id: int, layout: Layout | None, batch_size: int) -> list:
     """score_groups on a sharded model: this process's `groups`, then forwards of `filler` (results
     dropped) until it has run as many forwards as the process with the most."""
-    mine = -(-len(groups) // batch_size)  # score_groups' forwards: one per batch
+    mine = len(score_plan(groups, layout, batch_size)[2])  # score_groups' forwards
     most = fsdp.forwards(mine)  # agreed before any forward: a collective between two gathers would hang
     scores = score_groups(model, groups, pad_id, layout, batch_size)
     for _ in range(most - mine):
@@ -91,8 +91,10 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
                sources: list[str] | None = None) -> dict:
     """Score generation-format rows (id, prompt, real, generated, finish) under `model_path`; write `out`.
 
-    Pairs whose generated response is empty are dropped (counted and logged). Rows are scored
-    in fixed chunks appended to `out`.partial, so a killed stage resumes after the last chunk."""
+    Pairs whose generated response is empty are dropped (counted and logged). Rows of one prompt (a mix
+    window's files hold each prompt and its real response once per iteration) are scored together, each
+    distinct response once. Rows are scored in fixed chunks appended to `out`.partial, so a killed stage
+    resumes after the last chunk."""
     empty = [r for r in rows if not r["generated"].strip()]
     if empty:
         log.warning("%s: %d of %d generated responses are empty (the model stopped at once); they are reported "
@@ -105,21 +107,24 @@ def score_rows(model_path: str, rows: list[dict], out: Path, cfg: Config, desc: 
     chunk = cfg.eval.batch_size * 16
     key = fingerprint("score", model_key(model_path, cfg.model.revision), groups, layout,
                       cfg.model.dtype, cfg.model.attn_implementation, chunk)
+    # rows of one prompt, together in one chunk, so that score_groups computes them as one
+    units = shared_prompts(groups, layout.budget if layout else 0)
     bar = progress_bar(len(groups), desc, cfg.run.progress and dist.is_main())
     with RowLog(scratch(out, dist.partial_name()), key, also=scratch(out, "partial*")) as rowlog:
-        for c, start in enumerate(range(0, len(groups), chunk)):
-            idx = range(start, min(start + chunk, len(groups)))
+        for c, start in enumerate(range(0, len(units), chunk)):
+            part = range(start, min(start + chunk, len(units)))
+            idx = [i for u in part for i in units[u]]
             if preempt.agreed() if fsdp is not None else preempt.requested():  # sharded: every chunk together
                 break
             if fsdp is not None:  # every process scores its rows of every chunk, as many forwards as the others
-                mine = [i for i in idx if i % fsdp.world == fsdp.rank and i not in rowlog.done]
-                scores = synced_scores(model, fsdp, [groups[i] for i in mine], groups[idx.start],
+                mine = [i for u in part if u % fsdp.world == fsdp.rank for i in units[u] if i not in rowlog.done]
+                scores = synced_scores(model, fsdp, [groups[i] for i in mine], groups[idx[0]],
                                        tokenizer.pad_token_id, layout, cfg.eval.batch_size)
                 if mine:
                     rowlog.add([(i, {"real": real, "generated": gen}) for i, (real, gen) in zip(mine, scores)])
                     fault_point("score-chunk")
             elif c % dist.world() == dist.rank() and not all(i in rowlog.done for i in idx):
-                scores = score_groups(model, groups[idx.start:idx.stop], tokenizer.pad_token_id, layout,
+                scores = score_groups(model, [groups[i] for i in idx], tokenizer.pad_token_id, layout,
                                       cfg.eval.batch_size)
                 rowlog.add([(i, {"real": real, "generated": gen}) for i, (real, gen) in zip(idx, scores)])
                 fault_point("score-chunk")
