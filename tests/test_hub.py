@@ -108,7 +108,7 @@ def test_hub_datasets_and_revisions(offline_hub):
 
 def test_cli_errors_are_one_line(offline_hub, tmp_path):
     base = ["validate", str(ROOT / "configs/zephyr-7b-ultrachat.yaml"), f"--run.dir={tmp_path / 'run'}",
-            "--generation.backend=local"]
+            "--generation.backend=local", "--train.strategy=fsdp"]  # the recipe's zero3 needs DeepSpeed installed
     for flag, expected in [("--data.train_revision=nope", "revision 'nope' is not in the Hugging Face cache"),
                            ("--model.revision=nope", "cached revisions: main ("),
                            ("--data.eval_split=validation", "no split 'validation'")]:

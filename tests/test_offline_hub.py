@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 Z, PIN = sys.argv[1], sys.argv[2]
 out = {}
 for rev in ("main", PIN):
-    m = AutoModelForCausalLM.from_pretrained(Z, revision=rev)
+    m = AutoModelForCausalLM.from_pretrained(Z, revision=rev, dtype="auto")  # as saved (transformers 4.x: fp32)
     out[rev] = [type(m).__name__, str(m.dtype), m.lm_head.weight.float().sum().item()]
 chat = [{"role": "user", "content": "What is twice 12?"}, {"role": "assistant", "content": "The answer is 24."}]
 z = AutoTokenizer.from_pretrained(Z, revision=PIN)

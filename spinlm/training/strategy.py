@@ -378,9 +378,14 @@ class FSDP(_Sharded):
         offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.cpu_offload else OffloadPolicy()
         options = dict(mesh=self._group(), mp_policy=precision, offload_policy=offload)
         self.aliases = _aliases(model)
-        for layer in _decoder_layers(model):
-            fully_shard(layer, **options)
-        fully_shard(model, **options)
+        sharded = [fully_shard(layer, **options) for layer in _decoder_layers(model)] + [fully_shard(model, **options)]
+        # FSDP2 averages fp32/bf16 gradients with a ReduceOp.AVG reduce-scatter, which gloo (the CPU) sums
+        # without a word (torch 2.7 to at least 2.8; pytorch issue 162338): every gradient came out `world`
+        # times too large, so clipping, the logged norm and the optimizer's eps all saw the wrong scale.
+        # SUM and then FSDP's own division by the group size is right on every backend (on NCCL the cost
+        # is one division of each process's gradient shard).
+        for module in sharded:  # (torch 2.8's API: the floor)
+            module.set_force_sum_reduction_for_comms(True)
         return model
 
     def setup(self, model, build, resume: Path | None):
