@@ -122,6 +122,11 @@ def stand_in_hub(refuse: str | None = None):
             if m and (m[1], m[2]) in trees:
                 return self.answer(200, [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
                                          for p, b in sorted(trees[m[1], m[2]].items())])
+            # the model info the Hub serves (huggingface_hub < 1.0's upload_folder asks it whether the repo uses Xet)
+            info = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path)
+            if info and (info[1], info[2]) in trees:
+                return self.answer(200, {"id": info[1], "modelId": info[1], "private": False, "xetEnabled": False,
+                                         "siblings": [{"rfilename": p} for p in sorted(trees[info[1], info[2]])]})
             self.answer(404, {"error": f"not served here: {path}"})
 
         def do_POST(self):
