@@ -12,13 +12,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs the suite in two pytest-xdist workers (PYTEST_XDIST_WORKER is set in each): one thread each,
+# in the worker and in what it starts (a subprocess that sets OMP_NUM_THREADS itself keeps its own), so the two
+# share the cores instead of oversubscribing them; the tiny models gain little from a second thread.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1 if WORKER else 2)
 
 
 
@@ -123,3 +129,41 @@ def scripted_server(answer, delay_s: float = 0.0):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# Test files whose module-scoped fixtures are expensive (a whole `spinlm run`, a served model, lm-eval's task
+# index): under pytest-xdist each goes to one worker whole, so that each fixture is built once. The other tests
+# are handed out one at a time. (xdist's own `--dist loadgroup` would do this from xdist_group marks, but on
+# pytest 9.2 xdist 3.8 no longer sees them: pytest-dev/pytest-xdist#1386.)
+ONE_WORKER = {"test_demo_parts.py", "test_lmeval.py", "test_lora.py", "test_publish.py", "test_recipes.py",
+              "test_report.py", "test_server.py", "test_vllm.py"}
+
+
+def _first(item) -> bool:
+    """Handed out first: the whole-file units and the tests marked slow (the longest), so that the last
+    tests, when one worker may wait for the other, are short."""
+    return item.path.name in ONE_WORKER or item.get_closest_marker("slow") is not None
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it installed, pytest ignores it
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs `pytest -n 2`: xdist's load scheduling, by the units of ONE_WORKER, in the order
+    the workers collected (pytest_collection_modifyitems below). Another --dist keeps xdist's own."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Units(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if Path(path).name in ONE_WORKER else nodeid
+
+    config.option.loadscopereorder = False  # keep the collected order (its default sorts units by size)
+    return Units(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """In an xdist worker, the order its tests are handed out in: the long ones first (`_first`), each
+    group in the files' order. Run alone (or in a pytest that a worker started), pytest's own order."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: not _first(item))  # stable
