@@ -13,11 +13,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `make test` runs the suite in two pytest-xdist workers (PYTEST_XDIST_WORKER is set in each): one thread each,
-# in the worker and in what it starts (a subprocess that sets OMP_NUM_THREADS itself keeps its own), so the two
-# share the cores instead of oversubscribing them; the tiny models gain little from a second thread.
+# in the worker and in what it starts, so the two share the cores instead of oversubscribing them. Threads that
+# wait for one another when the cores are busy spin: on the loaded 2-core machine one test's `spinlm run` took
+# 25-100 s of CPU with two threads and 3-6 s with one; the tiny models gain little from a second thread.
+# SUBPROCESS_THREADS: for the tests' subprocesses that set their own count, 2 as before, 1 in a worker.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
+SUBPROCESS_THREADS = "1" if WORKER else "2"
 
 from pathlib import Path  # noqa: E402
 
@@ -131,12 +134,11 @@ def scripted_server(answer, delay_s: float = 0.0):
         server.server_close()
 
 
-# Test files whose module-scoped fixtures are expensive (a whole `spinlm run`, a served model, lm-eval's task
-# index): under pytest-xdist each goes to one worker whole, so that each fixture is built once. The other tests
-# are handed out one at a time. (xdist's own `--dist loadgroup` would do this from xdist_group marks, but on
-# pytest 9.2 xdist 3.8 no longer sees them: pytest-dev/pytest-xdist#1386.)
-ONE_WORKER = {"test_demo_parts.py", "test_lmeval.py", "test_lora.py", "test_publish.py", "test_recipes.py",
-              "test_report.py", "test_server.py", "test_vllm.py"}
+# Test files whose module-scoped fixtures are expensive (a whole `spinlm run`, a served model): under pytest-xdist
+# each goes to one worker whole, so that each fixture is built once. The other tests are handed out one at a time.
+# (xdist's own `--dist loadgroup` would do this from xdist_group marks, but on pytest 9.2 xdist 3.8 no longer
+# sees them: pytest-dev/pytest-xdist#1386.)
+ONE_WORKER = {"test_lora.py", "test_publish.py", "test_report.py", "test_server.py", "test_vllm.py"}
 
 
 def _first(item) -> bool:
