@@ -138,13 +138,15 @@ def scripted_server(answer, delay_s: float = 0.0):
 # each goes to one worker whole, so that each fixture is built once. The other tests are handed out one at a time.
 # (xdist's own `--dist loadgroup` would do this from xdist_group marks, but on pytest 9.2 xdist 3.8 no longer
 # sees them: pytest-dev/pytest-xdist#1386.)
-ONE_WORKER = {"test_lora.py", "test_publish.py", "test_report.py", "test_server.py", "test_vllm.py"}
+ONE_WORKER = ("test_vllm.py", "test_publish.py", "test_server.py", "test_report.py", "test_lora.py")  # largest first
 
 
-def _first(item) -> bool:
-    """Handed out first: the whole-file units and the tests marked slow (the longest), so that the last
-    tests, when one worker may wait for the other, are short."""
-    return item.path.name in ONE_WORKER or item.get_closest_marker("slow") is not None
+def _order(item) -> tuple[int, int]:
+    """When a test is handed out: the whole-file units first (the largest), then the tests marked slow, then
+    the rest, so that the last tests, when one worker may wait for the other, are short."""
+    if item.path.name in ONE_WORKER:
+        return 0, ONE_WORKER.index(item.path.name)
+    return (1 if item.get_closest_marker("slow") is not None else 2), 0
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it installed, pytest ignores it
@@ -165,7 +167,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    """In an xdist worker, the order its tests are handed out in: the long ones first (`_first`), each
-    group in the files' order. Run alone (or in a pytest that a worker started), pytest's own order."""
+    """In an xdist worker, the order its tests are handed out in (`_order`; each part in the files' order).
+    Run alone (or in a pytest that a worker started), pytest's own order."""
     if hasattr(config, "workerinput"):
-        items.sort(key=lambda item: not _first(item))  # stable
+        items.sort(key=_order)  # stable
