@@ -70,9 +70,12 @@ vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/spinlm demo $(ARGS)
 
+# The tests run in TEST_WORKERS pytest-xdist processes, one thread each (tests/conftest.py); TEST_WORKERS=0
+# runs them in this one process, in the files' order.
+TEST_WORKERS ?= 2
 test: $(TEST_STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -rs $(ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) $(ARGS)
 
 test-floors:
 	test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)

@@ -12,13 +12,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs the suite in two pytest-xdist workers (PYTEST_XDIST_WORKER is set in each): one thread each,
+# in the worker and in what it starts, so the two share the cores instead of oversubscribing them. Threads that
+# wait for one another when the cores are busy spin: on the loaded 2-core machine one test's `spinlm run` took
+# 25-100 s of CPU with two threads and 3-6 s with one; the tiny models gain little from a second thread.
+# SUBPROCESS_THREADS: for the tests' subprocesses that set their own count, 2 as before, 1 in a worker.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+SUBPROCESS_THREADS = "1" if WORKER else "2"
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1 if WORKER else 2)
 
 
 
@@ -123,3 +132,42 @@ def scripted_server(answer, delay_s: float = 0.0):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# Test files whose module-scoped fixtures are expensive (a whole `spinlm run`, a served model): under pytest-xdist
+# each goes to one worker whole, so that each fixture is built once. The other tests are handed out one at a time.
+# (xdist's own `--dist loadgroup` would do this from xdist_group marks, but on pytest 9.2 xdist 3.8 no longer
+# sees them: pytest-dev/pytest-xdist#1386.)
+ONE_WORKER = ("test_vllm.py", "test_publish.py", "test_server.py", "test_report.py", "test_lora.py")  # largest first
+
+
+def _order(item) -> tuple[int, int]:
+    """When a test is handed out: the whole-file units first (the largest), then the tests marked slow, then
+    the rest, so that the last tests, when one worker may wait for the other, are short."""
+    if item.path.name in ONE_WORKER:
+        return 0, ONE_WORKER.index(item.path.name)
+    return (1 if item.get_closest_marker("slow") is not None else 2), 0
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it installed, pytest ignores it
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs `pytest -n 2`: xdist's load scheduling, by the units of ONE_WORKER, in the order
+    the workers collected (pytest_collection_modifyitems below). Another --dist keeps xdist's own."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Units(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if Path(path).name in ONE_WORKER else nodeid
+
+    config.option.loadscopereorder = False  # keep the collected order (its default sorts units by size)
+    return Units(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """In an xdist worker, the order its tests are handed out in (`_order`; each part in the files' order).
+    Run alone (or in a pytest that a worker started), pytest's own order."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=_order)  # stable

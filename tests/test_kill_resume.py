@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import SUBPROCESS_THREADS
+
 
 def _config(path: Path, tiny_model: Path, task_data: dict, run_dir: Path) -> Path:
     cfg = {
@@ -37,7 +39,7 @@ def _config(path: Path, tiny_model: Path, task_data: dict, run_dir: Path) -> Pat
 
 
 def _run(cfg: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": SUBPROCESS_THREADS}
     env.pop("SPINLM_FAULT", None)
     if fault:
         env["SPINLM_FAULT"] = fault

@@ -30,7 +30,7 @@ from spinlm.packing import Layout
 from spinlm.stages.score import score_files
 from spinlm.stages.train import batch_losses, pair_items
 
-from conftest import COMMON
+from conftest import COMMON, SUBPROCESS_THREADS
 from test_loss import _trl_stand_in, trl_dpo_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
@@ -350,7 +350,7 @@ def _spinlm_run(cfg, fault=None):
     import subprocess
     import sys
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": SUBPROCESS_THREADS}
     env.pop("SPINLM_FAULT", None)
     if fault:
         env["SPINLM_FAULT"] = fault

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import SUBPROCESS_THREADS
+
 TRAIN_TAGS = {"train/loss", "train/rewards/real", "train/rewards/generated", "train/rewards/margin",
               "train/rewards/accuracy", "train/dead_pairs", "train/logratio/real_per_token",
               "train/logratio/generated_per_token", "train/lr", "train/grad_norm", "train/tokens_per_s",
@@ -41,7 +43,7 @@ def _config(path: Path, tiny_model: Path, task_data: dict, run_dir: Path, report
 
 
 def _run(cfg: Path, env: dict, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", **env}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": SUBPROCESS_THREADS, **env}
     env.pop("SPINLM_FAULT", None)
     if fault:
         env["SPINLM_FAULT"] = fault
