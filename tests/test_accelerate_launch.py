@@ -179,8 +179,10 @@ def test_accelerate_deepspeed_launch_runs_zero3_and_matches_one_process(tiny_mod
         print(f"measured accelerate launch {config} x2 vs 1 process: max |diff| {diff:.3g}")
         assert diff < 1e-5, (config, diff)
     wrong = _launch("zero3.yaml", [*args, "--out", str(tmp_path / "wrong"), "--train.batch_size=4"])
-    # each process exits 2 with the reason (torchrun, under accelerate, then exits 1 and reports both)
-    assert wrong.returncode != 0 and wrong.stderr.count("exitcode  : 2") == 2, wrong.stderr[-3000:]
+    # each process stops with the reason and exit 2 (torchrun, under accelerate, then exits 1 and reports the
+    # root cause, exit 2; the process that has not exited yet when the first does gets torchrun's SIGTERM, a race
+    # that a loaded machine loses: so both reasons printed, and at least one exit 2 reported)
+    assert wrong.returncode != 0 and wrong.stderr.count("exitcode  : 2") >= 1, wrong.stderr[-3000:]
     assert wrong.stderr.count("spinlm: error: accelerate launch with distributed_type DEEPSPEED, but train.strategy "
                               "is ddp") == 2
     assert not (tmp_path / "wrong").exists()
