@@ -32,7 +32,7 @@ CORE_TESTS ?= tests/test_architecture.py tests/test_config.py tests/test_data.py
 	tests/test_sharded_inference.py tests/test_kill_resume.py tests/test_preempt.py tests/test_experiment.py \
 	tests/test_hub.py tests/test_offline_hub.py tests/test_publish.py tests/test_docs.py tests/test_recipes.py
 
-.PHONY: install vllm demo test test-floors bench clean
+.PHONY: install vllm test-deps demo test test-floors bench clean
 
 # The package alone (what the demo needs), then the test extras (TRL, peft, lm-eval, matplotlib,
 # transformers[serving], the four experiment trackers, DeepSpeed) for the tests and the benchmarks.
@@ -48,22 +48,29 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[test]"
+	DS_BUILD_OPS=0 $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -e ".[test]" \
+	  || DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[test]"
 	touch $(TEST_STAMP)
 
 $(VLLM_STAMP): pyproject.toml Makefile
 	rm -f $(VLLM_VENV)/.spinlm-vllm-failed
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
 	( $(VLLM_BIN)/python -c "import torch" 2>/dev/null || $(VLLM_BIN)/python -m pip install -q "$(TORCH)" ) \
-	  && $(VLLM_BIN)/python -m pip install -q "$(VLLM)" > $(VLLM_VENV)/pip.log 2>&1 \
+	  && { { $(VLLM_BIN)/python -m pip install -q uv \
+	         && $(VLLM_BIN)/uv pip install -q --python $(VLLM_BIN)/python --compile-bytecode "$(VLLM)" -e . "pytest>=8" "trl>=0.20"; } \
+	       || $(VLLM_BIN)/python -m pip install -q "$(VLLM)" -e . "pytest>=8" "trl>=0.20"; } > $(VLLM_VENV)/pip.log 2>&1 \
 	  && $(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec \
-	  && $(VLLM_BIN)/python -m pip install -q -e . "pytest>=8" "trl>=0.20" \
 	  && $(VLLM_BIN)/python -c "import vllm, spinlm" \
 	  || { tail -n 20 $(VLLM_VENV)/pip.log > $(VLLM_VENV)/.spinlm-vllm-failed; \
 	       echo "vLLM venv could not be built; the vLLM tests will skip (see $(VLLM_VENV)/.spinlm-vllm-failed)"; }
 	touch $(VLLM_STAMP)
 
 install: $(STAMP)
+
+# The test venv and the vLLM venv are built side by side (their installs wait mostly on unpacking and
+# byte-compiling, one core each): about 1.5 min from nothing instead of 3.5 one after the other.
+test-deps:
+	$(MAKE) --no-print-directory -j2 $(TEST_STAMP) $(VLLM_STAMP)
 
 vllm: $(VLLM_STAMP)
 
@@ -73,7 +80,7 @@ demo: $(STAMP)
 # The tests run in TEST_WORKERS pytest-xdist processes, one thread each (tests/conftest.py); TEST_WORKERS=0
 # runs them in this one process, in the files' order.
 TEST_WORKERS ?= 2
-test: $(TEST_STAMP) $(VLLM_STAMP)
+test: test-deps
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) $(ARGS)
 
@@ -84,7 +91,7 @@ test-floors:
 	$(FLOORS_VENV)/bin/python -m pip install -q --no-deps -e .
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(FLOORS_VENV)/bin/python -m pytest -q -rs $(CORE_TESTS) $(ARGS)
 
-bench: $(TEST_STAMP) $(VLLM_STAMP)
+bench: test-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.vllm_generation
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.strategies

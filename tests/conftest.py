@@ -31,25 +31,48 @@ torch.set_num_threads(1 if WORKER else 2)
 
 
 
+def built_once(tmp_path_factory, name: str, build):
+    """`build(folder)`'s result (JSON: str, list, dict), built once per test run into a folder that every
+    pytest-xdist worker of the run sees (the parent of the workers' own temporary folders; the run's one
+    folder without xdist), under a file lock; a worker that comes second reads the first one's result.
+    For inputs that are read, never written: the tiny models, the task data, reference runs."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = (root.parent if WORKER else root) / "built-once"
+    root.mkdir(exist_ok=True)
+    folder, result = root / name, root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not result.exists():
+            if folder.exists():  # a build that failed part way
+                import shutil
+
+                shutil.rmtree(folder)
+            folder.mkdir()
+            result.write_text(json.dumps(build(folder)))
+    return json.loads(result.read_text())
+
+
 @pytest.fixture(scope="session")
 def task_data(tmp_path_factory) -> dict[str, Path]:
     """train/val/test JSONL files of the demo task, small."""
     from spinlm.demo.task import write_splits
 
-    return write_splits(tmp_path_factory.mktemp("data"), seed=0, n_train=48, n_val=16, n_test=16)
+    files = built_once(tmp_path_factory, "data", lambda d: {k: str(v) for k, v in
+                                                            write_splits(d, seed=0, n_train=48, n_val=16,
+                                                                         n_test=16).items()})
+    return {k: Path(v) for k, v in files.items()}
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, task_data) -> Path:
     """A 2-layer, width-32 Llama with a BPE tokenizer trained on the task text."""
-    import json
-
     from spinlm.demo.build import build_tiny
 
     texts = [v for line in task_data["train"].read_text().splitlines()
              for k, v in json.loads(line).items() if k in ("prompt", "response")]
-    return build_tiny(tmp_path_factory.mktemp("tiny"), texts, hidden_size=32, num_layers=2, num_heads=2,
-                      max_position_embeddings=256)
+    return Path(built_once(tmp_path_factory, "tiny", lambda d: str(build_tiny(
+        d, texts, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256))))
 
 
 @pytest.fixture(scope="session")
@@ -86,12 +109,14 @@ def pairs(tiny_model, task_data, tmp_path_factory) -> Path:
     """Scored pairs of the tiny model's own generations (`spinlm generate` then `spinlm score`)."""
     from spinlm.cli import main
 
-    d = tmp_path_factory.mktemp("pairs")
-    assert main(["generate", "--model", str(tiny_model), "--data", str(task_data["train"]), "--out",
-                 str(d / "gens.jsonl"), "--generation.max_new_tokens=8", *COMMON]) == 0
-    assert main(["score", "--model", str(tiny_model), "--generations", str(d / "gens.jsonl"), "--out",
-                 str(d / "pairs.jsonl"), *COMMON]) == 0
-    return d / "pairs.jsonl"
+    def build(d: Path) -> str:
+        assert main(["generate", "--model", str(tiny_model), "--data", str(task_data["train"]), "--out",
+                     str(d / "gens.jsonl"), "--generation.max_new_tokens=8", *COMMON]) == 0
+        assert main(["score", "--model", str(tiny_model), "--generations", str(d / "gens.jsonl"), "--out",
+                     str(d / "pairs.jsonl"), *COMMON]) == 0
+        return str(d / "pairs.jsonl")
+
+    return Path(built_once(tmp_path_factory, "pairs", build))
 
 
 @contextmanager

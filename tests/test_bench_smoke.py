@@ -12,7 +12,8 @@ import pytest
 
 KEYS = ("train_speedup_vs_trl_live", "train_speedup_vs_trl_precompute", "score_train_speedup_vs_trl_precompute",
         "train_peak_mem_ratio_vs_trl_live", "generate_speedup_vs_naive", "train_useful_flop_utilization",
-        "score_train_time_ratio", "score_train_cpu_ratio")
+        "score_train_time_ratio", "score_train_cpu_ratio", "score_train_speedup_vs_trl_live",
+        "score_train_cpu_speedup_vs_trl_live")
 
 
 @pytest.mark.slow

@@ -48,7 +48,11 @@ def _unavailable() -> str | None:
 needs_vllm = pytest.mark.skipif(_unavailable() is not None, reason=_unavailable() or "")
 
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1"}
-ENV_PREFIX = "env " + " ".join(f"{k}={v}" for k, v in ENV.items())
+# The servers the tests start run vLLM's engine inside the server's process (not in an engine-core process
+# of its own, which imports vLLM again): ready in ~19 s instead of ~25 s here, five servers a run. What
+# spinlm sees is the same OpenAI API. The in-process engines (generation.backend vllm) keep vLLM's default.
+SERVER_ENV = {**ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+ENV_PREFIX = "env " + " ".join(f"{k}={v}" for k, v in SERVER_ENV.items())
 FLAGS = "--host 127.0.0.1 --dtype float32 --enforce-eager --max-model-len 256"
 SERVE = (f"{ENV_PREFIX} {shlex.quote(str(PY))} -m vllm.entrypoints.openai.api_server --model {{model}} "
          f"--port {{port}} {FLAGS} --generation-config vllm")
@@ -129,7 +133,7 @@ def vllm_server(vllm_model, tmp_path_factory):
     with open(log, "wb") as f:
         proc = subprocess.Popen([str(PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_model),
                                  "--port", str(port), *FLAGS.split()], stdout=f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **ENV})
+                                stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **SERVER_ENV})
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_health(url, proc, log)
