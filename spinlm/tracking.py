@@ -54,17 +54,20 @@ def _installed(module: str) -> bool:
 
 
 # accelerate's trackers got start() (a tracker made first, started later) in 1.8 and TrackioTracker in 1.9;
-# spinlm's core runs on accelerate 1.0, so the tracker extras ask for 1.9 and this says so before a run.
-TRACKERS_ACCELERATE = (1, 9)
+# from 1.9 to 1.12 W&B's offline runs were started twice per process (fixed in 1.13), and up to 1.13
+# TrackioTracker.log dropped the step (trackio numbered the points itself; fixed in 1.14). spinlm's core runs on
+# accelerate 1.0, so the tracker extras ask for more and this says so before a run.
+TRACKERS_ACCELERATE = {"tensorboard": (1, 9), "wandb": (1, 13), "mlflow": (1, 9), "trackio": (1, 14)}
 
 
-def accelerate_too_old(version: str) -> str | None:
-    """The problem with accelerate `version` for run.report_to, or None."""
+def accelerate_too_old(version: str, names: list[str] | tuple[str, ...] = ("tensorboard",)) -> str | None:
+    """The problem with accelerate `version` for the trackers `names` of run.report_to, or None."""
     found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
-    if found >= TRACKERS_ACCELERATE:
+    short = [n for n in names if found < TRACKERS_ACCELERATE[n]]
+    if not short:
         return None
-    need = ".".join(map(str, TRACKERS_ACCELERATE))
-    return (f"run.report_to needs accelerate>={need} (its trackers), found {version}: "
+    need = ".".join(map(str, max(TRACKERS_ACCELERATE[n] for n in short)))
+    return (f"run.report_to {', '.join(short)} needs accelerate>={need} (its trackers), found {version}: "
             f"pip install 'accelerate>={need}' (the spinlm[NAME] tracker extras ask for it)")
 
 
@@ -75,7 +78,7 @@ def require(cfg: Config) -> None:
     if missing:
         raise UserError("run.report_to: " + "; ".join(
             f"{n} needs the {PACKAGES[n]} package, which is not installed: pip install 'spinlm[{n}]'" for n in missing))
-    if names and (problem := accelerate_too_old(importlib.metadata.version("accelerate"))):
+    if names and (problem := accelerate_too_old(importlib.metadata.version("accelerate"), names)):
         raise UserError(problem)
 
 

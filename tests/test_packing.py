@@ -276,7 +276,7 @@ def test_chunk_policy_and_models_that_cannot_chunk():
     assert chunk_rows_for(capped, 11, Layout(64, "always", mb)) is None
     cfg = Config()
     cfg.packing.chunk_logits = "always"
-    assert prepare(llama, _groups(), 0, cfg.packing) == Layout(cfg.packing.max_tokens, "always", 512.0)
+    assert prepare(llama, _groups(), 0, cfg.packing) == Layout(cfg.packing.max_tokens, "always", 128.0)
     cfg.packing.enabled = False
     assert prepare(llama, _groups(), 0, cfg.packing) is None
 

@@ -100,6 +100,7 @@ def _increasing(steps: list[int]) -> bool:
 def test_trackers_across_kill_and_resume(tiny_model, task_data, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     cfg = _config(tmp_path / "cfg.yaml", tiny_model, task_data, run_dir, ["tensorboard", "wandb", "mlflow", "trackio"])
+    (tmp_path / "wandb").mkdir()  # W&B before 0.2x writes to the temp folder when WANDB_DIR does not exist
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": "true",
            "TRACKIO_DIR": str(tmp_path / "trackio"), "MLFLOW_TRACKING_URI": "", "WANDB_PROJECT": "spinlm-test"}
     # 3 SFT steps, then 6 per iteration; the 10th training step is step 4 of iteration 1: it is logged,
@@ -203,11 +204,17 @@ def test_unknown_or_missing_tracker_is_a_user_error(tiny_model, task_data, tmp_p
 
 
 def test_trackers_need_accelerate_1_9():
-    """accelerate's trackers have start() from 1.8 and TrackioTracker from 1.9 (spinlm's core runs on 1.0)."""
+    """accelerate's trackers have start() from 1.8 and TrackioTracker from 1.9 (spinlm's core runs on 1.0); W&B
+    offline runs started twice per process up to 1.12; TrackioTracker dropped the step up to 1.13."""
     from spinlm.tracking import accelerate_too_old
 
-    assert accelerate_too_old("1.9.0") is None and accelerate_too_old("1.16.0") is None
-    assert accelerate_too_old("2.0.0.dev0") is None
+    assert accelerate_too_old("1.9.0") is None and accelerate_too_old("1.16.0", ["wandb", "trackio"]) is None
+    assert accelerate_too_old("2.0.0.dev0", ["trackio"]) is None and accelerate_too_old("1.13.0", ["wandb"]) is None
     for old in ("1.0.0", "1.8.1", "0.34.2"):
-        problem = accelerate_too_old(old)
-        assert problem.startswith(f"run.report_to needs accelerate>=1.9 (its trackers), found {old}:"), problem
+        problem = accelerate_too_old(old, ["tensorboard", "mlflow"])
+        assert problem.startswith(f"run.report_to tensorboard, mlflow needs accelerate>=1.9 (its trackers), "
+                                  f"found {old}:"), problem
+    assert accelerate_too_old("1.12.0", ["tensorboard", "wandb"]).startswith(
+        "run.report_to wandb needs accelerate>=1.13 (its trackers), found 1.12.0:")
+    assert accelerate_too_old("1.13.0", ["wandb", "trackio"]).startswith(
+        "run.report_to trackio needs accelerate>=1.14 (its trackers), found 1.13.0:")
