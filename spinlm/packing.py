@@ -415,10 +415,10 @@ def score_plan(groups: list[Group], layout: Layout | None, batch_size: int):
 
 @torch.no_grad()
 def score_groups(model, groups: list[Group], pad_id: int, layout: Layout | None, batch_size: int,
-                 progress=None) -> list[list[tuple[float, int]]]:
+                 progress=None, planned=None) -> list[list[tuple[float, int]]]:
     """Summed log-probs and counts of every response, in input order, in the forwards of `score_plan` (groups of
-    one prompt computed as one, each distinct response of it once)."""
-    merged, units, plan = score_plan(groups, layout, batch_size)
+    one prompt computed as one, each distinct response of it once); `planned`: that plan, if already made."""
+    merged, units, plan = planned or score_plan(groups, layout, batch_size)
     out: list = [None] * len(groups)
     for members, rows in plan:
         results = response_logps(model, [merged[k] for k in members], pad_id, layout, rows)

@@ -79,9 +79,10 @@ def _same_response(row: dict) -> bool:
 def synced_scores(model, fsdp, groups: list, filler, pad_id: int, layout: Layout | None, batch_size: int) -> list:
     """score_groups on a sharded model: this process's `groups`, then forwards of `filler` (results
     dropped) until it has run as many forwards as the process with the most."""
-    mine = len(score_plan(groups, layout, batch_size)[2])  # score_groups' forwards
+    planned = score_plan(groups, layout, batch_size)
+    mine = len(planned[2])  # score_groups' forwards
     most = fsdp.forwards(mine)  # agreed before any forward: a collective between two gathers would hang
-    scores = score_groups(model, groups, pad_id, layout, batch_size)
+    scores = score_groups(model, groups, pad_id, layout, batch_size, planned=planned)
     for _ in range(most - mine):
         response_logps(model, [filler], pad_id, layout)
     return scores
