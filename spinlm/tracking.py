@@ -60,7 +60,7 @@ def _installed(module: str) -> bool:
 TRACKERS_ACCELERATE = {"tensorboard": (1, 9), "wandb": (1, 13), "mlflow": (1, 9), "trackio": (1, 14)}
 
 
-def accelerate_too_old(version: str, names: list[str] | tuple[str, ...] = ("tensorboard",)) -> str | None:
+def accelerate_too_old(version: str, names: list[str]) -> str | None:
     """The problem with accelerate `version` for the trackers `names` of run.report_to, or None."""
     found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
     short = [n for n in names if found < TRACKERS_ACCELERATE[n]]

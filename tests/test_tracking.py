@@ -208,7 +208,8 @@ def test_trackers_need_accelerate_1_9():
     offline runs started twice per process up to 1.12; TrackioTracker dropped the step up to 1.13."""
     from spinlm.tracking import accelerate_too_old
 
-    assert accelerate_too_old("1.9.0") is None and accelerate_too_old("1.16.0", ["wandb", "trackio"]) is None
+    assert accelerate_too_old("1.9.0", ["tensorboard", "mlflow"]) is None
+    assert accelerate_too_old("1.16.0", ["wandb", "trackio"]) is None
     assert accelerate_too_old("2.0.0.dev0", ["trackio"]) is None and accelerate_too_old("1.13.0", ["wandb"]) is None
     for old in ("1.0.0", "1.8.1", "0.34.2"):
         problem = accelerate_too_old(old, ["tensorboard", "mlflow"])
