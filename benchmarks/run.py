@@ -44,14 +44,14 @@ def digits(rng: random.Random, n: int) -> str:
     return "".join(rng.choice("0123456789") for _ in range(n))  # one token per digit
 
 
-def users_prompt(rng: random.Random, i: int, size: dict, scale: float) -> tuple[list[dict], float]:
-    """Every other pair a multi-turn history (3 exchanges and a question, ~200 tokens with the template),
-    the others a short question; and the responses' median length (~100 tokens)."""
+def users_prompt(rng: random.Random, history: bool, size: dict, scale: float) -> tuple[list[dict], float]:
+    """A multi-turn history (3 exchanges and a question, ~200 tokens with the template) or, without `history`, a
+    short question; and the responses' median length (~100 tokens)."""
     turn = lambda median: digits(rng, skewed_length(rng, size["lo"], size["hi"], median * scale))
-    if i % 2:
+    if not history:
         return [{"role": "user", "content": turn(20)}], 100 * scale
-    history = [{"role": role, "content": turn(24)} for _ in range(3) for role in ("user", "assistant")]
-    return history + [{"role": "user", "content": turn(24)}], 100 * scale
+    exchanges = [{"role": role, "content": turn(24)} for _ in range(3) for role in ("user", "assistant")]
+    return exchanges + [{"role": "user", "content": turn(24)}], 100 * scale
 
 
 def make_inputs(work: Path, size: dict, n_pairs: int, seed: int = 0, pair_set: str = "bench") -> dict:
@@ -62,8 +62,8 @@ def make_inputs(work: Path, size: dict, n_pairs: int, seed: int = 0, pair_set: s
     scale = (size["hi"] / 384)
     rows = []
     for i in range(n_pairs):
-        if pair_set in ("users", "short"):  # short: only users' short questions (~100-token responses)
-            prompt, median = users_prompt(rng, i if pair_set == "users" else 1, size, scale)
+        if pair_set in ("users", "short"):  # users: every other pair a history; short: short questions only
+            prompt, median = users_prompt(rng, pair_set == "users" and i % 2 == 0, size, scale)
             r, g = (skewed_length(rng, size["lo"], size["hi"], median) for _ in range(2))
         else:
             p, r, g = (skewed_length(rng, size["lo"], size["hi"], m * scale) for m in (40, 56, 56))

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -52,8 +53,10 @@ def train(work: Path, pairs: Path, name: str, procs: int, strategy: str, threads
     cmd = [*launcher, "train", "--model", str(work / "model"), "--pairs", str(pairs), "--out", str(out),
            f"--train.batch_size={BATCH // procs}", f"--train.strategy={strategy}", *COMMON]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": done.stderr[-2000:]}
+    if done.returncode != 0:  # the ranks' own error line (torchrun's summary at the end does not carry it)
+        cause = [x for x in done.stderr.splitlines()
+                 if x.startswith("spinlm: ") or re.match(r"\w+(Error|Exception): ", x)]
+        return {"error": (cause or ["see the tail"])[0], "stderr_tail": done.stderr[-2000:]}
     history = json.loads((out / "spinlm_train.json").read_text())["history"]
     times = [row["elapsed_s"] for row in history]
     steps = len(times)
@@ -99,8 +102,7 @@ def main() -> None:
     print("| strategy | processes | steps | step time (s) | vs ddp x1 |\n|---|---|---|---|---|")
     for name, r in results.items():
         if "error" in r:
-            lines = [x for x in r["error"].splitlines() if "error" in x.lower() and "errors.html" not in x]
-            print(f"| {name} | - | - | failed: {(lines or ['see ' + str(args.out)])[-1].strip()[:160]} | - |")
+            print(f"| {name} | - | - | failed: {r['error'][:160]} (tail in {args.out}) | - |")
         else:
             print(f"| {name} | {r['processes']} | {r['steps']} | {r['step_s']:.3f} | {r.get('vs_ddp_x1', '-')} |")
     print(f"wrote {args.out}")

@@ -289,7 +289,8 @@ def chunk_rows_for(model, n_kept: int, layout: Layout) -> int | None:
     Only a plain linear output layer whose logits the model does not transform afterwards can be chunked."""
     if layout.chunk_logits == "never" or not chunk_logits_possible(model):
         return None
-    vocab = _inner(model).get_output_embeddings().weight.shape[0]
+    # out_features, not weight.shape: under ZeRO-3 a partitioned weight is an empty tensor outside the layer's forward
+    vocab = _inner(model).get_output_embeddings().out_features
     rows = max(1, int(layout.logits_chunk_mb * 2**20 // (4 * vocab)))
     return rows if layout.chunk_logits == "always" or n_kept > rows else None
 
@@ -335,10 +336,11 @@ def enable_packing(model, groups: list[Group], pad_id: int, budget: int, toleran
     return _probe(model, groups, pad_id, budget, [chunk_rows], tolerance)[0]
 
 
+@torch.no_grad()  # values only: with gradients every variant's activations stayed alive until the last compared
 def _probe(model, groups: list[Group], pad_id: int, budget: int, variants: list[int | None],
            tolerance: float | None = None) -> list[bool]:
     """For each variant (chunk_rows of the output layer, None = whole): do packed log-probs on the first
-    groups equal the plain computation (one plain forward for all variants, eval mode)?"""
+    groups equal the plain computation (one plain forward for all variants, eval mode, no gradients)?"""
     attn = getattr(model.config, "_attn_implementation", None)
     if attn in PLAIN_ATTENTION or not groups or not can_pack(model):
         if groups and attn in PLAIN_ATTENTION:
