@@ -18,7 +18,9 @@ train.strategy zero3 (DeepSpeed ZeRO-3, DS_ACCELERATOR=cpu) gets the same checks
 deepspeed is not importable), plus gradient accumulation 2 with clipping that bites every step (spinlm
 accumulates, DeepSpeed clips once) against one process; measured max |difference|: SPIN iteration
 2.4e-6, accumulation + clipping 3.8e-7, dpo 2.3e-7, sft vs ddp 7.8e-7, one process vs ddp 6.7e-6;
-kill/resume bit for bit.
+kill/resume bit for bit. The tiny model's parameters are all below DeepSpeed's persistence threshold (1e5
+values), so in those tests ZeRO-3 partitions nothing; a 384-wide model whose layers are partitioned runs
+`spinlm train` (zero3 x2, output layer in chunks) and `spinlm sft` (zero3, one process) against ddp.
 """
 
 from __future__ import annotations
