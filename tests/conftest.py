@@ -64,15 +64,21 @@ def task_data(tmp_path_factory) -> dict[str, Path]:
     return {k: Path(v) for k, v in files.items()}
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, task_data) -> Path:
-    """A 2-layer, width-32 Llama with a BPE tokenizer trained on the task text."""
+def task_model(tmp_path_factory, task_data: dict, name: str, **size) -> Path:
+    """A Llama of `size` (hidden_size, num_layers, num_heads) with a BPE tokenizer trained on the task text,
+    built once per run under `name`."""
     from spinlm.demo.build import build_tiny
 
     texts = [v for line in task_data["train"].read_text().splitlines()
              for k, v in json.loads(line).items() if k in ("prompt", "response")]
-    return Path(built_once(tmp_path_factory, "tiny", lambda d: str(build_tiny(
-        d, texts, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=256))))
+    return Path(built_once(tmp_path_factory, name, lambda d: str(build_tiny(
+        d, texts, max_position_embeddings=256, **size))))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, task_data) -> Path:
+    """A 2-layer, width-32 Llama with a BPE tokenizer trained on the task text."""
+    return task_model(tmp_path_factory, task_data, "tiny", hidden_size=32, num_layers=2, num_heads=2)
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from spinlm.cli import main
 from spinlm.io import read_jsonl
 
-from conftest import built_once
+from conftest import built_once, task_model
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "spinlm"]
 COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]
@@ -414,12 +414,7 @@ def wide_model(task_data, tmp_path_factory) -> Path:
     """The tiny model's tokenizer and 2 layers at width 384: its embedding (tied output layer) and its linear layers
     hold more than DeepSpeed's stage3_param_persistence_threshold (1e5 values), so ZeRO-3 partitions them. The
     32-wide tiny model has no such layer: under zero3 every one of its parameters stays whole on every process."""
-    from spinlm.demo.build import build_tiny
-
-    texts = [v for line in task_data["train"].read_text().splitlines()
-             for k, v in json.loads(line).items() if k in ("prompt", "response")]
-    return Path(built_once(tmp_path_factory, "wide", lambda d: str(build_tiny(
-        d, texts, hidden_size=384, num_layers=2, num_heads=4, max_position_embeddings=256))))
+    return task_model(tmp_path_factory, task_data, "wide", hidden_size=384, num_layers=2, num_heads=4)
 
 
 @pytest.mark.slow
