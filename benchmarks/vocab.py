@@ -12,7 +12,7 @@ micro-batch of SPIN pairs (prompt, real, generated; random ids, lengths drawn un
 every vocabulary) that packs into one row of at most `row` tokens (packing.max_tokens = row), and
 three peers, each one forward + backward of the training loss on that micro-batch:
 - chunked: spinlm's training path (`batch_losses`, SPIN sigmoid loss, reference log-probs given),
-  `packing.chunk_logits: auto` with the default 128 MB chunks (it chunks where the row's kept logits
+  `packing.chunk_logits: auto` with the default 256 MB chunks (it chunks where the row's kept logits
   exceed one chunk; `chunk_rows` in the result says how many positions a chunk held, None: it did not);
 - whole: the same with `packing.chunk_logits: never` (the (kept positions x vocab) logits at once);
 - trl: TRL's DPO loss on the same pairs: a `DPOTrainer` (precompute_ref_log_probs, so no reference
@@ -214,7 +214,7 @@ def main() -> None:
                                                           "step is the warm-up, the best of the steps is reported).")
     ap.add_argument("--trl-repeats", type=int, default=1, help="Timed steps of the trl peer (default 1: its peak "
                                                                "memory is what is compared; its time is shown).")
-    ap.add_argument("--chunk-mb", type=float, help="packing.logits_chunk_mb (default 128; smoke 0.01, so that the "
+    ap.add_argument("--chunk-mb", type=float, help="packing.logits_chunk_mb (default 256; smoke 0.01, so that the "
                                                    "chunked peer runs several chunks).")
     ap.add_argument("--mem-limit-gb", type=float, default=16.0,
                     help="Address-space limit of each peer's process (RLIMIT_AS; 0: none); beyond it, 'did not fit'.")
@@ -227,7 +227,7 @@ def main() -> None:
     vocabs = args.vocab or ([300, 4096] if args.smoke else [32000, 151936, 262144])
     rows = args.rows or ([128] if args.smoke else [2048, 8192])
     if args.chunk_mb is None:
-        args.chunk_mb = 0.01 if args.smoke else 128.0
+        args.chunk_mb = 0.01 if args.smoke else 256.0
     if args.peer:
         print(json.dumps(peer(args.peer, vocabs[0], rows[0], args)))
         return

@@ -113,7 +113,7 @@ class Layout:
 
     budget: int
     chunk_logits: str = "auto"
-    logits_chunk_mb: float = 128.0
+    logits_chunk_mb: float = 256.0
     score_tokens: int = 2048
 
 

@@ -276,7 +276,7 @@ def test_chunk_policy_and_models_that_cannot_chunk():
     assert chunk_rows_for(capped, 11, Layout(64, "always", mb)) is None
     cfg = Config()
     cfg.packing.chunk_logits = "always"
-    assert prepare(llama, _groups(), 0, cfg.packing) == Layout(cfg.packing.max_tokens, "always", 128.0)
+    assert prepare(llama, _groups(), 0, cfg.packing) == Layout(cfg.packing.max_tokens, "always", 256.0)
     cfg.packing.enabled = False
     assert prepare(llama, _groups(), 0, cfg.packing) is None
 
@@ -290,7 +290,7 @@ def test_the_probe_keeps_no_graph():
     model.register_forward_hook(lambda module, args, out: seen.append((torch.is_grad_enabled(), module.training)))
     cfg = Config()
     cfg.packing.chunk_logits = "always"
-    assert prepare(model, _groups(), 0, cfg.packing) == Layout(cfg.packing.max_tokens, "always", 128.0)
+    assert prepare(model, _groups(), 0, cfg.packing) == Layout(cfg.packing.max_tokens, "always", 256.0)
     assert len(seen) == 3 and seen == [(False, False)] * 3  # plain, packed whole, packed chunked
     assert model.training and torch.is_grad_enabled()
 

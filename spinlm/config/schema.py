@@ -256,7 +256,7 @@ class PackingConfig:
         "makes it gigabytes): auto = only when a forward's logits would exceed packing.logits_chunk_mb, always, "
         "never. Checked against the plain computation once per model, like packing; models that soft-cap or scale "
         "their logits (Gemma-2, Cohere, Granite) or whose output layer is not a plain Linear are never chunked.")
-    logits_chunk_mb: float = _f(128.0, "Size of one chunk of float32 logits in MB (positions per chunk = MB / (4 x "
+    logits_chunk_mb: float = _f(256.0, "Size of one chunk of float32 logits in MB (positions per chunk = MB / (4 x "
                                 "vocabulary)); with chunk_logits auto, also the size above which a forward chunks.")
 
 
