@@ -16,17 +16,20 @@ with one thread per process, on the 2-layer tiny Llama:
 
 train.strategy zero3 (DeepSpeed ZeRO-3, DS_ACCELERATOR=cpu) gets the same checks (skipped only when
 deepspeed is not importable), plus gradient accumulation 2 with clipping that bites every step (spinlm
-accumulates, DeepSpeed clips once) against one process; measured max |difference|: SPIN iteration
-2.4e-6, accumulation + clipping 3.8e-7, dpo 2.3e-7, sft vs ddp 7.8e-7, one process vs ddp 6.7e-6;
-kill/resume bit for bit. The tiny model's parameters are all below DeepSpeed's persistence threshold (1e5
-values), so in those tests ZeRO-3 partitions nothing; a 384-wide model whose layers are partitioned runs
-`spinlm train` (zero3 x2, output layer in chunks) and `spinlm sft` (zero3, one process) against ddp.
+accumulates, DeepSpeed clips once) against one process; measured max |difference| with every tensor
+partitioned (2026-12-08): SPIN iteration 2.2e-6, accumulation + clipping 2.8e-7, dpo 2.3e-7, sft vs ddp 7.8e-7,
+one process vs ddp 1.18e-5, chunked output layer x2 vs whole logits x1 1.4e-6; kill/resume bit for bit. The tiny model's parameters are all below DeepSpeed's default persistence threshold
+(1e5 values), under which ZeRO-3 keeps a tensor whole on every process: those tests set
+train.zero3_param_persistence_threshold to 0 and check from the log that every tensor was partitioned. A
+384-wide model whose layers the default threshold partitions runs `spinlm train` (zero3 x2, output layer in
+chunks) and `spinlm sft` (zero3, one process) against ddp.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +46,9 @@ from conftest import built_once, task_model
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "spinlm"]
 COMMON = ["--data.max_prompt_length=64", "--data.max_length=128", "--run.progress=false"]
+# The tiny model's tensors are all below DeepSpeed's default persistence threshold (1e5 values): the zero3 tests
+# set it to 0 so that ZeRO-3 partitions every parameter (and check the log says so: _all_partitioned)
+PARTITION_ALL = "--train.zero3_param_persistence_threshold=0"
 
 
 def _env(fault: str | None = None) -> dict:
@@ -76,6 +82,12 @@ def _assert_close(a: Path, b: Path, what: str, largest_bound: float = 1e-5) -> N
     assert largest < largest_bound and relative < 1e-5, f"{what}: max |diff| {largest:.3g}, relative {relative:.3g}"
 
 
+def _all_partitioned(stderr: str, world: int) -> None:
+    """The zero3 run's log says every parameter tensor was partitioned over `world` processes."""
+    said = re.findall(r"zero3: (\d+) of (\d+) parameter tensors partitioned over (\d+) processes", stderr)
+    assert said and all(int(n) == int(total) > 0 and int(w) == world for n, total, w in said), said or stderr[-3000:]
+
+
 def _run_config(path: Path, tiny_model: Path, task_data: dict, run_dir: Path, batch: int, strategy: str) -> Path:
     cfg = {
         "run": {"dir": str(run_dir), "progress": False, "seed": 11},
@@ -85,7 +97,7 @@ def _run_config(path: Path, tiny_model: Path, task_data: dict, run_dir: Path, ba
         "generation": {"max_new_tokens": 10, "batch_size": 4},
         "spin": {"iterations": 1, "mix_window": 1, "beta": 0.1},
         "train": {"learning_rate": 1e-3, "epochs": 1, "batch_size": batch, "checkpoint_every": 2, "eval_every": 2,
-                  "strategy": strategy},
+                  "strategy": strategy, **({"zero3_param_persistence_threshold": 0} if strategy == "zero3" else {})},
         "eval": {"enabled": False, "checker": "spinlm.demo.task:check_example", "batch_size": 4},
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -184,8 +196,11 @@ def _sft_args(tiny_model: Path, task_data: dict) -> list[str]:
 def _sharded_sft_matches_ddp(tiny_model, task_data, tmp_path, tmp_path_factory, strategy: str) -> None:
     args = _sft_args(tiny_model, task_data)
     ddp = _reference(tmp_path_factory, "sft-ddp-x2", [*args, "--train.strategy=ddp"], two=True)
-    done = _spinlm([*args, "--out", str(tmp_path / strategy), f"--train.strategy={strategy}"], two=True)
+    flags = [PARTITION_ALL] if strategy == "zero3" else []
+    done = _spinlm([*args, "--out", str(tmp_path / strategy), f"--train.strategy={strategy}", *flags], two=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    if strategy == "zero3":
+        _all_partitioned(done.stderr, 2)
     ha, hb = (json.loads((d / "spinlm_sft.json").read_text())["history"] for d in (ddp, tmp_path / strategy))
     assert len(ha) == len(hb) == 2
     assert all(abs(x["heldout_nll"] - y["heldout_nll"]) < 1e-5 for x, y in zip(ha, hb)), (ha, hb)
@@ -235,8 +250,11 @@ def _in_one_process(tiny_model: Path, pairs: Path, tmp_path: Path, tmp_path_fact
     args = ["train", "--model", str(tiny_model), "--pairs", str(pairs), "--train.batch_size=8",
             "--train.learning_rate=1e-3", "--train.epochs=1", *COMMON]
     ddp = _reference(tmp_path_factory, "train-ddp-x1", [*args, "--train.strategy=ddp"])
-    done = _spinlm([*args, "--out", str(tmp_path / strategy), f"--train.strategy={strategy}"], two=False)
+    flags = [PARTITION_ALL] if strategy == "zero3" else []
+    done = _spinlm([*args, "--out", str(tmp_path / strategy), f"--train.strategy={strategy}", *flags], two=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    if strategy == "zero3":
+        _all_partitioned(done.stderr, 1)
     return ddp
 
 
@@ -259,6 +277,10 @@ def test_fsdp_in_one_process_equals_ddp(tiny_model, pairs, tmp_path, tmp_path_fa
                                                                    "zero3 is not supported"),
     (["--train.strategy=fsdp", "--train.zero3_offload_params=true"],
      "train.zero3_offload_params applies to train.strategy zero3 only; got train.strategy fsdp"),
+    (["--train.strategy=ddp", PARTITION_ALL],
+     "train.zero3_param_persistence_threshold applies to train.strategy zero3 only; got train.strategy ddp"),
+    (["--train.strategy=zero3", "--train.zero3_param_persistence_threshold=-1"],
+     "train.zero3_param_persistence_threshold must be >= 0"),
 ])
 def test_unsupported_strategy_settings_are_refused(tiny_model, pairs, tmp_path, capsys, flags, message):
     code = main(["train", "--model", str(tiny_model), "--pairs", str(pairs), "--out", str(tmp_path / "m"), *flags,
@@ -307,6 +329,7 @@ def test_zero3_two_processes_match_one(tiny_model, task_data, tmp_path, tmp_path
     a = _one_process_iteration(tmp_path_factory, tiny_model, task_data)
     sharded = _spinlm(["run", str(two)], two=True)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
+    _all_partitioned(sharded.stderr, 2)
 
     b = tmp_path / "two" / "iteration-0"
     ta, tb = (json.loads((d / "model" / "spinlm_train.json").read_text()) for d in (a, b))
@@ -336,8 +359,9 @@ def test_zero3_gradient_accumulation_matches_one_process(tiny_model, pairs, tmp_
     single = _spinlm([*args, "--out", str(tmp_path / "one"), "--train.batch_size=8"], two=False)
     assert single.returncode == 0, single.stderr[-3000:]
     sharded = _spinlm([*args, "--out", str(tmp_path / "two"), "--train.batch_size=2",
-                       "--train.gradient_accumulation_steps=2", "--train.strategy=zero3"], two=True)
+                       "--train.gradient_accumulation_steps=2", "--train.strategy=zero3", PARTITION_ALL], two=True)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
+    _all_partitioned(sharded.stderr, 2)
     ha, hb = (json.loads((tmp_path / d / "spinlm_train.json").read_text())["history"] for d in ("one", "two"))
     assert len(ha) == len(hb) == 6 and all(r["grad_norm"] > 0.05 for r in hb)  # every step clipped
     assert all(abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 and abs(x["loss"] - y["loss"]) < 1e-5
@@ -353,9 +377,10 @@ def test_zero3_killed_training_resumes_to_identical_weights(tiny_model, pairs, t
     _deepspeed()
     args = ["--pairs", str(pairs), "--model", str(tiny_model), "--train.strategy=zero3", "--train.batch_size=4",
             "--train.learning_rate=1e-3", "--train.epochs=1", "--train.checkpoint_every=2",
-            "--run.deterministic=true", *COMMON]
+            "--run.deterministic=true", PARTITION_ALL, *COMMON]
     straight = _spinlm(["train", "--out", str(tmp_path / "straight"), *args], two=True)
     assert straight.returncode == 0, straight.stderr[-3000:]
+    _all_partitioned(straight.stderr, 2)
 
     out, ckpts = tmp_path / "resumed", tmp_path / "resumed.tmp.checkpoints"
     first = _spinlm(["train", "--out", str(out), *args], two=True, fault="train-step:3")
@@ -396,7 +421,8 @@ def test_zero3_sft_matches_ddp(tiny_model, task_data, tmp_path, tmp_path_factory
 def test_zero3_dpo_matches_one_process(tiny_model, task_data, tmp_path, tmp_path_factory):
     """`spinlm dpo` under zero3, 2 pairs per process per step, equals one process taking 4."""
     _deepspeed()
-    _sharded_dpo_matches_one(tiny_model, task_data, tmp_path, tmp_path_factory, "--train.strategy=zero3")
+    _sharded_dpo_matches_one(tiny_model, task_data, tmp_path, tmp_path_factory, "--train.strategy=zero3",
+                             PARTITION_ALL)
 
 
 @pytest.mark.slow
@@ -478,6 +504,9 @@ def test_chunked_output_layer_under_sharding_matches_whole_logits(tiny_model, pa
     one = _reference(tmp_path_factory, "train-adamw-whole-logits-x1", [*args, "--train.batch_size=8",
                                                                       "--packing.chunk_logits=never"])
     sharded = _spinlm([*args, "--out", str(tmp_path / "two"), "--train.batch_size=4", f"--train.strategy={strategy}",
-                       "--packing.chunk_logits=always", "--packing.logits_chunk_mb=0.01"], two=True)
+                       "--packing.chunk_logits=always", "--packing.logits_chunk_mb=0.01",
+                       *([PARTITION_ALL] if strategy == "zero3" else [])], two=True)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
+    if strategy == "zero3":
+        _all_partitioned(sharded.stderr, 2)
     _assert_close(one, tmp_path / "two", f"chunked output layer, {strategy} x2 vs whole logits x1")

@@ -214,6 +214,13 @@ def _strategy_problems(cfg: Config) -> list[str]:
     for key in ("zero3_offload_optimizer", "zero3_offload_params"):
         if getattr(tc, key) and tc.strategy != "zero3":
             problems.append(f"train.{key} applies to train.strategy zero3 only; got train.strategy {tc.strategy}")
+    if tc.zero3_param_persistence_threshold < 0:
+        problems.append(f"train.zero3_param_persistence_threshold must be >= 0 (a number of values); got "
+                        f"{tc.zero3_param_persistence_threshold}")
+    elif tc.zero3_param_persistence_threshold != type(tc)().zero3_param_persistence_threshold \
+            and tc.strategy != "zero3":
+        problems.append(f"train.zero3_param_persistence_threshold applies to train.strategy zero3 only; got "
+                        f"train.strategy {tc.strategy}")
     if tc.strategy == "ddp":
         return problems
     if cfg.peft.enabled:

@@ -216,6 +216,11 @@ class TrainConfig:
                                     "(DeepSpeed's offload_param, device cpu; an accelerate launch's "
                                     "offload_param_device must agree). Slower; for a model that does not fit "
                                     "otherwise.")
+    zero3_param_persistence_threshold: int = _f(
+        100000, "strategy zero3: a parameter of at most this many values stays whole on every process instead of "
+        "partitioned (DeepSpeed's stage3_param_persistence_threshold, default 1e5): no all-gather for small tensors "
+        "(norms, biases) at the cost of their memory on every process; 0 partitions every parameter. The log says "
+        "how many were partitioned.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint (weights, optimizer, scheduler, data position, RNG) "
                                "every N optimizer steps; 0 = never (a killed iteration then starts over).")

@@ -65,7 +65,8 @@ def make_strategy(train_cfg):
         return FSDP(train_cfg.mixed_precision, train_cfg.fsdp_cpu_offload)
     if train_cfg.strategy == "zero3":
         return ZeRO3(train_cfg.mixed_precision, train_cfg.max_grad_norm, train_cfg.batch_size,
-                     train_cfg.zero3_offload_optimizer, train_cfg.zero3_offload_params)
+                     train_cfg.zero3_offload_optimizer, train_cfg.zero3_offload_params,
+                     train_cfg.zero3_param_persistence_threshold)
     return DDP(train_cfg.mixed_precision)
 
 
@@ -430,7 +431,7 @@ class ZeRO3(_Sharded):
     name = "zero3"
 
     def __init__(self, mixed_precision: str, max_grad_norm: float, batch_size: int, offload_optimizer: bool = False,
-                 offload_params: bool = False):
+                 offload_params: bool = False, persistence_threshold: int = 100000):
 
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed looks for a CUDA build
@@ -449,7 +450,8 @@ class ZeRO3(_Sharded):
             "gradient_accumulation_steps": 1,  # spinlm accumulates (its own loss scaling) ...
             "managed_gradient_accumulation": False,  # ... and each engine.step() is the boundary
             "gradient_clipping": max_grad_norm if max_grad_norm > 0 else 0.0,
-            "zero_optimization": {"stage": 3, **_offload("offload_optimizer", offload_optimizer),
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence_threshold,
+                                  **_offload("offload_optimizer", offload_optimizer),
                                   **_offload("offload_param", offload_params)},
             "bf16": {"enabled": self.bf16},
             "zero_allow_untested_optimizer": True,  # torch's RMSprop / AdamW as the client optimizer ...
@@ -487,6 +489,12 @@ class ZeRO3(_Sharded):
         self.aliases = _aliases(model)
         optimizer, scheduler = build(model)  # spinlm's scheduler drives the client optimizer's lr
         self.engine, *_ = self.deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        params = list(model.parameters())
+        whole = [p for p in params if getattr(p, "ds_persist", False)]  # DeepSpeed marks them in initialize
+        log.info("zero3: %d of %d parameter tensors partitioned over %d processes; %d tensors of at most %d values "
+                 "(train.zero3_param_persistence_threshold) stay whole on every process",
+                 len(params) - len(whole), len(params), self.world, len(whole),
+                 self.config["zero_optimization"]["stage3_param_persistence_threshold"])
         self.stepper = _EngineStep(self.engine)
         state = _resume(checkpoint.load_zero3, resume, self.engine, self.stepper, scheduler)
         if resume is not None:  # the lr of the step the checkpoint was written after
