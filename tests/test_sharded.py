@@ -18,11 +18,12 @@ train.strategy zero3 (DeepSpeed ZeRO-3, DS_ACCELERATOR=cpu) gets the same checks
 deepspeed is not importable), plus gradient accumulation 2 with clipping that bites every step (spinlm
 accumulates, DeepSpeed clips once) against one process; measured max |difference| with every tensor
 partitioned (2026-12-08): SPIN iteration 2.2e-6, accumulation + clipping 2.8e-7, dpo 2.3e-7, sft vs ddp 7.8e-7,
-one process vs ddp 1.18e-5, chunked output layer x2 vs whole logits x1 1.4e-6; kill/resume bit for bit. The tiny model's parameters are all below DeepSpeed's default persistence threshold
-(1e5 values), under which ZeRO-3 keeps a tensor whole on every process: those tests set
-train.zero3_param_persistence_threshold to 0 and check from the log that every tensor was partitioned. A
-384-wide model whose layers the default threshold partitions runs `spinlm train` (zero3 x2, output layer in
-chunks) and `spinlm sft` (zero3, one process) against ddp.
+one process vs ddp 1.18e-5, chunked output layer x2 vs whole logits x1 1.4e-6; kill/resume bit for bit.
+The tiny model's parameters are all below DeepSpeed's default persistence threshold (1e5 values), under which
+ZeRO-3 keeps a tensor whole on every process: those tests set train.zero3_param_persistence_threshold to 0
+and check from the log that every tensor was partitioned. A 384-wide model whose layers the default
+threshold partitions runs `spinlm train` (zero3 x2, output layer in chunks) and `spinlm sft` (zero3, one
+process) against ddp.
 """
 
 from __future__ import annotations
