@@ -439,8 +439,9 @@ def test_zero3_in_one_process_equals_ddp(tiny_model, pairs, tmp_path, tmp_path_f
 @pytest.fixture(scope="session")
 def wide_model(task_data, tmp_path_factory) -> Path:
     """The tiny model's tokenizer and 2 layers at width 384: its embedding (tied output layer) and its linear layers
-    hold more than DeepSpeed's stage3_param_persistence_threshold (1e5 values), so ZeRO-3 partitions them. The
-    32-wide tiny model has no such layer: under zero3 every one of its parameters stays whole on every process."""
+    hold more than DeepSpeed's stage3_param_persistence_threshold (1e5 values), so ZeRO-3 partitions them at the
+    default threshold. The 32-wide tiny model has no such layer: at the default every one of its parameters stays
+    whole on every process (its zero3 tests set the threshold to 0: PARTITION_ALL)."""
     return task_model(tmp_path_factory, task_data, "wide", hidden_size=384, num_layers=2, num_heads=4)
 
 
